@@ -1,0 +1,61 @@
+"""argv -> command name -> that command's Hydra app.
+
+Kept free of torch and Hydra imports so that `bigmodel --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from typing import List, Optional
+
+from bigmodel_cli import __version__
+
+# name -> (module holding a Hydra `main`, one-line description)
+COMMANDS = {
+    "train": ("bigmodel_cli.commands.train", "Train a model; writes a run dir with logs, metrics and checkpoints."),
+    "eval": ("bigmodel_cli.commands.eval", "Evaluate a checkpoint (ckpt=<file or run dir>) on a data split."),
+}
+
+USAGE = """usage: bigmodel <command> [hydra overrides...]
+
+Commands:
+{commands}
+
+Each command is a Hydra app with its own config (conf/<command>.yaml):
+  bigmodel train model=cnn optim=adam optim.lr=3e-4
+  bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
+  bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
+  bigmodel <command> --help                      # config groups and options
+  bigmodel <command> --cfg job                   # print the composed config
+"""
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"bigmodel {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"error: unknown command '{name}'; {hint}commands: {', '.join(COMMANDS)} "
+              "(see bigmodel --help)", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[name]
+    # Hydra parses sys.argv itself; show it the command's own arguments only.
+    sys.argv = [f"bigmodel {name}"] + argv[1:]
+    module = importlib.import_module(module_name)
+    module.main()
+    return 0

@@ -1,0 +1,18 @@
+"""One module per command: config in, result out. Each exposes a Hydra `main`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def config_dir() -> str:
+    """The Hydra config tree: bigmodel_cli/conf in a wheel, ../conf in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"bigmodel's config tree is missing (looked in {package}/conf and "
+                       f"{package.parent}/conf); reinstall the package")
+
+
+CONFIG_DIR = config_dir()

@@ -1,0 +1,74 @@
+"""`bigmodel eval`: rebuild a model from its checkpoint's config and evaluate one split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from bigmodel_cli.commands import CONFIG_DIR
+from bigmodel_cli.commands.train import write_json
+from bigmodel_cli.config import register_configs
+from bigmodel_cli.errors import UserError, report_user_errors
+
+log = logging.getLogger("bigmodel")
+register_configs()
+
+
+def print_table(title: str, metrics: Dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.6g}")
+    Console().print(table)
+
+
+def evaluate(cfg: DictConfig) -> Dict[str, float]:
+    from bigmodel_cli.commands.build import build_data, build_model
+    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from bigmodel_cli.engine.device import check_precision, resolve_device
+    from bigmodel_cli.engine.tasks import task_for
+    from bigmodel_cli.engine.trainer import evaluate_model
+
+    if cfg.batch_size is not None and cfg.batch_size <= 0:
+        raise UserError(f"batch_size must be > 0 (got {cfg.batch_size})")
+    device = resolve_device(cfg.device, key="device")
+    check_precision(cfg.precision.value, device, key="precision")
+    path = resolve_checkpoint(cfg.ckpt)
+    state = load_checkpoint(path)
+    train_cfg = OmegaConf.create(state["config"])
+    data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
+    if cfg.batch_size is not None:
+        data_cfg.batch_size = cfg.batch_size
+    data = build_data(data_cfg, state.get("data"))
+    model = build_model(train_cfg.model, data.spec)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"the weights in {path} do not fit the model its config builds with this "
+                        f"data ({detail[:200]}); evaluate with the data settings it trained on") from None
+    model.to(device).eval()
+    data.to(device)
+    task = task_for(data.spec.task)
+    metrics = evaluate_model(model, data, task, cfg.split, cfg.precision.value, device, cfg.eval_batches)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_json(run_dir / "eval.json", {
+        "checkpoint": str(path.resolve()), "step": state.get("step"), "split": cfg.split,
+        "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
+    print_table(f"{cfg.split} split, {path} (step {state.get('step')})", metrics)
+    log.debug("eval.json written to %s", run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> Dict[str, float]:
+    return report_user_errors(lambda: evaluate(cfg))

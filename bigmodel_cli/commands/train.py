@@ -1,0 +1,99 @@
+"""`bigmodel train`: compose the config, build everything, run the Trainer, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from bigmodel_cli.commands import CONFIG_DIR
+from bigmodel_cli.config import register_configs, validate_train_config
+from bigmodel_cli.errors import report_user_errors
+
+log = logging.getLogger("bigmodel")
+register_configs()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def train(cfg: DictConfig) -> float:
+    # torch and the engine load here, after Hydra has parsed argv (fast --help).
+    from bigmodel_cli.commands.build import _instantiate, build_data, build_model, count_parameters, human_count
+    from bigmodel_cli.engine.device import check_precision, resolve_device, seed_everything
+    from bigmodel_cli.engine.tasks import task_for
+    from bigmodel_cli.engine.trainer import Trainer
+    from bigmodel_cli.optim import build_optimizer
+    from bigmodel_cli.telemetry import Telemetry
+
+    validate_train_config(cfg)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    choices = hydra_cfg.runtime.choices
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    check_precision(t.precision.value, device)
+    seed_everything(t.seed, t.deterministic)
+
+    data = build_data(cfg.data)
+    log.info("data: %s", data.describe())
+    state = data.state_dict()
+    if state.get("vocab") is not None:
+        write_json(run_dir / "vocab.json", state["vocab"])
+    spec = data.spec
+    model = build_model(cfg.model, spec, choices.get("model", ""), choices.get("data", ""))
+    n_params = count_parameters(model)
+    log.info("model: %s with %s parameters (%s)", type(model).__name__, f"{n_params:,}", human_count(n_params))
+
+    model.to(device)
+    data.to(device)
+    optimizer = build_optimizer(_instantiate(cfg.optim, "optim"), model)
+    schedule_factory = partial(_instantiate, cfg.scheduler, "scheduler")
+    telemetry = Telemetry(run_dir, t.progress)
+    try:
+        trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir, telemetry,
+                          checkpoint_extra={
+                              "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                              "data": state,
+                              "spec": asdict(spec),
+                          })
+        log.info("plan: %s", trainer.describe())
+        result = trainer.fit()
+        restored = trainer.restore_best()
+        test = trainer.evaluate("test", t.eval_batches)
+        telemetry.eval(trainer.step, "test", test)
+    finally:
+        telemetry.close()
+
+    best = result["best"]
+    summary: Dict[str, Any] = {
+        "monitor": best["metric"], "best_value": best["value"], "best_step": best["step"],
+        "test_uses": "best checkpoint" if restored else "final weights",
+        "test": test, "final_val": result["val"],
+        "steps": result["steps"], "epochs": result["epochs"], "parameters": n_params,
+        "elapsed_s": round(telemetry.elapsed(), 2), "run_dir": str(run_dir),
+        "overrides": list(hydra_cfg.overrides.task),
+    }
+    write_json(run_dir / "summary.json", summary)
+    shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
+    log.info("done in %.1fs | %s | best %s %.4f at step %s | run dir %s", telemetry.elapsed(), shown,
+             best["metric"], best["value"] if best["value"] is not None else float("nan"), best["step"], run_dir)
+    return best["value"] if best["value"] is not None else result["val"].get(best["metric"].split("/", 1)[1])
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    return report_user_errors(lambda: train(cfg))

@@ -1,0 +1,357 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML file in ``conf/<group>/`` starts from one of these schemas
+(``defaults: [/schema/<group>/<name>@_here_]``), so Hydra rejects a typo'd key or a
+value of the wrong type before anything runs. Value checks that types cannot express
+(a positive learning rate, say) live in :func:`validate_train_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from bigmodel_cli.errors import UserError
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class MonitorMode(str, Enum):
+    auto = "auto"  # max for accuracy-like metrics, min for everything else
+    min = "min"
+    max = "max"
+
+
+class ProgressMode(str, Enum):
+    auto = "auto"  # a rich bar on a terminal, one plain line per interval otherwise
+    bar = "bar"
+    plain = "plain"
+
+
+class RNNCell(str, Enum):
+    rnn = "rnn"
+    lstm = "lstm"
+    gru = "gru"
+
+
+class Positional(str, Enum):
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+
+
+class SyntheticTask(str, Enum):
+    classification = "classification"
+    regression = "regression"
+
+
+# --------------------------------------------------------------------------- models
+# Data-dependent sizes (input shape, number of outputs, vocabulary, context length)
+# are not config: the train command passes them from the data set.
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "bigmodel_cli.models.mlp.MLP"
+    hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])
+    activation: str = "relu"
+    dropout: float = 0.1
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "bigmodel_cli.models.cnn.CNN"
+    channels: List[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3
+    batch_norm: bool = True
+    hidden_size: int = 128
+    dropout: float = 0.2
+
+
+@dataclass
+class RNNConfig:
+    _target_: str = "bigmodel_cli.models.rnn.RNN"
+    cell: RNNCell = RNNCell.lstm
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class TransformerConfig:
+    _target_: str = "bigmodel_cli.models.transformer.TransformerEncoder"
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    positional: Positional = Positional.learned
+    # None feeds an image as a sequence of rows; an int cuts it into square patches.
+    patch_size: Optional[int] = None
+
+
+@dataclass
+class GPTConfig:
+    _target_: str = "bigmodel_cli.models.gpt.GPT"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+
+# ----------------------------------------------------------------------- optimizers
+# `_partial_` because the parameters are only known at run time; `_convert_: all` so
+# torch receives plain lists and tuples (checkpoints must not pickle OmegaConf nodes).
+
+
+@dataclass
+class OptimConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    _convert_: str = "all"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.1
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class MomentumConfig(SGDConfig):
+    lr: float = 0.05
+    momentum: float = 0.9
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
+
+
+@dataclass
+class AdagradConfig(OptimConfig):
+    _target_: str = "torch.optim.Adagrad"
+    lr: float = 0.01
+    lr_decay: float = 0.0
+    eps: float = 1e-10
+
+
+@dataclass
+class RMSpropConfig(OptimConfig):
+    _target_: str = "torch.optim.RMSprop"
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+
+
+# -------------------------------------------------------------------- LR schedules
+
+
+@dataclass
+class ScheduleConfig:
+    _target_: str = MISSING
+    warmup_steps: int = 0
+
+
+@dataclass
+class ConstantScheduleConfig(ScheduleConfig):
+    _target_: str = "bigmodel_cli.optim.Constant"
+
+
+@dataclass
+class StepScheduleConfig(ScheduleConfig):
+    _target_: str = "bigmodel_cli.optim.StepDecay"
+    step_size: int = 500
+    gamma: float = 0.5
+
+
+@dataclass
+class ExponentialScheduleConfig(ScheduleConfig):
+    _target_: str = "bigmodel_cli.optim.Exponential"
+    gamma: float = 0.999
+
+
+@dataclass
+class CosineScheduleConfig(ScheduleConfig):
+    _target_: str = "bigmodel_cli.optim.Cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    batch_size: int = 64
+    split_seed: int = 0
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.digits.Digits"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.synthetic.Synthetic"
+    task: SyntheticTask = SyntheticTask.classification
+    num_samples: int = 4096
+    # [features] for vectors, [steps, features] for sequences, [C, H, W] for images.
+    input_shape: List[int] = field(default_factory=lambda: [32])
+    num_classes: int = 4
+    noise: float = 1.0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class SineConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.sine.Sine"
+    num_samples: int = 4096
+    seq_len: int = 32
+    noise: float = 0.05
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class TextConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.text.CharText"
+    # A UTF-8 file or a folder of them; None uses the Python docs that ship with Python.
+    path: Optional[str] = None
+    block_size: int = 64
+    batch_size: int = 12
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+# ------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32
+    # Training stops at whichever limit comes first; null disables a limit.
+    max_steps: Optional[int] = 2000
+    max_epochs: Optional[int] = None
+    grad_accum_steps: int = 1
+    grad_clip: Optional[float] = 1.0
+    log_every: int = 50
+    val_every: int = 250
+    val_at_start: bool = True
+    # Cap on batches per evaluation (null: the whole split).
+    eval_batches: Optional[int] = None
+    seed: int = 42
+    deterministic: bool = False
+    monitor: str = "val/loss"
+    monitor_mode: MonitorMode = MonitorMode.auto
+    save_checkpoints: bool = True
+    progress: ProgressMode = ProgressMode.auto
+
+
+# -------------------------------------------------------------------- eval command
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING
+    split: str = "test"
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    batch_size: Optional[int] = None
+    eval_batches: Optional[int] = None
+    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+SCHEMAS = {
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "rnn": RNNConfig,
+              "transformer": TransformerConfig, "gpt": GPTConfig},
+    "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "adam": AdamConfig,
+              "adamw": AdamWConfig, "adagrad": AdagradConfig, "rmsprop": RMSpropConfig},
+    "scheduler": {"constant": ConstantScheduleConfig, "step": StepScheduleConfig,
+                  "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig},
+    "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
+             "text": TextConfig},
+    "trainer": {"default": TrainerConfig},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+# ----------------------------------------------------------------- value checks
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def _positive(cfg: DictConfig, dotted: str, example: str) -> None:
+    value = _select(cfg, dotted)
+    if value is not None:
+        _require(value > 0, f"{dotted} must be > 0 (got {value}); e.g. {dotted}={example}")
+
+
+def _select(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Checks that types alone cannot express; each failure names the key and a fix."""
+    _positive(cfg, "optim.lr", "1e-3")
+    _positive(cfg, "data.batch_size", "64")
+    _positive(cfg, "trainer.max_steps", "1000")
+    _positive(cfg, "trainer.max_epochs", "10")
+    _positive(cfg, "trainer.grad_accum_steps", "1")
+    _positive(cfg, "trainer.grad_clip", "1.0")
+    _positive(cfg, "trainer.log_every", "50")
+    _positive(cfg, "trainer.val_every", "250")
+    _positive(cfg, "trainer.eval_batches", "50")
+    t = cfg.trainer
+    _require(t.max_steps is not None or t.max_epochs is not None,
+             "trainer.max_steps and trainer.max_epochs are both null; set one, "
+             "e.g. trainer.max_steps=1000")
+    wd = _select(cfg, "optim.weight_decay")
+    _require(wd is None or wd >= 0, f"optim.weight_decay must be >= 0 (got {wd})")
+    for key in ("data.val_fraction", "data.test_fraction"):
+        frac = _select(cfg, key)
+        _require(frac is None or 0 < frac < 1, f"{key} must be between 0 and 1 (got {frac})")

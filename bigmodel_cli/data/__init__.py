@@ -1,0 +1,1 @@
+"""Data sets and batch loaders; no training logic lives here."""

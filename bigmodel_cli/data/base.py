@@ -1,0 +1,152 @@
+"""What every data set provides: a `DataSpec`, splits, and batch iterators.
+
+Batches are cut from whole tensors by index (one gather per batch), never assembled
+sample by sample in Python, so loading is never the bottleneck for in-memory data.
+Shuffling is a pure function of (seed, epoch): a position in the stream is just
+(epoch, batch index), which is what exact resume needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from bigmodel_cli.errors import UserError
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data, and what the loss must be."""
+
+    task: str  # "classification" | "regression" | "language_modeling"
+    input_kind: str  # "vector" | "sequence" | "image" | "tokens"
+    input_shape: Tuple[int, ...]
+    num_outputs: int  # classes, regression targets, or vocabulary size
+    vocab_size: Optional[int] = None
+    block_size: Optional[int] = None
+
+    def model_kwargs(self) -> Dict[str, object]:
+        """Sizes offered to a model constructor; it takes the ones it names."""
+        kwargs: Dict[str, object] = {"input_shape": self.input_shape, "num_outputs": self.num_outputs}
+        if self.vocab_size is not None:
+            kwargs["vocab_size"] = self.vocab_size
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
+        return kwargs
+
+
+def input_kind_of(shape: Tuple[int, ...]) -> str:
+    return {1: "vector", 2: "sequence", 3: "image"}[len(shape)]
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> Tuple[int, int, int]:
+    n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
+    n_train = n - n_val - n_test
+    if min(n_train, n_val, n_test) < 1:
+        raise UserError(f"{n} samples are too few to split into train/val/test "
+                        f"with val_fraction={val_fraction}, test_fraction={test_fraction}")
+    return n_train, n_val, n_test
+
+
+class ShuffledBatches:
+    """Full batches of (x[idx], y[idx]) in a fresh permutation each epoch.
+
+    The permutation depends only on (seed, epoch); `rank`/`world_size` take a disjoint
+    strided share of it. The last partial batch is dropped so every step sees
+    `batch_size` samples.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x) // world_size)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.x) // self.world_size) // self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.x), generator=gen)[self.rank::self.world_size]
+        order = order.to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class SequentialBatches:
+    """Every sample once, in order, in batches (the last one may be short)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, len(self.x), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+
+
+class DataModule:
+    """Base for data sets. Subclasses implement `setup` and fill `self.splits`."""
+
+    #: what one sample counts for in throughput figures ("samples" or "tokens")
+    unit = "samples"
+
+    def __init__(self, batch_size: int, split_seed: int = 0):
+        self.batch_size = batch_size
+        self.split_seed = split_seed
+        self.splits: Dict[str, Batch] = {}
+        self._spec: Optional[DataSpec] = None
+
+    # ---- to implement
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    # ---- shared
+    @property
+    def spec(self) -> DataSpec:
+        if self._spec is None:
+            raise RuntimeError("call setup() before reading the spec")
+        return self._spec
+
+    def state_dict(self) -> dict:
+        """What must travel with a checkpoint to rebuild this data (e.g. a vocabulary)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def to(self, device: torch.device) -> "DataModule":
+        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+        return self
+
+    def split(self, name: str) -> Batch:
+        if name not in self.splits:
+            raise UserError(f"unknown split '{name}'; choose one of {', '.join(self.splits)}")
+        return self.splits[name]
+
+    def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
+        x, y = self.split("train")
+        return ShuffledBatches(x, y, self.batch_size, seed, rank, world_size)
+
+    def eval_batches(self, split: str, batch_size: Optional[int] = None):
+        x, y = self.split(split)
+        return SequentialBatches(x, y, batch_size or self.batch_size)
+
+    def units_per_sample(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(x):,}" for k, (x, _) in self.splits.items())
+        return f"{type(self).__name__}: {sizes} {self.unit}; task {self.spec.task}"

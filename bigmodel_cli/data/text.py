@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from bigmodel_cli.data.base import Batch, DataModule, DataSpec
+from bigmodel_cli.errors import UserError
+
+
+def builtin_corpus() -> str:
+    """Python's own documentation topics (~465k characters), shipped with every CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_corpus(path: str) -> str:
+    """One UTF-8 file, or every file below a folder in sorted order, joined."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"data.path={path} does not exist; point it at a UTF-8 text file or folder")
+    if root.is_dir():  # every file below it, skipping hidden ones (.git, .DS_Store)
+        files = sorted(f for f in root.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    else:
+        files = [root]
+    if not files:
+        raise UserError(f"data.path={path} is a folder with no files in it")
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                            "convert it or leave it out of data.path") from None
+    return "\n".join(texts)
+
+
+class RandomWindows:
+    """`batch_size` random windows of block_size + 1 tokens per batch (x, and y shifted by one).
+
+    Offsets come from a generator seeded by (seed, epoch, rank); an "epoch" is as many
+    batches as it takes to cover this rank's share of the tokens once.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self._window = torch.arange(block_size + 1, device=tokens.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, len(self.tokens) // (self.block_size * self.batch_size * self.world_size))
+
+    def __iter__(self) -> Iterator[Batch]:
+        seed = (self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank
+        gen = torch.Generator().manual_seed(seed)
+        high = len(self.tokens) - self.block_size - 1
+        for _ in range(len(self)):
+            starts = torch.randint(0, high + 1, (self.batch_size,), generator=gen)
+            window = self.tokens[starts.to(self.tokens.device)[:, None] + self._window]
+            yield window[:, :-1], window[:, 1:]
+
+
+class SequentialWindows:
+    """Non-overlapping windows covering the split once, in order (for evaluation)."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.num_windows = (len(tokens) - 1) // block_size
+
+    def __len__(self) -> int:
+        return -(-self.num_windows // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        t = self.block_size
+        window = torch.arange(t + 1, device=self.tokens.device)
+        for first in range(0, self.num_windows, self.batch_size):
+            count = min(self.batch_size, self.num_windows - first)
+            starts = torch.arange(first, first + count, device=self.tokens.device) * t
+            w = self.tokens[starts[:, None] + window]
+            yield w[:, :-1], w[:, 1:]
+
+
+class CharText(DataModule):
+    """Character-level language modelling on a UTF-8 file or folder.
+
+    The vocabulary is every character of the corpus, sorted; it is saved with the run
+    and restored from a checkpoint, so ids mean the same thing at eval time. Splits are
+    contiguous: the first part trains, then val, then test.
+    """
+
+    unit = "tokens"
+
+    def __init__(self, batch_size: int = 12, split_seed: int = 0, path: Optional[str] = None,
+                 block_size: int = 64, val_fraction: float = 0.05, test_fraction: float = 0.05):
+        super().__init__(batch_size, split_seed)
+        self.path, self.block_size = path, block_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.vocab: Optional[List[str]] = None
+        self.tokens: Dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {"vocab": self.vocab}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vocab = state.get("vocab")
+
+    def setup(self) -> None:
+        text = builtin_corpus() if self.path is None else read_corpus(self.path)
+        if self.vocab is None:
+            self.vocab = sorted(set(text))
+        stoi = {ch: i for i, ch in enumerate(self.vocab)}
+        unknown = sorted(set(text) - stoi.keys())
+        if unknown:
+            shown = "".join(unknown[:20])
+            raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
+                            f"({shown!r}); evaluate on text written with the training alphabet")
+        ids = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
+        n = len(ids)
+        n_val, n_test = int(n * self.val_fraction), int(n * self.test_fraction)
+        n_train = n - n_val - n_test
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+        self.tokens = {k: ids[a:b] for k, (a, b) in bounds.items()}
+        short = [k for k, t in self.tokens.items() if len(t) < self.block_size + 2]
+        if short:
+            raise UserError(f"the {', '.join(short)} split has fewer than block_size+2={self.block_size + 2} "
+                            f"characters ({n:,} in all); use more text or a smaller data.block_size")
+        self._spec = DataSpec("language_modeling", "tokens", (self.block_size,), len(self.vocab),
+                              vocab_size=len(self.vocab), block_size=self.block_size)
+
+    def to(self, device: torch.device) -> "CharText":
+        self.tokens = {k: t.to(device) for k, t in self.tokens.items()}
+        return self
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in self.tokens:
+            raise UserError(f"unknown split '{name}'; choose one of {', '.join(self.tokens)}")
+        return self.tokens[name]
+
+    def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
+        return RandomWindows(self.split("train"), self.block_size, self.batch_size, seed, rank, world_size)
+
+    def eval_batches(self, split: str, batch_size: Optional[int] = None):
+        return SequentialWindows(self.split(split), self.block_size, batch_size or self.batch_size)
+
+    def units_per_sample(self) -> int:
+        return self.block_size
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(t):,}" for k, t in self.tokens.items())
+        source = self.path or "Python's built-in docs"
+        return f"CharText ({source}): {sizes} characters; vocabulary {len(self.vocab)}"
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids)

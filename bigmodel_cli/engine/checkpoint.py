@@ -1,0 +1,72 @@
+"""Checkpoint files: written atomically, read without executing any code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from bigmodel_cli.errors import UserError
+
+FORMAT = "bigmodel-checkpoint/1"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def resolve_checkpoint(path_like: str) -> Path:
+    """A checkpoint file, or a run dir (its best checkpoint, else its last)."""
+    path = Path(path_like).expanduser()
+    if path.is_dir():
+        for candidate in (path / CHECKPOINT_DIR / "best.pt", path / CHECKPOINT_DIR / "last.pt",
+                          path / "best.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"no checkpoint in {path} (looked for {CHECKPOINT_DIR}/best.pt and last.pt); "
+                        "pass ckpt=<a .pt file> or a run dir trained with trainer.save_checkpoints=true")
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<checkpoint file or run dir>")
+    return path
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain "
+                        f"data, which could run code when unpickled ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:160] if str(err) else 'unreadable'}); "
+                        "use another checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a bigmodel checkpoint (no '{FORMAT}' marker)")
+    return state

@@ -1,0 +1,90 @@
+"""Loss and metrics by task. Metrics accumulate as device tensors (no host sync per batch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+
+class Task:
+    name = ""
+    #: metric name -> True when larger is better
+    metrics: Dict[str, bool] = {}
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_sums(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed statistics of one batch as a 1-D tensor; `finalize` turns totals into metrics."""
+        raise NotImplementedError
+
+    def finalize(self, sums: torch.Tensor) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def units(self, target: torch.Tensor) -> int:
+        return target.shape[0]
+
+
+class Classification(Task):
+    name = "classification"
+    metrics = {"loss": False, "accuracy": True}
+
+    def loss(self, output, target):
+        return F.cross_entropy(output.float(), target)
+
+    def batch_sums(self, output, target):
+        loss_sum = F.cross_entropy(output.float(), target, reduction="sum")
+        correct = (output.argmax(-1) == target).sum()
+        return torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(target.shape[0])])
+
+    def finalize(self, sums):
+        loss_sum, correct, count = sums.tolist()
+        return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+class Regression(Task):
+    name = "regression"
+    metrics = {"loss": False, "mae": False}
+
+    def loss(self, output, target):
+        return F.mse_loss(output.float(), target)
+
+    def batch_sums(self, output, target):
+        err = output.float() - target
+        return torch.stack([err.pow(2).sum(), err.abs().sum(), err.new_tensor(err.numel())])
+
+    def finalize(self, sums):
+        sq, ab, count = sums.tolist()
+        return {"loss": sq / count, "mae": ab / count}
+
+
+class LanguageModeling(Task):
+    """Next-token cross-entropy in nats per token; perplexity = exp(loss)."""
+
+    name = "language_modeling"
+    metrics = {"loss": False, "perplexity": False}
+
+    def loss(self, output, target):
+        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
+
+    def batch_sums(self, output, target):
+        loss_sum = F.cross_entropy(output.float().flatten(0, 1), target.flatten(), reduction="sum")
+        return torch.stack([loss_sum, loss_sum.new_tensor(target.numel())])
+
+    def finalize(self, sums):
+        loss_sum, count = sums.tolist()
+        loss = loss_sum / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def units(self, target):
+        return target.numel()
+
+
+TASKS = {t.name: t for t in (Classification, Regression, LanguageModeling)}
+
+
+def task_for(name: str) -> Task:
+    return TASKS[name]()

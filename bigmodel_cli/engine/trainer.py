@@ -1,0 +1,242 @@
+"""The training loop: a plain loop over optimizer steps, with evaluation and checkpoints.
+
+The Trainer knows nothing of which model it trains or where its numbers are shown:
+it gets a model, an optimizer and schedule, a data module and a task (loss + metrics),
+and reports to a Telemetry object.
+
+Hot path rule: no host synchronisation per step. The loss is accumulated as a device
+tensor and read (`.item()`) only every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bigmodel_cli.data.base import DataModule
+from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from bigmodel_cli.engine.device import autocast
+from bigmodel_cli.engine.tasks import Task
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.telemetry import Telemetry
+
+log = logging.getLogger("bigmodel")
+
+
+class Monitor:
+    """Tracks the best value of one validation metric, e.g. 'val/loss' (min)."""
+
+    def __init__(self, name: str, mode: str, task: Task):
+        split, _, metric = name.partition("/")
+        allowed = [f"val/{m}" for m in task.metrics]
+        if split != "val" or metric not in task.metrics:
+            raise UserError(f"trainer.monitor={name} is not a validation metric of this "
+                            f"{task.name} task; choose one of {', '.join(allowed)}")
+        self.name, self.metric = name, metric
+        mode = getattr(mode, "value", mode)
+        self.maximize = task.metrics[metric] if mode == "auto" else mode == "max"
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+
+    def update(self, metrics: Dict[str, float], step: int) -> bool:
+        """Record the metrics of an evaluation; True when they are the best so far."""
+        value = metrics[self.metric]
+        if math.isnan(value):
+            return False
+        better = self.best is None or (value > self.best if self.maximize else value < self.best)
+        if better:
+            self.best, self.best_step = value, step
+        return better
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"metric": self.name, "value": self.best, "step": self.best_step}
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
+                 task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
+                 telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.task = task
+        self.cfg = cfg
+        self.device = device
+        self.precision = getattr(cfg.precision, "value", cfg.precision)
+        self.telemetry = telemetry
+        self.checkpoint_dir = run_dir / CHECKPOINT_DIR
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.monitor = Monitor(cfg.monitor, cfg.monitor_mode, task)
+
+        self.accum = cfg.grad_accum_steps
+        self.train_loader = data.train_batches(seed=cfg.seed)
+        self.steps_per_epoch = max(1, len(self.train_loader) // self.accum)
+        self.total_steps = self.plan_steps()
+        schedule = schedule_factory(total_steps=self.total_steps)
+        warmup = getattr(schedule, "warmup_steps", 0)
+        if warmup >= self.total_steps:
+            # A warmup as long as the run would never reach optim.lr.
+            schedule.warmup_steps = self.total_steps // 10
+            log.warning("scheduler.warmup_steps=%d >= %d planned steps; warming up for %d steps instead",
+                        warmup, self.total_steps, schedule.warmup_steps)
+        # LR multiplier per optimizer step; the schedule needs the planned length (cosine).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, schedule)
+        self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum
+        self.step = 0
+        self.epoch = 0
+        self.last_lr = optimizer.param_groups[0]["lr"]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ planning
+    def plan_steps(self) -> int:
+        limits = []
+        if self.cfg.max_steps is not None:
+            limits.append(self.cfg.max_steps)
+        if self.cfg.max_epochs is not None:
+            limits.append(self.cfg.max_epochs * self.steps_per_epoch)
+        return min(limits)
+
+    def describe(self) -> str:
+        return (f"{self.total_steps:,} optimizer steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
+                f"of {self.steps_per_epoch:,} steps); {self.units_per_step:,} {self.data.unit} per step "
+                f"(batch {self.train_loader.batch_size} x accumulation {self.accum}); "
+                f"device {self.device}, precision {self.precision}")
+
+    # ------------------------------------------------------------------ the loop
+    def micro_batches(self) -> Iterator:
+        """An endless stream of training batches, epoch after epoch."""
+        while True:
+            self.train_loader.set_epoch(self.epoch)
+            yield from self.train_loader
+            self.epoch += 1
+
+    def train_step(self, batches: Iterator, want_grad_norm: bool):
+        """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as
+        device tensors (grad norm is None unless clipping or asked for)."""
+        loss_total = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = next(batches)
+            with autocast(self.precision, self.device):
+                output = self.model(x)
+            loss = self.task.loss(output, y)
+            self.scaler.scale(loss / self.accum).backward()
+            loss_total += loss.detach()
+        grad_norm = None
+        if self.cfg.grad_clip is not None or want_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_total / self.accum, grad_norm
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        batches = self.micro_batches()
+        self.telemetry.start(self.total_steps)
+        loss_sum = torch.zeros((), device=self.device)
+        steps_since_log, last_log_time = 0, time.perf_counter()
+        val_metrics: Dict[str, float] = {}
+        if cfg.val_at_start:  # the untrained baseline, e.g. ln(vocab) for a language model
+            self.telemetry.eval(0, "val", self.evaluate("val", cfg.eval_batches))
+            last_log_time = time.perf_counter()
+        while self.step < self.total_steps:
+            is_log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+            loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
+            self.step += 1
+            loss_sum += loss
+            steps_since_log += 1
+            if is_log_step:
+                now = time.perf_counter()
+                mean_loss = (loss_sum / steps_since_log).item()  # the one host sync per interval
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"training loss became {mean_loss} by step {self.step}; lower "
+                                    f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
+                metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": mean_loss,
+                           "lr": self.last_lr}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm.item()
+                metrics[f"{self.data.unit}_per_s"] = self.units_per_step * steps_since_log / (now - last_log_time)
+                self.telemetry.train(self.step, metrics)
+                loss_sum.zero_()
+                steps_since_log = 0
+                last_log_time = time.perf_counter()
+            if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                val_metrics = self.validate()
+                last_log_time = time.perf_counter()  # evaluation time is not training throughput
+        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
+                "val": val_metrics, "best": self.monitor.state_dict()}
+
+    def validate(self) -> Dict[str, float]:
+        metrics = self.evaluate("val", self.cfg.eval_batches)
+        self.telemetry.eval(self.step, "val", metrics)
+        is_best = self.monitor.update(metrics, self.step)
+        if self.cfg.save_checkpoints:
+            state = self.state_dict()
+            save_checkpoint(state, self.checkpoint_dir / "last.pt")
+            if is_best:
+                save_checkpoint(state, self.checkpoint_dir / "best.pt")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: Optional[int] = None,
+                 batch_size: Optional[int] = None) -> Dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        metrics = evaluate_model(self.model, self.data, self.task, split, self.precision,
+                                 self.device, max_batches, batch_size)
+        self.model.train(was_training)
+        return metrics
+
+    def restore_best(self) -> bool:
+        """Load the best checkpoint's weights (for the final test); False if there is none."""
+        path = self.checkpoint_dir / "best.pt"
+        if not path.is_file():
+            return False
+        self.model.load_state_dict(load_checkpoint(path)["model"])
+        return True
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "best": self.monitor.state_dict(),
+            **self.checkpoint_extra,
+        }
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, precision: str,
+                   device: torch.device, max_batches: Optional[int] = None,
+                   batch_size: Optional[int] = None) -> Dict[str, float]:
+    """Metrics over a split (or its first `max_batches` batches); one host sync at the end."""
+    sums = None
+    for i, (x, y) in enumerate(data.eval_batches(split, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with autocast(precision, device):
+            output = model(x)
+        batch = task.batch_sums(output, y)
+        sums = batch if sums is None else sums + batch
+    if sums is None:
+        raise UserError(f"the {split} split is empty")
+    return task.finalize(sums)

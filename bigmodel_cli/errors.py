@@ -1,0 +1,39 @@
+"""User-facing errors: one line naming the problem and the fix, no traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad value, missing file, incompatible choices)."""
+
+
+def debug_requested() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG"))
+
+
+def report_user_errors(fn: Callable[[], T]) -> T:
+    """Run a command body; turn a UserError into one line on stderr and exit code 2.
+
+    With HYDRA_FULL_ERROR=1 or BIGMODEL_DEBUG=1 the exception propagates with its
+    traceback instead.
+    """
+    try:
+        return fn()
+    except UserError as err:
+        if debug_requested():
+            raise
+        # Also into the run's log file, so a failed cluster job explains itself.
+        logging.getLogger("bigmodel").debug("error: %s", err)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,63 @@
+"""Pre-LN transformer block shared by the encoder (bidirectional) and GPT (causal)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on F.scaled_dot_product_attention (flash kernels on GPU)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.attn_dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, causal: bool = False,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+                   for z in self.qkv(x).split(c, dim=2))
+        # key_padding_mask is True at padded positions; SDPA wants True where attending.
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(dim, mlp_ratio * dim, bias=bias)
+        self.proj = nn.Linear(mlp_ratio * dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 bias: bool = True, causal: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.ln_1 = nn.LayerNorm(dim, bias=bias)
+        self.attn = SelfAttention(dim, n_heads, dropout, bias)
+        self.ln_2 = nn.LayerNorm(dim, bias=bias)
+        self.mlp = FeedForward(dim, mlp_ratio, dropout, bias)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=self.causal, key_padding_mask=key_padding_mask)
+        return x + self.mlp(self.ln_2(x))

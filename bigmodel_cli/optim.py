@@ -1,0 +1,93 @@
+"""Optimizer parameter groups and LR schedules (stepped once per optimizer step).
+
+A schedule is a small picklable callable, step -> LR multiplier, that the Trainer
+wraps in torch's LambdaLR; every one of them can start with a linear warmup.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Decay matrices and embeddings; leave biases and norm weights (1-D tensors) alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module) -> torch.optim.Optimizer:
+    """`factory` is the partial that Hydra instantiates from conf/optim/*.yaml."""
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    return factory(param_groups(model, weight_decay))
+
+
+class Schedule:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then `decay`."""
+
+    def __init__(self, warmup_steps: int = 0, total_steps: int = 1):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps})")
+        self.warmup_steps = warmup_steps
+        self.total_steps = max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return self.decay(step - self.warmup_steps)
+
+    def decay(self, step: int) -> float:
+        raise NotImplementedError
+
+
+class Constant(Schedule):
+    def decay(self, step: int) -> float:
+        return 1.0
+
+
+class StepDecay(Schedule):
+    """lr <- lr * gamma every `step_size` steps."""
+
+    def __init__(self, step_size: int = 500, gamma: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1 (got {step_size})")
+        self.step_size, self.gamma = step_size, gamma
+
+    def decay(self, step: int) -> float:
+        return self.gamma ** (step // self.step_size)
+
+
+class Exponential(Schedule):
+    """lr <- lr * gamma every step."""
+
+    def __init__(self, gamma: float = 0.999, **kwargs):
+        super().__init__(**kwargs)
+        self.gamma = gamma
+
+    def decay(self, step: int) -> float:
+        return self.gamma ** step
+
+
+class Cosine(Schedule):
+    """Half a cosine from 1 down to `min_lr_ratio` at the last step, then flat."""
+
+    def __init__(self, min_lr_ratio: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")
+        self.min_lr_ratio = min_lr_ratio
+
+    def decay(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps - 1)
+        progress = min(1.0, step / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+

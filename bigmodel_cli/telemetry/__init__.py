@@ -1,0 +1,74 @@
+"""Where numbers go: the console, the run's log file and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from bigmodel_cli.telemetry.console import ProgressBar, wants_bar
+
+log = logging.getLogger("bigmodel")
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}" if abs(value) < 1000 else f"{key} {value:,.0f}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class MetricsFile:
+    """Append-only JSON lines, flushed per record so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: Dict[str, object]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Telemetry:
+    """The engine reports here; this decides how it is shown and stored."""
+
+    def __init__(self, run_dir: Path, progress: str = "auto"):
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl")
+        self.bar: Optional[ProgressBar] = ProgressBar() if wants_bar(progress) else None
+        self.start_time = time.perf_counter()
+
+    def start(self, total_steps: int) -> None:
+        self.start_time = time.perf_counter()
+        if self.bar:
+            self.bar.start(total_steps)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def train(self, step: int, metrics: Dict[str, float]) -> None:
+        self.metrics.write({"step": step, **metrics, "elapsed_s": round(self.elapsed(), 3)})
+        line = f"step {step} | " + format_metrics(metrics)
+        if self.bar:
+            self.bar.update(step, metrics)
+            log.debug(line)  # the bar shows it; the log file still gets it
+        else:
+            log.info(line)
+
+    def eval(self, step: int, split: str, metrics: Dict[str, float]) -> None:
+        named = {f"{split}/{k}": v for k, v in metrics.items()}
+        self.metrics.write({"step": step, **named, "elapsed_s": round(self.elapsed(), 3)})
+        log.info(f"step {step} | " + format_metrics(named))
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+        self.metrics.close()
