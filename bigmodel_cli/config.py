@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bigmodel_cli.errors import UserError
 
@@ -337,6 +337,9 @@ def _select(cfg: DictConfig, dotted: str) -> Any:
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names the key and a fix."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _require(not missing, f"{', '.join(missing)} has no value (???); set it on the command line, "
+                          f"e.g. {missing[0] if missing else ''}=...")
     _positive(cfg, "optim.lr", "1e-3")
     _positive(cfg, "data.batch_size", "64")
     _positive(cfg, "trainer.max_steps", "1000")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from typing import Any, Dict, Optional
 
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -33,6 +34,22 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
                         f"({reason.strip().splitlines()[0]})") from None
 
 
+def import_object(path: str) -> Any:
+    """'pkg.module.Name' -> the object, importing the longest importable module prefix."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as err:
+            if err.name and not ".".join(parts[:cut]).startswith(err.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module named '{parts[0]}'")
+
+
 def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:
     data = _instantiate(cfg, "data")
     if state:
@@ -44,7 +61,7 @@ def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:
 def builtin_models_for(kind: str) -> list[str]:
     names = []
     for name, schema in SCHEMAS["model"].items():
-        cls = get_object(schema._target_)
+        cls = import_object(schema._target_)
         if kind in getattr(cls, "input_kinds", ()):
             names.append(name)
     return names
@@ -61,8 +78,8 @@ def accepted_kwargs(target: Any, offered: Dict[str, Any]) -> Dict[str, Any]:
 def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name: str = "") -> nn.Module:
     target_path = cfg.get("_target_")
     try:
-        target = get_object(target_path)
-    except Exception as err:
+        target = import_object(target_path)
+    except (ImportError, AttributeError) as err:
         raise UserError(f"model._target_={target_path} cannot be imported ({err}); "
                         "give the full dotted path of an nn.Module class") from None
     kinds = getattr(target, "input_kinds", None)
@@ -78,6 +95,32 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={target_path} built a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None:
+    """One forward pass on two training samples, so that a model that cannot read this data
+    fails now with one line rather than mid-run with a traceback."""
+    import torch
+
+    x, y = next(iter(data.eval_batches("train", batch_size=2)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{type(model).__name__} cannot read this data: input {tuple(x.shape[1:])} per sample "
+                        f"failed with {type(err).__name__}: {first[:200]}") from None
+    finally:
+        model.train(was_training)
+    n_out = data.spec.num_outputs
+    expected = {"classification": (x.shape[0], n_out), "regression": tuple(y.shape),
+                "language_modeling": (*y.shape, n_out)}[task_name]
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{type(model).__name__} returns {got} for a batch of 2, but this {task_name} "
+                        f"data needs {expected}; give it num_outputs={n_out} outputs")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -23,12 +23,14 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    console = Console()
+    console.print(title, highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.6g}")
-    Console().print(table)
+    console.print(table)
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
@@ -38,6 +40,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
 
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise UserError("no checkpoint given; run bigmodel eval ckpt=<checkpoint file or run dir>")
     if cfg.batch_size is not None and cfg.batch_size <= 0:
         raise UserError(f"batch_size must be > 0 (got {cfg.batch_size})")
     device = resolve_device(cfg.device, key="device")
@@ -64,7 +68,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     write_json(run_dir / "eval.json", {
         "checkpoint": str(path.resolve()), "step": state.get("step"), "split": cfg.split,
         "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
-    print_table(f"{cfg.split} split, {path} (step {state.get('step')})", metrics)
+    print_table(f"{cfg.split} split | {path} | step {state.get('step')}", metrics)
     log.debug("eval.json written to %s", run_dir)
     return metrics
 

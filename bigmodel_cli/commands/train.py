@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,9 +27,15 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
+          overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Train as `cfg` says, writing into `run_dir`; returns the summary (also summary.json).
+
+    `choices` are the group options picked (for messages: model=gpt, data=digits).
+    """
     # torch and the engine load here, after Hydra has parsed argv (fast --help).
-    from bigmodel_cli.commands.build import _instantiate, build_data, build_model, count_parameters, human_count
+    from bigmodel_cli.commands.build import (_instantiate, build_data, build_model, check_model_fits,
+                                             count_parameters, human_count)
     from bigmodel_cli.engine.device import check_precision, resolve_device, seed_everything
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import Trainer
@@ -37,9 +43,8 @@ def train(cfg: DictConfig) -> float:
     from bigmodel_cli.telemetry import Telemetry
 
     validate_train_config(cfg)
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    choices = hydra_cfg.runtime.choices
+    run_dir.mkdir(parents=True, exist_ok=True)
+    choices = choices or {}
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True).rstrip())
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
@@ -55,6 +60,7 @@ def train(cfg: DictConfig) -> float:
         write_json(run_dir / "vocab.json", state["vocab"])
     spec = data.spec
     model = build_model(cfg.model, spec, choices.get("model", ""), choices.get("data", ""))
+    check_model_fits(model, data, spec.task)
     n_params = count_parameters(model)
     log.info("model: %s with %s parameters (%s)", type(model).__name__, f"{n_params:,}", human_count(n_params))
 
@@ -85,15 +91,21 @@ def train(cfg: DictConfig) -> float:
         "test": test, "final_val": result["val"],
         "steps": result["steps"], "epochs": result["epochs"], "parameters": n_params,
         "elapsed_s": round(telemetry.elapsed(), 2), "run_dir": str(run_dir),
-        "overrides": list(hydra_cfg.overrides.task),
+        "overrides": list(overrides),
     }
     write_json(run_dir / "summary.json", summary)
     shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
     log.info("done in %.1fs | %s | best %s %.4f at step %s | run dir %s", telemetry.elapsed(), shown,
              best["metric"], best["value"] if best["value"] is not None else float("nan"), best["step"], run_dir)
-    return best["value"] if best["value"] is not None else result["val"].get(best["metric"].split("/", 1)[1])
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
-    return report_user_errors(lambda: train(cfg))
+def main(cfg: DictConfig) -> Optional[float]:
+    """Returns the best monitored validation value, for sweepers (e.g. Optuna) to optimise."""
+    hydra_cfg = HydraConfig.get()
+    summary = report_user_errors(lambda: train(cfg, Path(hydra_cfg.runtime.output_dir),
+                                               dict(hydra_cfg.runtime.choices), hydra_cfg.overrides.task))
+    if summary["best_value"] is not None:
+        return summary["best_value"]
+    return summary["final_val"].get(summary["monitor"].split("/", 1)[1])

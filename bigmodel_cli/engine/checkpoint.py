@@ -55,18 +55,29 @@ def resolve_checkpoint(path_like: str) -> Path:
     return path
 
 
+def _first_sentence(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text.split(". ")[0] if text else type(err).__name__)[:200]
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<checkpoint file or run dir>")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is corrupt or truncated (not a torch.save archive); "
+                        "use another checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain "
-                        f"data, which could run code when unpickled ({first[:200]})") from None
+        # torch names the offending global in one line of its long message.
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
+        reason = lines[0] if lines else _first_sentence(err)
+        raise UserError(f"refused to load {path}: it holds Python objects that could run code when "
+                        f"unpickled ({reason[:200]}); only load checkpoints you trust") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:160] if str(err) else 'unreadable'}); "
-                        "use another checkpoint") from None
+                        f"{_first_sentence(err)}); use another checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a bigmodel checkpoint (no '{FORMAT}' marker)")
     return state

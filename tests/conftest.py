@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+class CLIResult:
+    def __init__(self, proc: subprocess.CompletedProcess, cwd: Path):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.cwd = cwd
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def run_dirs(self, kind: str = "train") -> List[Path]:
+        return sorted(p for p in (self.cwd / "outputs").glob(f"*/*_{kind}") if p.is_dir())
+
+    def run_dir(self, kind: str = "train") -> Path:
+        dirs = self.run_dirs(kind)
+        assert dirs, f"no {kind} run dir under {self.cwd}/outputs\n{self.output}"
+        return dirs[-1]
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir() / "summary.json").read_text())
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run `python -m bigmodel_cli ARGS` in a temp dir (as a user would, in a fresh cwd)."""
+
+    def run(*args: str, cwd: Path = tmp_path, env: dict | None = None, timeout: int = 300) -> CLIResult:
+        inherited = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        return CLIResult(proc, cwd)
+
+    return run
+
+
+@pytest.fixture
+def compose():
+    """Compose the train config in-process, exactly as `bigmodel train OVERRIDES` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bigmodel_cli.config import register_configs
+
+    register_configs()
+
+    def make(*overrides: str, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+    yield make
+    GlobalHydra.instance().clear()

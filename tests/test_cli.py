@@ -1,0 +1,169 @@
+"""End-to-end: the `bigmodel` command as a user runs it, in a subprocess."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+QUICK = ("trainer.max_steps=6", "trainer.log_every=3", "trainer.val_every=3", "trainer.eval_batches=4")
+
+# Every model with each data set it can read.
+PAIRS = [
+    ("mlp", "digits"), ("mlp", "synthetic"), ("mlp", "sine"),
+    ("cnn", "digits"), ("cnn", "synthetic data.input_shape=[3,8,8]"),
+    ("rnn", "digits"), ("rnn", "sine"), ("rnn", "synthetic model.cell=gru data.input_shape=[6,4]"),
+    ("rnn", "sine model.cell=rnn"),
+    ("transformer", "digits"), ("transformer", "sine model.positional=sinusoidal"),
+    ("transformer", "digits model.patch_size=4"),
+    ("gpt", "text"),
+]
+
+
+def test_top_level_help_is_fast_and_lists_commands():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0
+    assert "train" in proc.stdout and "eval" in proc.stdout
+    assert elapsed < 2.0  # generous for a loaded CI box; measured ~0.05 s
+    probe = "import sys, bigmodel_cli.cli as c; c.main(['--help']); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def test_bare_command_prints_usage(run_cli):
+    result = run_cli()
+    assert result.returncode == 0 and "Commands:" in result.stdout
+
+
+def test_unknown_command_suggests(run_cli):
+    result = run_cli("trian")
+    assert result.returncode == 2 and "did you mean 'train'" in result.stderr
+
+
+def test_train_help_is_hydras_and_skips_torch(run_cli):
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    assert "model:" in result.stdout and "optim:" in result.stdout and "Config groups" in result.stdout
+    cfg = run_cli("train", "--cfg", "job", "model=cnn")
+    assert cfg.returncode == 0 and "bigmodel_cli.models.cnn.CNN" in cfg.stdout
+
+
+@pytest.mark.parametrize("model,data", PAIRS, ids=[f"{m}-{d.split()[0]}" for m, d in PAIRS])
+def test_every_model_with_its_data(run_cli, model, data):
+    result = run_cli("train", f"model={model}", *f"data={data}".split(), *QUICK)
+    assert result.returncode == 0, result.output
+    summary = result.summary()
+    assert summary["steps"] == 6
+    assert summary["test"]["loss"] == summary["test"]["loss"]  # not NaN
+    run_dir = result.run_dir()
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert "parameters" in result.stderr  # the model reports its size at start
+
+
+def test_train_then_eval(run_cli):
+    trained = run_cli("train", "model=gpt", "data=text", *QUICK)
+    assert trained.returncode == 0, trained.output
+    run_dir = trained.run_dir()
+    assert json.loads((run_dir / "vocab.json").read_text())
+    evaluated = run_cli("eval", f"ckpt={run_dir}", "split=val")
+    assert evaluated.returncode == 0, evaluated.output
+    assert "perplexity" in evaluated.stdout
+    report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
+    assert report["split"] == "val" and report["checkpoint"].endswith("best.pt")
+    best_val = min(json.loads(l)["val/loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if "val/loss" in l and json.loads(l)["step"] > 0)
+    # eval.json covers the whole split; training evaluated only 4 batches, so compare loosely.
+    assert abs(report["metrics"]["loss"] - best_val) < 0.5
+    # The same checkpoint file, explicit path, test split, overridden batch size.
+    again = run_cli("eval", f"ckpt={run_dir}/checkpoints/last.pt", "+data.batch_size=5")
+    assert again.returncode == 0, again.output
+
+
+def test_eval_matches_training_test_metric(run_cli):
+    trained = run_cli("train", "model=mlp", "trainer.max_steps=20", "trainer.val_every=10")
+    assert trained.returncode == 0, trained.output
+    evaluated = run_cli("eval", f"ckpt={trained.run_dir()}")
+    report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(trained.summary()["test"]["accuracy"])
+
+
+def test_multirun_sweep_over_two_learning_rates(run_cli):
+    result = run_cli("train", "-m", "optim.lr=1e-3,1e-2", "trainer.max_steps=20")
+    assert result.returncode == 0, result.output
+    sweeps = list((result.cwd / "outputs").glob("*/*_train_multirun"))
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        records = [json.loads(l) for l in (job / "metrics.jsonl").read_text().splitlines()]
+        assert any("loss" in r for r in records)
+        lrs.append(OmegaConf.load(job / "config.yaml").optim.lr)
+    assert lrs == [1e-3, 1e-2]
+
+
+BAD_INPUTS = [
+    (["model=nonexistent"], "Could not find 'model/nonexistent'"),
+    (["trainer.max_stepz=5"], "max_stepz"),
+    (["trainer.max_steps=abc"], "could not be converted"),
+    (["optim.lr=-0.1"], "optim.lr must be > 0"),
+    (["optim.lr=0"], "optim.lr must be > 0"),
+    (["data.batch_size=0"], "data.batch_size must be > 0"),
+    (["data.batch_size=-8"], "data.batch_size must be > 0"),
+    (["data=text", "data.path=/no/such/file.txt"], "does not exist"),
+    (["model=gpt"], "cannot train on data=digits"),
+    (["model=cnn", "data=text"], "cannot train on data=text"),
+    (["trainer.device=cuda"], "no CUDA device"),
+    (["trainer.device=cuda:7"], "CUDA"),
+    (["trainer.device=tpu"], "trainer.device=tpu"),
+    (["trainer.precision=fp16"], "fp16 needs a CUDA GPU"),
+    (["model=custom", "model._target_=no.such.Net"], "cannot be imported"),
+    (["trainer.monitor=val/auc"], "not a validation metric"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_fails_cleanly(run_cli, tmp_path, args, message):
+    # An earlier run's files must survive a failed run.
+    earlier = tmp_path / "outputs" / "earlier_train"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.pt").write_bytes(b"precious")
+    result = run_cli("train", *args, "trainer.max_steps=2")
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"precious"
+
+
+def test_our_errors_are_one_line(run_cli):
+    result = run_cli("train", "optim.lr=-1")
+    assert result.returncode == 2
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "optim.lr=1e-3" in errors[0]
+
+
+def test_debug_flag_shows_the_traceback(run_cli):
+    result = run_cli("train", "optim.lr=-1", env={"BIGMODEL_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "no checkpoint given"),
+    (["ckpt=/no/such.pt"], "does not exist"),
+    (["ckpt=CORRUPT"], "corrupt or truncated"),
+    (["ckpt=EMPTYDIR"], "no checkpoint in"),
+    (["ckpt=x.pt", "device=cuda"], "no CUDA device"),
+])
+def test_eval_bad_input(run_cli, tmp_path, args, message):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
+    (tmp_path / "emptydir").mkdir()
+    args = [a.replace("CORRUPT", str(tmp_path / "corrupt.pt")).replace("EMPTYDIR", str(tmp_path / "emptydir"))
+            for a in args]
+    result = run_cli("eval", *args)
+    assert result.returncode == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
