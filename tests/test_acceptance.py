@@ -1,0 +1,36 @@
+"""The foundation's accuracy targets with default settings (marked slow; CI runs them).
+
+Each runs the real `bigmodel train` on CPU with the shipped defaults only.
+"""
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("args,target", [
+    ((), 0.95),                                   # the README's first command: MLP on digits
+    (("model=cnn",), 0.97),
+    (("model=rnn",), 0.90),
+    (("model=transformer", "optim=adam"), 0.90),
+], ids=["mlp", "cnn", "rnn", "transformer-adam"])
+def test_digits_accuracy(run_cli, args, target):
+    result = run_cli("train", *args, "trainer.progress=plain", timeout=600)
+    assert result.returncode == 0, result.output
+    accuracy = result.summary()["test"]["accuracy"]
+    assert accuracy >= target, f"test accuracy {accuracy:.4f} < {target}"
+
+
+def test_gpt_char_level_text_below_two_nats(run_cli):
+    result = run_cli("train", "model=gpt", "data=text", "trainer.progress=plain", timeout=600)
+    assert result.returncode == 0, result.output
+    summary = result.summary()
+    vocab = len(json.loads((result.run_dir() / "vocab.json").read_text()))
+    records = [json.loads(l) for l in (result.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    start = next(r["val/loss"] for r in records if r["step"] == 0 and "val/loss" in r)
+    assert abs(start - math.log(vocab)) < 0.5  # starts at about ln(vocab)
+    assert summary["best_value"] < 2.0
+    assert summary["elapsed_s"] < 300
