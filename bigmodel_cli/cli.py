@@ -29,6 +29,7 @@ Each command is a Hydra app with its own config (conf/<command>.yaml):
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel <command> --help                      # config groups and options
   bigmodel <command> --cfg job                   # print the composed config
+  eval "$(bigmodel -sc install=bash)"            # tab completion of commands and overrides
 """
 
 
@@ -36,6 +37,33 @@ def usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return USAGE.format(commands="\n".join(lines))
+
+
+def shell_completion(argv: List[str]) -> int:
+    """`bigmodel -sc install=bash` prints Hydra's completion script for `bigmodel`; the
+    script then calls `bigmodel -sc query=bash` with COMP_LINE set, which we answer by
+    completing a command name, or by handing the line (less the command word) to that
+    command's Hydra app."""
+    import os
+
+    sys.argv = ["bigmodel", *argv]
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if any(a.startswith("query") for a in argv[1:]):
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(name for name in COMMANDS if name.startswith(prefix)))
+            return 0
+        if words[1] not in COMMANDS:
+            return 0
+        rest = line.split(words[1], 1)[1]
+        os.environ["COMP_LINE"] = words[0] + rest
+        os.environ["COMP_POINT"] = str(len(os.environ["COMP_LINE"]))
+        name = words[1]
+    else:
+        name = "train"  # install/uninstall: any command's app prints the same script
+    importlib.import_module(COMMANDS[name][0]).main()
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -46,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(f"bigmodel {__version__}")
         return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return shell_completion(argv)
     name = argv[0]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)

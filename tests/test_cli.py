@@ -167,3 +167,12 @@ def test_eval_bad_input(run_cli, tmp_path, args, message):
     result = run_cli("eval", *args)
     assert result.returncode == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_shell_completion(run_cli):
+    script = run_cli("-sc", "install=bash")
+    assert script.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion bigmodel" in script.stdout
+    commands = run_cli("-sc", "query=bash", env={"COMP_LINE": "bigmodel tr"})
+    assert commands.stdout.split() == ["train"]
+    options = run_cli("-sc", "query=bash", env={"COMP_LINE": "bigmodel train model=c"})
+    assert {"model=cnn", "model=custom"} <= set(options.stdout.split())

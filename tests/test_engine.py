@@ -1,6 +1,7 @@
 """The training loop, run in-process on tiny problems."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,10 @@ def test_same_seed_same_run(compose, tmp_path):
 def test_long_warmup_is_shortened_for_short_runs(compose, tmp_path, caplog):
     train(compose(*TINY, "trainer.max_steps=20", "scheduler.warmup_steps=100"), tmp_path)
     assert "warming up for 2 steps" in caplog.text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_runs_on_a_tiny_budget(compose, tmp_path, name):
+    cfg = compose(f"experiment={name}", "trainer.max_steps=3", "trainer.eval_batches=2", "trainer.progress=plain")
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 3
