@@ -88,4 +88,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.argv = [f"bigmodel {name}"] + argv[1:]
     module = importlib.import_module(module_name)
     module.main()
+    from bigmodel_cli.errors import EXIT_USER_ERROR, FAILED_JOBS
+
+    if FAILED_JOBS:  # multirun jobs that failed; the others ran to the end
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in FAILED_JOBS:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

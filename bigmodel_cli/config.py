@@ -147,6 +147,7 @@ class AdamConfig(OptimConfig):
 @dataclass
 class AdamWConfig(AdamConfig):
     _target_: str = "torch.optim.AdamW"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.01
 
 
@@ -206,13 +207,15 @@ class CosineScheduleConfig(ScheduleConfig):
 @dataclass
 class DataConfig:
     _target_: str = MISSING
+    # Samples per optimizer micro-step (tokens: windows per step). A batch at least as large
+    # as the training split is full-batch training.
     batch_size: int = 64
-    split_seed: int = 0
 
 
 @dataclass
 class DigitsConfig(DataConfig):
     _target_: str = "bigmodel_cli.data.digits.Digits"
+    seed: int = 0  # draws the fixed train/val/test split
     val_fraction: float = 0.1
     test_fraction: float = 0.2
 
@@ -220,6 +223,7 @@ class DigitsConfig(DataConfig):
 @dataclass
 class SyntheticConfig(DataConfig):
     _target_: str = "bigmodel_cli.data.synthetic.Synthetic"
+    seed: int = 0  # draws the data, hence also the split
     task: SyntheticTask = SyntheticTask.classification
     num_samples: int = 4096
     # [features] for vectors, [steps, features] for sequences, [C, H, W] for images.
@@ -233,6 +237,7 @@ class SyntheticConfig(DataConfig):
 @dataclass
 class SineConfig(DataConfig):
     _target_: str = "bigmodel_cli.data.sine.Sine"
+    seed: int = 0  # draws the waves, hence also the split
     num_samples: int = 4096
     seq_len: int = 32
     noise: float = 0.05
@@ -321,18 +326,9 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _positive(cfg: DictConfig, dotted: str, example: str) -> None:
-    value = _select(cfg, dotted)
+    value = OmegaConf.select(cfg, dotted)
     if value is not None:
         _require(value > 0, f"{dotted} must be > 0 (got {value}); e.g. {dotted}={example}")
-
-
-def _select(cfg: DictConfig, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -342,6 +338,11 @@ def validate_train_config(cfg: DictConfig) -> None:
                           f"e.g. {missing[0] if missing else ''}=...")
     _positive(cfg, "optim.lr", "1e-3")
     _positive(cfg, "data.batch_size", "64")
+    _positive(cfg, "data.num_samples", "4096")
+    _positive(cfg, "data.seq_len", "32")
+    _positive(cfg, "data.block_size", "64")
+    _positive(cfg, "scheduler.step_size", "500")
+    _positive(cfg, "scheduler.gamma", "0.5")
     _positive(cfg, "trainer.max_steps", "1000")
     _positive(cfg, "trainer.max_epochs", "10")
     _positive(cfg, "trainer.grad_accum_steps", "1")
@@ -353,8 +354,19 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(t.max_steps is not None or t.max_epochs is not None,
              "trainer.max_steps and trainer.max_epochs are both null; set one, "
              "e.g. trainer.max_steps=1000")
-    wd = _select(cfg, "optim.weight_decay")
-    _require(wd is None or wd >= 0, f"optim.weight_decay must be >= 0 (got {wd})")
+    for key in ("optim.weight_decay", "scheduler.warmup_steps"):
+        value = OmegaConf.select(cfg, key)
+        _require(value is None or value >= 0, f"{key} must be >= 0 (got {value})")
+    ratio = OmegaConf.select(cfg, "scheduler.min_lr_ratio")
+    _require(ratio is None or 0 <= ratio <= 1, f"scheduler.min_lr_ratio must be in [0, 1] (got {ratio})")
     for key in ("data.val_fraction", "data.test_fraction"):
-        frac = _select(cfg, key)
+        frac = OmegaConf.select(cfg, key)
         _require(frac is None or 0 < frac < 1, f"{key} must be between 0 and 1 (got {frac})")
+
+
+def plain_config(cfg: DictConfig) -> DictConfig:
+    """The config with enums as plain strings (what models and the engine expect), still
+    refusing unknown keys."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    OmegaConf.set_struct(plain, True)
+    return plain

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+#: "overrides: message" of each multirun job that failed in this process
+FAILED_JOBS: List[str] = []
 
 
 class UserError(Exception):
@@ -20,11 +24,12 @@ def debug_requested() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG"))
 
 
-def report_user_errors(fn: Callable[[], T]) -> T:
+def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str = "") -> Optional[T]:
     """Run a command body; turn a UserError into one line on stderr and exit code 2.
 
-    With HYDRA_FULL_ERROR=1 or BIGMODEL_DEBUG=1 the exception propagates with its
-    traceback instead.
+    With `keep_going` (a multirun job) the error is recorded in FAILED_JOBS and None is
+    returned instead, so the rest of the sweep still runs. With HYDRA_FULL_ERROR=1 or
+    BIGMODEL_DEBUG=1 the exception propagates with its traceback instead.
     """
     try:
         return fn()
@@ -36,4 +41,13 @@ def report_user_errors(fn: Callable[[], T]) -> T:
         for handler in logging.getLogger().handlers:
             handler.flush()
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if keep_going:
+            FAILED_JOBS.append(f"{job or '(no overrides)'}: {err}")
+            return None
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if debug_requested():
+            raise
+        print("interrupted: stopped by Ctrl-C; checkpoints already written are intact",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -6,11 +6,14 @@ wraps in torch's LambdaLR; every one of them can start with a linear warmup.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
+
+log = logging.getLogger("bigmodel")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -33,11 +36,16 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Mod
 class Schedule:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then `decay`."""
 
-    def __init__(self, warmup_steps: int = 0, total_steps: int = 1):
+    def __init__(self, warmup_steps: int = 0, total_steps: Optional[int] = None):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps})")
+        self.total_steps = total_steps
+        if total_steps is not None and warmup_steps >= total_steps:
+            # A warmup as long as the run would never reach optim.lr.
+            log.warning("scheduler.warmup_steps=%d >= %d planned steps; warming up for %d steps instead",
+                        warmup_steps, self.total_steps, self.total_steps // 10)
+            warmup_steps = self.total_steps // 10
         self.warmup_steps = warmup_steps
-        self.total_steps = max(1, total_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -87,6 +95,8 @@ class Cosine(Schedule):
         self.min_lr_ratio = min_lr_ratio
 
     def decay(self, step: int) -> float:
+        if self.total_steps is None:
+            raise ValueError("the cosine schedule needs total_steps")
         span = max(1, self.total_steps - self.warmup_steps - 1)
         progress = min(1.0, step / span)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -10,7 +10,7 @@ from bigmodel_cli.errors import UserError
 
 
 def test_digits_split_is_fixed_and_normalised():
-    a, b = Digits(split_seed=0), Digits(split_seed=0)
+    a, b = Digits(seed=0), Digits(seed=0)
     a.setup()
     b.setup()
     sizes = {k: len(x) for k, (x, _) in a.splits.items()}
@@ -19,7 +19,7 @@ def test_digits_split_is_fixed_and_normalised():
     x_train = a.splits["train"][0]
     assert abs(x_train.mean().item()) < 1e-4 and x_train.std().item() == pytest.approx(1.0, abs=1e-3)
     assert a.spec.input_shape == (1, 8, 8) and a.spec.num_outputs == 10
-    c = Digits(split_seed=1)
+    c = Digits(seed=1)
     c.setup()
     assert not torch.equal(a.splits["test"][1], c.splits["test"][1])
 

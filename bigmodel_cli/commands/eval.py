@@ -11,12 +11,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.commands.train import write_json
-from bigmodel_cli.config import register_configs
+from bigmodel_cli.config import plain_config, register_configs
 from bigmodel_cli.errors import UserError, report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()
+
+# Data keys that decide which samples land in which split: changing one at eval time would
+# let training samples into the split being evaluated.
+SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "num_samples")
 
 
 def print_table(title: str, metrics: Dict[str, float]) -> None:
@@ -34,26 +37,33 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
-    from bigmodel_cli.commands.build import build_data, build_model
+    from bigmodel_cli.build import build_data, build_model
     from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
     from bigmodel_cli.engine.device import check_precision, resolve_device
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
+    from bigmodel_cli.telemetry import write_json
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("no checkpoint given; run bigmodel eval ckpt=<checkpoint file or run dir>")
     if cfg.batch_size is not None and cfg.batch_size <= 0:
         raise UserError(f"batch_size must be > 0 (got {cfg.batch_size})")
+    cfg = plain_config(cfg)
     device = resolve_device(cfg.device, key="device")
-    check_precision(cfg.precision.value, device, key="precision")
+    check_precision(cfg.precision, device, key="precision")
     path = resolve_checkpoint(cfg.ckpt)
     state = load_checkpoint(path)
     train_cfg = OmegaConf.create(state["config"])
+    changed = [k for k in SPLIT_KEYS if k in cfg.data and cfg.data[k] != train_cfg.data.get(k)]
+    if changed:
+        raise UserError(f"data.{changed[0]} would re-split the data, mixing training samples into the "
+                        f"{cfg.split} split; evaluate with the checkpoint's own split settings")
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
     if cfg.batch_size is not None:
         data_cfg.batch_size = cfg.batch_size
     data = build_data(data_cfg, state.get("data"))
-    model = build_model(train_cfg.model, data.spec)
+    names = state.get("choices", {})
+    model = build_model(train_cfg.model, data.spec, names.get("model", ""), names.get("data", ""))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -63,7 +73,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     model.to(device).eval()
     data.to(device)
     task = task_for(data.spec.task)
-    metrics = evaluate_model(model, data, task, cfg.split, cfg.precision.value, device, cfg.eval_batches)
+    metrics = evaluate_model(model, data, task, cfg.split, cfg.precision, device, cfg.eval_batches)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_json(run_dir / "eval.json", {
         "checkpoint": str(path.resolve()), "step": state.get("step"), "split": cfg.split,

@@ -16,7 +16,6 @@ import torch
 from bigmodel_cli.errors import UserError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -44,13 +43,22 @@ def input_kind_of(shape: Tuple[int, ...]) -> str:
     return {1: "vector", 2: "sequence", 3: "image"}[len(shape)]
 
 
-def split_sizes(n: int, val_fraction: float, test_fraction: float) -> Tuple[int, int, int]:
+def split_tensors(x: torch.Tensor, y: torch.Tensor, val_fraction: float,
+                  test_fraction: float) -> Dict[str, Batch]:
+    """Consecutive train / val / test slices (shuffle first if the order means anything)."""
+    n = len(x)
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
     n_train = n - n_val - n_test
     if min(n_train, n_val, n_test) < 1:
         raise UserError(f"{n} samples are too few to split into train/val/test "
                         f"with val_fraction={val_fraction}, test_fraction={test_fraction}")
-    return n_train, n_val, n_test
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    return {name: (x[a:b], y[a:b]) for name, (a, b) in bounds.items()}
+
+
+def check_split(name: str, available) -> None:
+    if name not in available:
+        raise UserError(f"unknown split '{name}'; choose one of {', '.join(available)}")
 
 
 class ShuffledBatches:
@@ -103,9 +111,8 @@ class DataModule:
     #: what one sample counts for in throughput figures ("samples" or "tokens")
     unit = "samples"
 
-    def __init__(self, batch_size: int, split_seed: int = 0):
+    def __init__(self, batch_size: int):
         self.batch_size = batch_size
-        self.split_seed = split_seed
         self.splits: Dict[str, Batch] = {}
         self._spec: Optional[DataSpec] = None
 
@@ -131,17 +138,13 @@ class DataModule:
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
         return self
 
-    def split(self, name: str) -> Batch:
-        if name not in self.splits:
-            raise UserError(f"unknown split '{name}'; choose one of {', '.join(self.splits)}")
-        return self.splits[name]
-
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
-        x, y = self.split("train")
+        x, y = self.splits["train"]
         return ShuffledBatches(x, y, self.batch_size, seed, rank, world_size)
 
     def eval_batches(self, split: str, batch_size: Optional[int] = None):
-        x, y = self.split(split)
+        check_split(split, self.splits)
+        x, y = self.splits[split]
         return SequentialBatches(x, y, batch_size or self.batch_size)
 
     def units_per_sample(self) -> int:

@@ -3,9 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 
-from bigmodel_cli.data.base import Batch, DataModule, DataSpec
+from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
 from bigmodel_cli.errors import UserError
 
 
@@ -38,6 +39,21 @@ def read_corpus(path: str) -> str:
     return "\n".join(texts)
 
 
+def encode(text: str, vocab: List[str]) -> torch.Tensor:
+    """Characters -> vocabulary ids, vectorised (no Python loop over the characters)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    points = np.array([ord(ch) for ch in vocab], dtype=np.uint32)
+    order = np.argsort(points)
+    pos = np.minimum(np.searchsorted(points[order], codes), len(points) - 1)
+    known = points[order][pos] == codes
+    if not known.all():
+        unknown = sorted(set(chr(c) for c in codes[~known].tolist()))
+        raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
+                        f"({''.join(unknown[:20])!r}); evaluate on text written with the training alphabet")
+    ids = order[pos]
+    return torch.from_numpy(ids.astype(np.int64))
+
+
 class RandomWindows:
     """`batch_size` random windows of block_size + 1 tokens per batch (x, and y shifted by one).
 
@@ -62,9 +78,11 @@ class RandomWindows:
         seed = (self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank
         gen = torch.Generator().manual_seed(seed)
         high = len(self.tokens) - self.block_size - 1
-        for _ in range(len(self)):
-            starts = torch.randint(0, high + 1, (self.batch_size,), generator=gen)
-            window = self.tokens[starts.to(self.tokens.device)[:, None] + self._window]
+        # All of the epoch's offsets in one host-to-device copy, not one copy per step.
+        starts = torch.randint(0, high + 1, (len(self), self.batch_size), generator=gen)
+        starts = starts.to(self.tokens.device)
+        for i in range(len(self)):
+            window = self.tokens[starts[i, :, None] + self._window]
             yield window[:, :-1], window[:, 1:]
 
 
@@ -98,9 +116,12 @@ class CharText(DataModule):
 
     unit = "tokens"
 
-    def __init__(self, batch_size: int = 12, split_seed: int = 0, path: Optional[str] = None,
-                 block_size: int = 64, val_fraction: float = 0.05, test_fraction: float = 0.05):
-        super().__init__(batch_size, split_seed)
+    def __init__(self, batch_size: int = 12, path: Optional[str] = None, block_size: int = 64,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05):
+        super().__init__(batch_size)
+        if path is not None and not str(path).strip():
+            raise UserError("data.path is empty; give a UTF-8 file or folder, or data.path=null "
+                            "for the built-in corpus")
         self.path, self.block_size = path, block_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.vocab: Optional[List[str]] = None
@@ -116,13 +137,7 @@ class CharText(DataModule):
         text = builtin_corpus() if self.path is None else read_corpus(self.path)
         if self.vocab is None:
             self.vocab = sorted(set(text))
-        stoi = {ch: i for i, ch in enumerate(self.vocab)}
-        unknown = sorted(set(text) - stoi.keys())
-        if unknown:
-            shown = "".join(unknown[:20])
-            raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
-                            f"({shown!r}); evaluate on text written with the training alphabet")
-        ids = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
+        ids = encode(text, self.vocab)
         n = len(ids)
         n_val, n_test = int(n * self.val_fraction), int(n * self.test_fraction)
         n_train = n - n_val - n_test
@@ -139,16 +154,12 @@ class CharText(DataModule):
         self.tokens = {k: t.to(device) for k, t in self.tokens.items()}
         return self
 
-    def split(self, name: str) -> torch.Tensor:
-        if name not in self.tokens:
-            raise UserError(f"unknown split '{name}'; choose one of {', '.join(self.tokens)}")
-        return self.tokens[name]
-
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
-        return RandomWindows(self.split("train"), self.block_size, self.batch_size, seed, rank, world_size)
+        return RandomWindows(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size)
 
     def eval_batches(self, split: str, batch_size: Optional[int] = None):
-        return SequentialWindows(self.split(split), self.block_size, batch_size or self.batch_size)
+        check_split(split, self.tokens)
+        return SequentialWindows(self.tokens[split], self.block_size, batch_size or self.batch_size)
 
     def units_per_sample(self) -> int:
         return self.block_size
@@ -157,6 +168,3 @@ class CharText(DataModule):
         sizes = ", ".join(f"{k} {len(t):,}" for k, t in self.tokens.items())
         source = self.path or "Python's built-in docs"
         return f"CharText ({source}): {sizes} characters; vocabulary {len(self.vocab)}"
-
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids)

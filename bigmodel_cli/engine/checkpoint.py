@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -22,11 +23,21 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
     """
+    _atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Atomically make `dst` a copy of `src` (cheaper than serialising the state again)."""
+    with open(src, "rb") as source:
+        _atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
+def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -38,7 +38,8 @@ class Classification(Task):
     def batch_sums(self, output, target):
         loss_sum = F.cross_entropy(output.float(), target, reduction="sum")
         correct = (output.argmax(-1) == target).sum()
-        return torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(target.shape[0])])
+        count = torch.full_like(loss_sum, target.shape[0])  # a fill, not a host-to-device copy
+        return torch.stack([loss_sum, correct.to(loss_sum.dtype), count])
 
     def finalize(self, sums):
         loss_sum, correct, count = sums.tolist()
@@ -54,7 +55,8 @@ class Regression(Task):
 
     def batch_sums(self, output, target):
         err = output.float() - target
-        return torch.stack([err.pow(2).sum(), err.abs().sum(), err.new_tensor(err.numel())])
+        sq = err.pow(2).sum()
+        return torch.stack([sq, err.abs().sum(), torch.full_like(sq, err.numel())])
 
     def finalize(self, sums):
         sq, ab, count = sums.tolist()
@@ -72,7 +74,7 @@ class LanguageModeling(Task):
 
     def batch_sums(self, output, target):
         loss_sum = F.cross_entropy(output.float().flatten(0, 1), target.flatten(), reduction="sum")
-        return torch.stack([loss_sum, loss_sum.new_tensor(target.numel())])
+        return torch.stack([loss_sum, torch.full_like(loss_sum, target.numel())])
 
     def finalize(self, sums):
         loss_sum, count = sums.tolist()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bigmodel_cli.data.base import DataModule
-from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, copy_checkpoint, load_checkpoint, save_checkpoint
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError
@@ -40,7 +40,6 @@ class Monitor:
             raise UserError(f"trainer.monitor={name} is not a validation metric of this "
                             f"{task.name} task; choose one of {', '.join(allowed)}")
         self.name, self.metric = name, metric
-        mode = getattr(mode, "value", mode)
         self.maximize = task.metrics[metric] if mode == "auto" else mode == "max"
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -70,7 +69,7 @@ class Trainer:
         self.task = task
         self.cfg = cfg
         self.device = device
-        self.precision = getattr(cfg.precision, "value", cfg.precision)
+        self.precision = cfg.precision
         self.telemetry = telemetry
         self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         self.checkpoint_extra = checkpoint_extra or {}
@@ -79,18 +78,12 @@ class Trainer:
 
         self.accum = cfg.grad_accum_steps
         self.train_loader = data.train_batches(seed=cfg.seed)
-        self.steps_per_epoch = max(1, len(self.train_loader) // self.accum)
+        # Optimizer steps per pass over the training data (fractional when accumulation
+        # spans more micro-batches than an epoch has).
+        self.steps_per_epoch = len(self.train_loader) / self.accum
         self.total_steps = self.plan_steps()
-        schedule = schedule_factory(total_steps=self.total_steps)
-        warmup = getattr(schedule, "warmup_steps", 0)
-        if warmup >= self.total_steps:
-            # A warmup as long as the run would never reach optim.lr.
-            schedule.warmup_steps = self.total_steps // 10
-            log.warning("scheduler.warmup_steps=%d >= %d planned steps; warming up for %d steps instead",
-                        warmup, self.total_steps, schedule.warmup_steps)
-        # LR multiplier per optimizer step; the schedule needs the planned length (cosine).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, schedule)
+            optimizer, schedule_factory(total_steps=self.total_steps))
         self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum
         self.step = 0
         self.epoch = 0
@@ -103,12 +96,12 @@ class Trainer:
         if self.cfg.max_steps is not None:
             limits.append(self.cfg.max_steps)
         if self.cfg.max_epochs is not None:
-            limits.append(self.cfg.max_epochs * self.steps_per_epoch)
+            limits.append(max(1, math.ceil(self.cfg.max_epochs * self.steps_per_epoch)))
         return min(limits)
 
     def describe(self) -> str:
         return (f"{self.total_steps:,} optimizer steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
-                f"of {self.steps_per_epoch:,} steps); {self.units_per_step:,} {self.data.unit} per step "
+                f"of {self.steps_per_epoch:,.4g} steps); {self.units_per_step:,} {self.data.unit} per step "
                 f"(batch {self.train_loader.batch_size} x accumulation {self.accum}); "
                 f"device {self.device}, precision {self.precision}")
 
@@ -161,17 +154,7 @@ class Trainer:
             loss_sum += loss
             steps_since_log += 1
             if is_log_step:
-                now = time.perf_counter()
-                mean_loss = (loss_sum / steps_since_log).item()  # the one host sync per interval
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"training loss became {mean_loss} by step {self.step}; lower "
-                                    f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
-                metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": mean_loss,
-                           "lr": self.last_lr}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = grad_norm.item()
-                metrics[f"{self.data.unit}_per_s"] = self.units_per_step * steps_since_log / (now - last_log_time)
-                self.telemetry.train(self.step, metrics)
+                self.log_train(loss_sum / steps_since_log, grad_norm, steps_since_log, last_log_time)
                 loss_sum.zero_()
                 steps_since_log = 0
                 last_log_time = time.perf_counter()
@@ -181,24 +164,40 @@ class Trainer:
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
                 "val": val_metrics, "best": self.monitor.state_dict()}
 
+    def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
+                  since: float) -> None:
+        """Report one log interval. The single host sync of the interval happens here."""
+        values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
+        elapsed = time.perf_counter() - since  # after the sync: the device work is done
+        loss = values[0]
+        if not math.isfinite(loss):
+            raise UserError(f"training loss became {loss} by step {self.step}; lower "
+                            f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
+        metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss, "lr": self.last_lr}
+        if grad_norm is not None:
+            metrics["grad_norm"] = values[1]
+        metrics[f"{self.data.unit}_per_s"] = self.units_per_step * steps / elapsed
+        self.telemetry.train(self.step, metrics)
+
     def validate(self) -> Dict[str, float]:
         metrics = self.evaluate("val", self.cfg.eval_batches)
         self.telemetry.eval(self.step, "val", metrics)
+        if not math.isfinite(metrics["loss"]):  # never checkpoint diverged weights
+            raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "
+                            f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
         is_best = self.monitor.update(metrics, self.step)
         if self.cfg.save_checkpoints:
-            state = self.state_dict()
-            save_checkpoint(state, self.checkpoint_dir / "last.pt")
+            save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
             if is_best:
-                save_checkpoint(state, self.checkpoint_dir / "best.pt")
+                copy_checkpoint(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, split: str, max_batches: Optional[int] = None,
-                 batch_size: Optional[int] = None) -> Dict[str, float]:
+    def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
         was_training = self.model.training
         self.model.eval()
         metrics = evaluate_model(self.model, self.data, self.task, split, self.precision,
-                                 self.device, max_batches, batch_size)
+                                 self.device, max_batches)
         self.model.train(was_training)
         return metrics
 

@@ -41,7 +41,6 @@ class RNN(nn.Module):
                  hidden_size: int = 128, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0):
         super().__init__()
-        cell = getattr(cell, "value", cell)
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; choose one of {', '.join(CELLS)}")
         _, features = sequence_shape(input_shape)

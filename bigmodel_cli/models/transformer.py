@@ -33,7 +33,6 @@ class TransformerEncoder(nn.Module):
                  n_heads: int = 4, n_layers: int = 2, mlp_ratio: int = 4, dropout: float = 0.1,
                  positional: str = "learned", patch_size: Optional[int] = None):
         super().__init__()
-        positional = getattr(positional, "value", positional)
         self.patch_size = patch_size
         if patch_size is not None:
             if len(input_shape) != 3:

@@ -13,6 +13,13 @@ from bigmodel_cli.telemetry.console import ProgressBar, wants_bar
 log = logging.getLogger("bigmodel")
 
 
+def write_json(path: Path, obj: object) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def format_metrics(metrics: Dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():

@@ -14,7 +14,6 @@ CONSOLE = Console(stderr=True)
 
 
 def wants_bar(mode: str) -> bool:
-    mode = getattr(mode, "value", mode)
     return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
 
 

@@ -1,4 +1,4 @@
-"""Config -> objects: data module and model, with one-line errors for impossible choices."""
+"""Config -> objects (data, model, optimizer), with one-line errors for impossible choices."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ log = logging.getLogger("bigmodel")
 KIND_WORDS = {"vector": "feature vectors", "sequence": "sequences", "image": "images", "tokens": "token sequences"}
 
 
-def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, with the constructor's own complaint as a UserError."""
     try:
         return instantiate(node, **kwargs)
@@ -29,9 +29,9 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err).splitlines()[0]
+        reason = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(err)
         raise UserError(f"could not build the {what} from {what}._target_={node.get('_target_')} "
-                        f"({reason.strip().splitlines()[0]})") from None
+                        f"({reason})") from None
 
 
 def import_object(path: str) -> Any:
@@ -51,11 +51,31 @@ def import_object(path: str) -> Any:
 
 
 def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:
-    data = _instantiate(cfg, "data")
+    data = instantiate_or_explain(cfg, "data")
     if state:
         data.load_state_dict(state)
-    data.setup()
+    try:
+        data.setup()
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as err:
+        raise UserError(f"could not prepare data {type(data).__name__} ({type(err).__name__}: "
+                        f"{first_line(err)}); check the data.* settings") from None
     return data
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module):
+    from bigmodel_cli.optim import build_optimizer as with_param_groups
+
+    factory = instantiate_or_explain(cfg, "optim")
+    try:
+        return with_param_groups(factory, model)
+    except (ValueError, TypeError, IndexError) as err:
+        raise UserError(f"optim={cfg.get('_target_')} rejected its settings ({type(err).__name__}: "
+                        f"{first_line(err)}); check the optim.* values") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def builtin_models_for(kind: str) -> list[str]:
@@ -91,7 +111,7 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
             f"model={model_name} cannot train on data={data_name}: it reads "
             f"{' or '.join(KIND_WORDS[k] for k in kinds)}, but {data_name} gives "
             f"{KIND_WORDS[spec.input_kind]} {spec.input_shape}; models for this data: {fits}")
-    model = _instantiate(cfg, "model", **accepted_kwargs(target, spec.model_kwargs()))
+    model = instantiate_or_explain(cfg, "model", **accepted_kwargs(target, spec.model_kwargs()))
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={target_path} built a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -109,9 +129,8 @@ def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None
         with torch.no_grad():
             out = model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{type(model).__name__} cannot read this data: input {tuple(x.shape[1:])} per sample "
-                        f"failed with {type(err).__name__}: {first[:200]}") from None
+                        f"failed with {type(err).__name__}: {first_line(err)}") from None
     finally:
         model.train(was_training)
     n_out = data.spec.num_outputs
