@@ -39,6 +39,23 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+def quiet_rank_overrides() -> List[str]:
+    """Under torchrun or srun every rank runs Hydra. Only rank 0 may make a run dir and own
+    the console; the others write nothing until they learn rank 0's run dir."""
+    import os
+
+    if "RANK" in os.environ:
+        rank = os.environ["RANK"]
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        rank = os.environ.get("SLURM_PROCID", "0")
+    else:
+        return []
+    if rank == "0":
+        return []
+    return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled"]
+
+
 def shell_completion(argv: List[str]) -> int:
     """`bigmodel -sc install=bash` prints Hydra's completion script for `bigmodel`; the
     script then calls `bigmodel -sc query=bash` with COMP_LINE set, which we answer by
@@ -66,8 +83,22 @@ def shell_completion(argv: List[str]) -> int:
     return 0
 
 
+def strip_launcher_args(argv: List[str]) -> List[str]:
+    """Drop --local-rank/--local_rank, which torch.distributed.launch (and torchrun with
+    --no-python scripts) may add; ranks are read from the environment instead."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local-rank", "--local_rank"):
+            skip = True
+        elif not arg.startswith(("--local-rank=", "--local_rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -85,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     module_name, _ = COMMANDS[name]
     # Hydra parses sys.argv itself; show it the command's own arguments only.
-    sys.argv = [f"bigmodel {name}"] + argv[1:]
+    sys.argv = [f"bigmodel {name}"] + argv[1:] + quiet_rank_overrides()
     module = importlib.import_module(module_name)
     module.main()
     from bigmodel_cli.errors import EXIT_USER_ERROR, FAILED_JOBS

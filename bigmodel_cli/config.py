@@ -36,6 +36,16 @@ class ProgressMode(str, Enum):
     plain = "plain"
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"
+
+
+class Backend(str, Enum):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 class RNNCell(str, Enum):
     rnn = "rnn"
     lstm = "lstm"
@@ -279,6 +289,14 @@ class TrainerConfig:
     monitor_mode: MonitorMode = MonitorMode.auto
     save_checkpoints: bool = True
     progress: ProgressMode = ProgressMode.auto
+    # Processes per node (one per GPU; on CPU, gloo processes). >1 launches workers itself,
+    # unless torchrun/srun already started this process as one rank of many.
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Strategy = Strategy.ddp
+    backend: Backend = Backend.auto
+    # A collective that waits longer than this ends the job instead of hanging it.
+    dist_timeout_s: float = 300.0
 
 
 # -------------------------------------------------------------------- eval command
@@ -350,6 +368,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.log_every", "50")
     _positive(cfg, "trainer.val_every", "250")
     _positive(cfg, "trainer.eval_batches", "50")
+    _positive(cfg, "trainer.devices", "2")
+    _positive(cfg, "trainer.num_nodes", "1")
+    _positive(cfg, "trainer.dist_timeout_s", "300")
     t = cfg.trainer
     _require(t.max_steps is not None or t.max_epochs is not None,
              "trainer.max_steps and trainer.max_epochs are both null; set one, "

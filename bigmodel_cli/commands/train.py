@@ -31,6 +31,58 @@ def claim_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def agree_on_run_dir(run_dir: Path, env) -> Path:
+    """Rank 0 claims its run dir and every rank adopts it (under torchrun each rank ran
+    Hydra on its own, and only rank 0's run dir is real)."""
+    from bigmodel_cli.engine import distributed
+
+    claimed: Any = str(run_dir)
+    if env.is_main:
+        try:
+            claim_run_dir(run_dir)
+        except UserError as err:
+            claimed = err
+    claimed = distributed.broadcast_from_main(claimed)
+    if isinstance(claimed, UserError):
+        raise claimed
+    return Path(claimed)
+
+
+def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str]) -> Dict[str, Any]:
+    """trainer.devices=N from one process: start N ranks, each running `run_worker`."""
+    import os
+
+    import torch
+
+    from bigmodel_cli.engine.device import resolve_device
+    from bigmodel_cli.engine.launch import launch
+
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    available = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    if t.devices > available:
+        kind = "CUDA devices" if device.type == "cuda" else "CPU cores"
+        raise UserError(f"trainer.devices={t.devices} but this machine has {available} {kind}; "
+                        f"use trainer.devices={available} or fewer")
+    log.info("launching %d worker processes per node on %d node(s)", t.devices, t.num_nodes)
+    results = launch(run_worker, (OmegaConf.to_container(cfg), str(run_dir), choices, list(overrides)),
+                     t.devices, t.num_nodes)
+    result = results[0] if 0 in results else next(iter(results.values()))
+    if isinstance(result, dict) and "error" in result:
+        raise UserError(result["error"])
+    return result
+
+
+def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overrides: Sequence[str]):
+    """Entry point of a launched worker process (rank and world come from the environment).
+    A user error comes back as {"error": message} so the parent reports it once."""
+    try:
+        return train(OmegaConf.create(cfg), Path(run_dir), choices, overrides)
+    except UserError as err:
+        log.debug("error: %s", err)
+        return {"error": str(err)}
+
+
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
           overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Train as `cfg` says, writing into `run_dir`; returns the summary (also summary.json).
@@ -38,29 +90,52 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     `choices` are the group options picked (for messages: model=gpt, data=digits).
     """
     # torch and the engine load here, after Hydra has parsed argv (fast --help).
-    from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
-                                    count_parameters, human_count, instantiate_or_explain)
-    from bigmodel_cli.engine.device import check_precision, resolve_device, seed_everything
-    from bigmodel_cli.engine.tasks import task_for
-    from bigmodel_cli.engine.trainer import Trainer
-    from bigmodel_cli.telemetry import Telemetry, write_json
+    from bigmodel_cli.engine import distributed
+    from bigmodel_cli.engine.device import check_precision, resolve_device
 
     validate_train_config(cfg)
     cfg = plain_config(cfg)
-    claim_run_dir(run_dir)
     choices = choices or {}
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    t = cfg.trainer
+    env = distributed.detect()
+    if t.devices > 1 and not env.is_distributed:
+        return launch_workers(cfg, run_dir, choices, overrides)
+    device = resolve_device(t.device)
+    if env.is_distributed and device.type == "cuda":
+        device = resolve_device(f"cuda:{env.local_rank}")
+    check_precision(t.precision, device)
+    distributed.init(env, t.backend, device, t.dist_timeout_s)
+    try:
+        run_dir = agree_on_run_dir(run_dir, env)
+        return train_in_run_dir(cfg, run_dir, choices, overrides, env, device)
+    finally:
+        distributed.close()
+
+
+def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],
+                     env, device) -> Dict[str, Any]:
+    from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
+                                    count_parameters, human_count, instantiate_or_explain)
+    from bigmodel_cli.engine import distributed
+    from bigmodel_cli.engine.device import seed_everything
+    from bigmodel_cli.engine.tasks import task_for
+    from bigmodel_cli.engine.trainer import Trainer
+    from bigmodel_cli.telemetry import Telemetry, write_json
+    from bigmodel_cli.telemetry.console import attach_rank_log
 
     t = cfg.trainer
-    device = resolve_device(t.device)
-    check_precision(t.precision, device)
+    if env.is_distributed:
+        attach_rank_log(run_dir, env.rank, console=env.is_main)
+        log.info("rank %d of %d (%s), device %s", env.rank, env.world_size, env.source, device)
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     seed_everything(t.seed, t.deterministic)
 
     data = build_data(cfg.data)
     log.info("data: %s", data.describe())
     data_state = data.state_dict()
-    if data_state.get("vocab") is not None:
+    if data_state.get("vocab") is not None and env.is_main:
         write_json(run_dir / "vocab.json", data_state["vocab"])
     spec = data.spec
     names = {k: choices.get(k, "") for k in ("model", "data")}
@@ -73,7 +148,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     data.to(device)
     optimizer = build_optimizer(cfg.optim, model)
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
-    telemetry = Telemetry(run_dir, t.progress)
+    model = distributed.parallelize(model, t.strategy, env, device)
+    telemetry = Telemetry(run_dir, t.progress, active=env.is_main)
     try:
         trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir,
                           telemetry, checkpoint_extra={
@@ -81,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
                               "choices": names,
                               "data": data_state,
                               "spec": asdict(spec),
-                          })
+                          }, env=env)
         log.info("plan: %s", trainer.describe())
         result = trainer.fit()
         restored = trainer.restore_best()
@@ -99,7 +175,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
         "elapsed_s": round(telemetry.elapsed(), 2), "run_dir": str(run_dir),
         "overrides": list(overrides),
     }
-    write_json(run_dir / "summary.json", summary)
+    if env.is_main:
+        write_json(run_dir / "summary.json", summary)
     shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
     best_value = f"{best['value']:.4f}" if best["value"] is not None else "n/a"
     log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", telemetry.elapsed(), shown,

@@ -92,10 +92,14 @@ class ShuffledBatches:
 
 
 class SequentialBatches:
-    """Every sample once, in order, in batches (the last one may be short)."""
+    """Every sample once, in order, in batches (the last one may be short).
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-        self.x, self.y, self.batch_size = x, y, batch_size
+    With `world_size` > 1 each rank takes a disjoint strided share, without padding, so
+    the ranks' summed metrics count every sample exactly once.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.x, self.y, self.batch_size = x[rank::world_size], y[rank::world_size], batch_size
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.batch_size)
@@ -142,10 +146,10 @@ class DataModule:
         x, y = self.splits["train"]
         return ShuffledBatches(x, y, self.batch_size, seed, rank, world_size)
 
-    def eval_batches(self, split: str, batch_size: Optional[int] = None):
+    def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
         check_split(split, self.splits)
         x, y = self.splits[split]
-        return SequentialBatches(x, y, batch_size or self.batch_size)
+        return SequentialBatches(x, y, batch_size or self.batch_size, rank, world_size)
 
     def units_per_sample(self) -> int:
         return 1

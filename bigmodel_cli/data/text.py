@@ -87,21 +87,21 @@ class RandomWindows:
 
 
 class SequentialWindows:
-    """Non-overlapping windows covering the split once, in order (for evaluation)."""
+    """Non-overlapping windows covering the split once, in order (for evaluation); with
+    `world_size` > 1 each rank takes every world_size-th window, without padding."""
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int):
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.num_windows = (len(tokens) - 1) // block_size
+        self.window_ids = torch.arange((len(tokens) - 1) // block_size, device=tokens.device)[rank::world_size]
 
     def __len__(self) -> int:
-        return -(-self.num_windows // self.batch_size)
+        return -(-len(self.window_ids) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        t = self.block_size
-        window = torch.arange(t + 1, device=self.tokens.device)
-        for first in range(0, self.num_windows, self.batch_size):
-            count = min(self.batch_size, self.num_windows - first)
-            starts = torch.arange(first, first + count, device=self.tokens.device) * t
+        window = torch.arange(self.block_size + 1, device=self.tokens.device)
+        for first in range(0, len(self.window_ids), self.batch_size):
+            starts = self.window_ids[first:first + self.batch_size] * self.block_size
             w = self.tokens[starts[:, None] + window]
             yield w[:, :-1], w[:, 1:]
 
@@ -157,9 +157,10 @@ class CharText(DataModule):
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
         return RandomWindows(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size)
 
-    def eval_batches(self, split: str, batch_size: Optional[int] = None):
+    def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
         check_split(split, self.tokens)
-        return SequentialWindows(self.tokens[split], self.block_size, batch_size or self.batch_size)
+        return SequentialWindows(self.tokens[split], self.block_size, batch_size or self.batch_size,
+                                 rank, world_size)
 
     def units_per_sample(self) -> int:
         return self.block_size

@@ -1,8 +1,10 @@
 """The training loop: a plain loop over optimizer steps, with evaluation and checkpoints.
 
 The Trainer knows nothing of which model it trains or where its numbers are shown:
-it gets a model, an optimizer and schedule, a data module and a task (loss + metrics),
-and reports to a Telemetry object.
+it gets a model (already wrapped by `distributed.parallelize`), an optimizer and
+schedule, a data module and a task (loss + metrics), and reports to a Telemetry object.
+Under several processes every rank runs this loop on its own share of the data; only
+rank 0 writes checkpoints.
 
 Hot path rule: no host synchronisation per step. The loss is accumulated as a device
 tensor and read (`.item()`) only every `log_every` steps.
@@ -10,6 +12,7 @@ tensor and read (`.item()`) only every `log_every` steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,6 +24,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bigmodel_cli.data.base import DataModule
+from bigmodel_cli.engine import distributed
+from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, copy_checkpoint, load_checkpoint, save_checkpoint
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.tasks import Task
@@ -62,8 +67,11 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
                  task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
-                 telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None):
+                 telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None,
+                 env: DistEnv = DistEnv()):
         self.model = model
+        self.raw_model = distributed.unwrap(model)  # what checkpoints hold
+        self.env = env
         self.optimizer = optimizer
         self.data = data
         self.task = task
@@ -77,14 +85,15 @@ class Trainer:
         self.monitor = Monitor(cfg.monitor, cfg.monitor_mode, task)
 
         self.accum = cfg.grad_accum_steps
-        self.train_loader = data.train_batches(seed=cfg.seed)
+        self.train_loader = data.train_batches(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
         # Optimizer steps per pass over the training data (fractional when accumulation
         # spans more micro-batches than an epoch has).
         self.steps_per_epoch = len(self.train_loader) / self.accum
         self.total_steps = self.plan_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, schedule_factory(total_steps=self.total_steps))
-        self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum
+        # Across all ranks: the effective global batch.
+        self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum * env.world_size
         self.step = 0
         self.epoch = 0
         self.last_lr = optimizer.param_groups[0]["lr"]
@@ -102,7 +111,8 @@ class Trainer:
     def describe(self) -> str:
         return (f"{self.total_steps:,} optimizer steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
                 f"of {self.steps_per_epoch:,.4g} steps); {self.units_per_step:,} {self.data.unit} per step "
-                f"(batch {self.train_loader.batch_size} x accumulation {self.accum}); "
+                f"(batch {self.train_loader.batch_size} per device x {self.env.world_size} devices "
+                f"x accumulation {self.accum}); "
                 f"device {self.device}, precision {self.precision}")
 
     # ------------------------------------------------------------------ the loop
@@ -117,12 +127,15 @@ class Trainer:
         """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as
         device tensors (grad norm is None unless clipping or asked for)."""
         loss_total = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             x, y = next(batches)
-            with autocast(self.precision, self.device):
-                output = self.model(x)
-            loss = self.task.loss(output, y)
-            self.scaler.scale(loss / self.accum).backward()
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = micro == self.accum - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with autocast(self.precision, self.device):
+                    output = self.model(x)
+                loss = self.task.loss(output, y)
+                self.scaler.scale(loss / self.accum).backward()
             loss_total += loss.detach()
         grad_norm = None
         if self.cfg.grad_clip is not None or want_grad_norm:
@@ -167,6 +180,8 @@ class Trainer:
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
+        # Gradients are synchronised, so the norm is already global; the loss is per rank.
+        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone()) / self.env.world_size
         values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
         elapsed = time.perf_counter() - since  # after the sync: the device work is done
         loss = values[0]
@@ -186,7 +201,7 @@ class Trainer:
             raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "
                             f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
         is_best = self.monitor.update(metrics, self.step)
-        if self.cfg.save_checkpoints:
+        if self.cfg.save_checkpoints and self.env.is_main:
             save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
             if is_best:
                 copy_checkpoint(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
@@ -195,24 +210,27 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
         was_training = self.model.training
-        self.model.eval()
-        metrics = evaluate_model(self.model, self.data, self.task, split, self.precision,
-                                 self.device, max_batches)
+        self.model.eval()  # (the wrapper and the model share their modules)
+        # The unwrapped model: DDP's forward would sync buffers, and ranks may run different
+        # numbers of eval batches.
+        metrics = evaluate_model(self.raw_model, self.data, self.task, split, self.precision,
+                                 self.device, max_batches, self.env)
         self.model.train(was_training)
         return metrics
 
     def restore_best(self) -> bool:
         """Load the best checkpoint's weights (for the final test); False if there is none."""
+        distributed.barrier()  # rank 0 has finished writing it
         path = self.checkpoint_dir / "best.pt"
         if not path.is_file():
             return False
-        self.model.load_state_dict(load_checkpoint(path)["model"])
+        self.raw_model.load_state_dict(load_checkpoint(path)["model"])
         return True
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -226,10 +244,11 @@ class Trainer:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, precision: str,
                    device: torch.device, max_batches: Optional[int] = None,
-                   batch_size: Optional[int] = None) -> Dict[str, float]:
-    """Metrics over a split (or its first `max_batches` batches); one host sync at the end."""
+                   env: DistEnv = DistEnv()) -> Dict[str, float]:
+    """Metrics over a split (or its first `max_batches` batches per rank); one host sync at
+    the end. Ranks evaluate disjoint shares and sum them, so each sample counts once."""
     sums = None
-    for i, (x, y) in enumerate(data.eval_batches(split, batch_size)):
+    for i, (x, y) in enumerate(data.eval_batches(split, rank=env.rank, world_size=env.world_size)):
         if max_batches is not None and i >= max_batches:
             break
         with autocast(precision, device):
@@ -238,4 +257,4 @@ def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, p
         sums = batch if sums is None else sums + batch
     if sums is None:
         raise UserError(f"the {split} split is empty")
-    return task.finalize(sums)
+    return task.finalize(distributed.all_reduce_sum(sums))

@@ -46,11 +46,15 @@ class MetricsFile:
 
 
 class Telemetry:
-    """The engine reports here; this decides how it is shown and stored."""
+    """The engine reports here; this decides how it is shown and stored.
 
-    def __init__(self, run_dir: Path, progress: str = "auto"):
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl")
-        self.bar: Optional[ProgressBar] = ProgressBar() if wants_bar(progress) else None
+    Only rank 0 is `active`; the other ranks' reports go to their own log file alone.
+    """
+
+    def __init__(self, run_dir: Path, progress: str = "auto", active: bool = True):
+        self.active = active
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl") if active else None
+        self.bar: Optional[ProgressBar] = ProgressBar() if active and wants_bar(progress) else None
         self.start_time = time.perf_counter()
 
     def start(self, total_steps: int) -> None:
@@ -62,8 +66,11 @@ class Telemetry:
         return time.perf_counter() - self.start_time
 
     def train(self, step: int, metrics: Dict[str, float]) -> None:
-        self.metrics.write({"step": step, **metrics, "elapsed_s": round(self.elapsed(), 3)})
         line = f"step {step} | " + format_metrics(metrics)
+        if not self.active:
+            log.debug(line)
+            return
+        self.metrics.write({"step": step, **metrics, "elapsed_s": round(self.elapsed(), 3)})
         if self.bar:
             self.bar.update(step, metrics)
             log.debug(line)  # the bar shows it; the log file still gets it
@@ -72,10 +79,12 @@ class Telemetry:
 
     def eval(self, step: int, split: str, metrics: Dict[str, float]) -> None:
         named = {f"{split}/{k}": v for k, v in metrics.items()}
-        self.metrics.write({"step": step, **named, "elapsed_s": round(self.elapsed(), 3)})
+        if self.metrics:
+            self.metrics.write({"step": step, **named, "elapsed_s": round(self.elapsed(), 3)})
         log.info(f"step {step} | " + format_metrics(named))
 
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
-        self.metrics.close()
+        if self.metrics:
+            self.metrics.close()

@@ -52,3 +52,19 @@ class ProgressBar:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def attach_rank_log(run_dir, rank: int, console: bool) -> None:
+    """Each rank logs to <run dir>/train_rank{k}.log; rank 0 also to the console (if this
+    process has no console handler yet, as in a launched worker)."""
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(f"{run_dir}/train_rank{rank}.log")
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root.addHandler(file_handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.getLogger("bigmodel").setLevel(logging.DEBUG)
+    if console and not any(isinstance(h, ConsoleHandler) for h in root.handlers):
+        handler = ConsoleHandler(level=logging.INFO)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)

@@ -1,0 +1,135 @@
+"""Everything about running as one of many processes, in one place.
+
+Where ranks come from: torchrun (or our own launcher, which is torch's elastic launcher
+too) sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; `srun` sets
+SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, and the master is the job's first node with
+a port derived from the job id. RANK/WORLD_SIZE win when both are set (srun + torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigmodel_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    source: str = "single"  # "single" | "torchrun" | "slurm"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[03-05,07],cpu1' -> 'gpu03' (the subset of SLURM's hostlist syntax a first host needs)."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    match = re.match(r"^([^\[]*)\[([^\]]+)\](.*)$", first)
+    if not match:
+        return first
+    prefix, ranges, suffix = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"]),
+                       environ.get("MASTER_ADDR"), int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
+                       "torchrun")
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        job_id = int(environ.get("SLURM_JOB_ID", "0"))
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+        return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)),
+                       int(environ["SLURM_NTASKS"]), environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                       int(environ.get("MASTER_PORT", 15000 + job_id % 20000)), "slurm")
+    return DistEnv()
+
+
+def env_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's rank from the environment alone (cheap: used before torch loads)."""
+    if "RANK" in environ:
+        return int(environ["RANK"])
+    if int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(environ.get("SLURM_PROCID", 0))
+    return 0
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if name == "nccl" and device.type != "cuda":
+        raise UserError("trainer.backend=nccl needs CUDA devices; use trainer.backend=gloo (or auto) on CPU")
+    return name
+
+
+def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> None:
+    """Join the process group (no-op for a single process)."""
+    if not env.is_distributed or dist.is_initialized():
+        return
+    if env.master_addr is None or env.master_port is None:
+        raise UserError("distributed run without MASTER_ADDR/MASTER_PORT; start it with torchrun, srun "
+                        "or bigmodel train trainer.devices=N")
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(resolve_backend(backend, device), rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: nn.Module, strategy: str, env: DistEnv, device: torch.device) -> nn.Module:
+    """Apply the parallelism strategy; model files never do this themselves."""
+    if not env.is_distributed:
+        return model
+    if strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    raise UserError(f"trainer.strategy={strategy} is not supported; use ddp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (what checkpoints store)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

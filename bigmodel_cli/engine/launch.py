@@ -1,0 +1,52 @@
+"""Start N local worker processes through PyTorch's elastic launcher (the engine of torchrun).
+
+The parent composes the config once and hands it to the workers; the rendezvous store
+listens on a free port that the launcher picks itself, so concurrent runs and sweeps on
+one machine never collide on a fixed port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any, Callable, Dict, Sequence
+
+from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
+
+
+def rendezvous_endpoint(num_nodes: int) -> str:
+    if num_nodes == 1:
+        return "127.0.0.1:0"  # port 0: the launcher picks a free one
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise UserError(f"trainer.num_nodes={num_nodes} needs MASTER_ADDR and MASTER_PORT set to the same "
+                        "host:port on every node (or launch with torchrun/srun instead)")
+    return f"{addr}:{port}"
+
+
+def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nodes: int = 1,
+           run_id: str = "") -> Dict[int, Any]:
+    """Run `worker(*args)` in `nprocs` processes per node; returns {global rank: return value}
+    for this node's ranks. A worker that dies ends the whole job with a UserError naming it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The agent narrates every rendezvous step at INFO; keep the console for training.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    config = LaunchConfig(
+        min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nprocs,
+        run_id=run_id or os.environ.get("SLURM_JOB_ID") or uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint=rendezvous_endpoint(num_nodes),
+        max_restarts=0, monitor_interval=0.2, start_method="spawn")
+    try:
+        return elastic_launch(config, worker)(*args)
+    except SignalException:  # Ctrl-C or a scheduler's SIGTERM: the agent has stopped the workers
+        raise KeyboardInterrupt from None
+    except ChildFailedError as err:
+        rank, failure = min(err.failures.items())
+        raise UserError(f"worker rank {rank} failed (exit code {failure.exitcode}) and the job was stopped; "
+                        f"its log is train_rank{rank}.log in the run dir") from None

@@ -1,0 +1,163 @@
+"""Several processes on CPU (gloo, 2 ranks, tiny models): our launcher, torchrun, srun's env."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigmodel_cli.data.base import SequentialBatches
+from bigmodel_cli.data.text import SequentialWindows
+from bigmodel_cli.engine.distributed import detect, first_slurm_host
+
+# Dropout off and per-step logging, so two runs can be compared step by step.
+TINY = ("data=synthetic", "data.num_samples=800", "model.hidden_sizes=[32]", "model.dropout=0.0",
+        "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10", "trainer.progress=plain")
+
+
+def fresh_dir(path):
+    path.mkdir()
+    return path
+
+
+def worker_pids(parent_pid):
+    """The launcher's worker processes: children of `parent_pid` started by multiprocessing spawn."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent_pid and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def train_losses(run_dir):
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+# ---------------------------------------------------------------- environment
+
+
+def test_detect_single_torchrun_and_slurm():
+    assert detect({}).world_size == 1
+    env = detect({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "9"})
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (1, 1, 4, "h", 9)
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "123",
+             "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = detect(slurm)
+    assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 4, "slurm")
+    assert env.master_addr == "gpu07" and env.master_port == 15123
+    # srun + torchrun: torchrun's variables win.
+    both = detect({**slurm, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+    assert (both.rank, both.world_size, both.source) == (0, 2, "torchrun")
+    # A one-task SLURM allocation is a single process.
+    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[01-04]", "a01"), ("a[3,5-7],b1", "a3"),
+                                            ("x-[10-12]-ib", "x-10-ib"), ("c1,c2", "c1")])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_eval_shards_cover_every_sample_once():
+    x, y = torch.arange(101).float()[:, None], torch.arange(101)
+    seen = [y_ for r in range(3) for _, y_ in SequentialBatches(x, y, 7, rank=r, world_size=3)]
+    assert sorted(torch.cat(seen).tolist()) == list(range(101))
+    tokens = torch.arange(1001)
+    windows = [x_[:, 0] for r in range(2) for x_, _ in SequentialWindows(tokens, 10, 4, rank=r, world_size=2)]
+    assert sorted(torch.cat(windows).tolist()) == list(range(0, 1000, 10))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path):
+    """2-rank DDP with per-device batch b == one process with batch 2b, step by step."""
+    single = run_cli("train", *TINY, "data.batch_size=32", cwd=fresh_dir(tmp_path / "one"))
+    assert single.returncode == 0, single.output
+    ddp = run_cli("train", *TINY, "data.batch_size=16", "trainer.devices=2", cwd=fresh_dir(tmp_path / "two"))
+    assert ddp.returncode == 0, ddp.output
+    a, b = train_losses(single.run_dir()), train_losses(ddp.run_dir())
+    assert len(a) == len(b) == 20
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        assert y == pytest.approx(x, rel=1e-5), f"step {step}: {x} vs {y}"
+    # Evaluation counts every sample once under DDP: the metrics agree too.
+    assert ddp.summary()["test"]["accuracy"] == pytest.approx(single.summary()["test"]["accuracy"])
+    run_dir = ddp.run_dir()
+    assert len(ddp.run_dirs()) == 1
+    assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
+    assert "per device x 2 devices" in ddp.stderr  # the effective global batch is printed
+
+
+def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
+    ours = run_cli("train", *TINY, "trainer.devices=2")
+    assert ours.returncode == 0, ours.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "bigmodel_cli", "train", *TINY]
+    other = tmp_path / "torchrun"
+    other.mkdir()
+    proc = subprocess.run(cmd, cwd=other, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dirs = list((other / "outputs").glob("*/*_train"))
+    assert len(dirs) == 1, dirs  # rank 1 made no run dir of its own
+    assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
+
+
+def test_srun_environment_makes_one_world(tmp_path):
+    """What `srun -n2 bigmodel train` gives each task: SLURM_* variables and no RANK."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}
+    procs = []
+    for rank in range(2):
+        env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+               "SLURM_JOB_ID": str(40000 + os.getpid() % 1000), "SLURM_JOB_NODELIST": "127.0.0.1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *TINY], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    dirs = list((tmp_path / "outputs").glob("*/*_train"))
+    assert len(dirs) == 1
+    assert len(train_losses(dirs[0])) == 20
+    assert "done in" in outputs[0][1] and "done in" not in outputs[1][1]  # console from rank 0 only
+
+
+def test_distributed_multirun_sweep(run_cli):
+    result = run_cli("train", "-m", "optim.lr=1e-3,1e-2", "trainer.devices=2", *TINY[:-4], "trainer.max_steps=5")
+    assert result.returncode == 0, result.output
+    sweep = next((result.cwd / "outputs").glob("*/*_train_multirun"))
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "summary.json").is_file()
+
+
+def test_a_killed_worker_ends_the_job(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
+                             "data=text", "trainer.max_steps=100000", "trainer.dist_timeout_s=30",
+                             "trainer.progress=plain"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    rank_log = None
+    while time.time() < deadline and rank_log is None:
+        time.sleep(1)
+        logs = list((tmp_path / "outputs").glob("*/*_train/train_rank1.log"))
+        if logs and "step 0 | val" in logs[0].read_text():
+            rank_log = logs[0]
+    assert rank_log is not None, "workers never started"
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    start = time.time()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.time() - start < 60
+    assert re.search(r"worker rank \d failed", err), err[-2000:]
