@@ -37,7 +37,8 @@ class ProgressMode(str, Enum):
 
 
 class Strategy(str, Enum):
-    ddp = "ddp"
+    ddp = "ddp"  # DistributedDataParallel: a full replica per rank
+    fsdp = "fsdp"  # FSDP2 fully_shard per repeated block and at the root; sharded checkpoints
 
 
 class Backend(str, Enum):

@@ -80,3 +80,13 @@ def test_resolve_run_dir_prefers_best(tmp_path):
         resolve_checkpoint(str(empty))
     with pytest.raises(UserError, match="does not exist"):
         resolve_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_resolve_finds_sharded_folders(tmp_path):
+    shards = tmp_path / "checkpoints" / "best.dcp"
+    shards.mkdir(parents=True)
+    save_checkpoint({"step": 3}, shards / "meta.pt")
+    assert resolve_checkpoint(str(tmp_path)) == shards
+    assert resolve_checkpoint(str(shards)) == shards
+    state = load_checkpoint(shards)
+    assert state["step"] == 3 and state["sharded_dir"] == str(shards)

@@ -82,11 +82,13 @@ def test_eval_shards_cover_every_sample_once():
 # ---------------------------------------------------------------- end to end
 
 
-def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path):
-    """2-rank DDP with per-device batch b == one process with batch 2b, step by step."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path, strategy):
+    """2 ranks with per-device batch b == one process with batch 2b, step by step."""
     single = run_cli("train", *TINY, "data.batch_size=32", cwd=fresh_dir(tmp_path / "one"))
     assert single.returncode == 0, single.output
-    ddp = run_cli("train", *TINY, "data.batch_size=16", "trainer.devices=2", cwd=fresh_dir(tmp_path / "two"))
+    ddp = run_cli("train", *TINY, "data.batch_size=16", "trainer.devices=2", f"trainer.strategy={strategy}",
+                  cwd=fresh_dir(tmp_path / "two"))
     assert ddp.returncode == 0, ddp.output
     a, b = train_losses(single.run_dir()), train_losses(ddp.run_dir())
     assert len(a) == len(b) == 20
@@ -98,6 +100,19 @@ def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path):
     assert len(ddp.run_dirs()) == 1
     assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
     assert "per device x 2 devices" in ddp.stderr  # the effective global batch is printed
+
+
+def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
+    trained = run_cli("train", "model=gpt", "data=text", "trainer.strategy=fsdp", "trainer.devices=2",
+                      "trainer.max_steps=6", "trainer.val_every=3", "trainer.progress=plain")
+    assert trained.returncode == 0, trained.output
+    shards = trained.run_dir() / "checkpoints" / "best.dcp"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == {p.name for p in shards.iterdir()}
+    evaluated = run_cli("eval", f"ckpt={trained.run_dir()}")
+    assert evaluated.returncode == 0, evaluated.output
+    report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
+    assert report["checkpoint"].endswith("best.dcp")
+    assert report["metrics"]["loss"] == pytest.approx(trained.summary()["test"]["loss"], rel=1e-5)
 
 
 def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
@@ -161,3 +176,19 @@ def test_a_killed_worker_ends_the_job(tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 60
     assert re.search(r"worker rank \d failed", err), err[-2000:]
+
+
+def test_uneven_eval_shards_under_fsdp(run_cli):
+    """81 validation samples, batch 40: rank 0 runs 2 eval batches, rank 1 only 1. FSDP's
+    forward is a collective, so rank 1 must keep pace without counting anything twice."""
+    trained = run_cli("train", "data=synthetic", "data.num_samples=810", "data.batch_size=40",
+                      "trainer.strategy=fsdp", "trainer.devices=2", "trainer.max_steps=3",
+                      "trainer.val_every=3", "trainer.progress=plain", timeout=120)
+    assert trained.returncode == 0, trained.output
+    records = [json.loads(l) for l in (trained.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    distributed_val = next(r for r in records if r["step"] == 3 and "val/loss" in r)
+    evaluated = run_cli("eval", f"ckpt={trained.run_dir()}/checkpoints/last.dcp", "split=val")
+    assert evaluated.returncode == 0, evaluated.output
+    report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
+    assert report["metrics"]["loss"] == pytest.approx(distributed_val["val/loss"], rel=1e-5)
+    assert report["metrics"]["accuracy"] == pytest.approx(distributed_val["val/accuracy"])

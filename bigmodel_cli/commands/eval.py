@@ -38,7 +38,7 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.build import build_data, build_model
-    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, resolve_checkpoint
     from bigmodel_cli.engine.device import check_precision, resolve_device
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
@@ -65,7 +65,10 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     names = state.get("choices", {})
     model = build_model(train_cfg.model, data.spec, names.get("model", ""), names.get("data", ""))
     try:
-        model.load_state_dict(state["model"])
+        if "sharded_dir" in state:  # an FSDP run's checkpoint, read into one process
+            load_sharded_model(model, Path(state["sharded_dir"]))
+        else:
+            model.load_state_dict(state["model"])
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise UserError(f"the weights in {path} do not fit the model its config builds with this "

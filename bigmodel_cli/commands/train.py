@@ -146,9 +146,10 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
 
     model.to(device)
     data.to(device)
+    # Parallelize before the optimizer sees the parameters: FSDP replaces them with shards.
+    model = distributed.parallelize(model, t.strategy, env, device, t.precision)
     optimizer = build_optimizer(cfg.optim, model)
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
-    model = distributed.parallelize(model, t.strategy, env, device)
     telemetry = Telemetry(run_dir, t.progress, active=env.is_main)
     try:
         trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir,

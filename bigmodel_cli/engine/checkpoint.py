@@ -16,6 +16,10 @@ from bigmodel_cli.errors import UserError
 
 FORMAT = "bigmodel-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
+# A sharded (FSDP) checkpoint is a folder NAME.dcp: torch.distributed.checkpoint shards of
+# the model and optimizer, plus META with everything else (step, config, ...).
+SHARDED_SUFFIX = ".dcp"
+META = "meta.pt"
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
@@ -51,14 +55,83 @@ def _atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
+    """Every rank writes its shards into a temporary folder that rank 0 then renames over
+    `path`; a crash mid-write leaves the previous checkpoint in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from bigmodel_cli.engine import distributed
+
+    main = distributed.is_main_process()
+    tmp = path.with_name(f".{path.name}.tmp")
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    distributed.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if main:
+        save_checkpoint(meta, tmp / META)
+        _replace_dir(tmp, path)
+    distributed.barrier()
+
+
+def copy_sharded(src: Path, dst: Path) -> None:
+    """Rank 0 copies a sharded checkpoint folder (then all ranks meet)."""
+    from bigmodel_cli.engine import distributed
+
+    if distributed.is_main_process():
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+        _replace_dir(tmp, dst)
+    distributed.barrier()
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_sharded_model(model, path: Path) -> None:
+    """Fill `model` (sharded or not, any world size, or a single process) from a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    import torch.distributed as dist
+
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP wraps every failure in its own exception types
+        raise UserError(f"sharded checkpoint {path} does not fit this model or is damaged "
+                        f"({type(err).__name__}: {_first_sentence(err)})") from None
+    set_model_state_dict(model, state["model"])
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / META).is_file()
+
+
 def resolve_checkpoint(path_like: str) -> Path:
-    """A checkpoint file, or a run dir (its best checkpoint, else its last)."""
+    """A checkpoint file or sharded folder, or a run dir (its best checkpoint, else its last)."""
     path = Path(path_like).expanduser()
+    if is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
-        for candidate in (path / CHECKPOINT_DIR / "best.pt", path / CHECKPOINT_DIR / "last.pt",
-                          path / "best.pt", path / "last.pt"):
-            if candidate.is_file():
-                return candidate
+        for folder in (path / CHECKPOINT_DIR, path):
+            for name in ("best", "last"):
+                if (folder / f"{name}.pt").is_file():
+                    return folder / f"{name}.pt"
+                if is_sharded_checkpoint(folder / f"{name}{SHARDED_SUFFIX}"):
+                    return folder / f"{name}{SHARDED_SUFFIX}"
         raise UserError(f"no checkpoint in {path} (looked for {CHECKPOINT_DIR}/best.pt and last.pt); "
                         "pass ckpt=<a .pt file> or a run dir trained with trainer.save_checkpoints=true")
     if not path.exists():
@@ -72,7 +145,12 @@ def _first_sentence(err: BaseException) -> str:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary code.
+
+    For a sharded folder this is its metadata, with "sharded_dir" naming the folder; the
+    weights come from `load_sharded_model`."""
+    if is_sharded_checkpoint(path):
+        return {**load_checkpoint(path / META, map_location), "sharded_dir": str(path)}
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=<checkpoint file or run dir>")
     if not zipfile.is_zipfile(path):

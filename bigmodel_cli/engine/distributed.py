@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping, Optional
@@ -100,25 +101,88 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, strategy: str, env: DistEnv, device: torch.device) -> nn.Module:
+def parallelize(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
+                precision: str = "fp32") -> nn.Module:
     """Apply the parallelism strategy; model files never do this themselves."""
     if not env.is_distributed:
         return model
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    raise UserError(f"trainer.strategy={strategy} is not supported; use ddp")
+    if strategy == "fsdp":
+        return shard_fully(model, env, device, precision)
+    raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
+
+
+def repeated_blocks(model: nn.Module) -> list:
+    """The members of the model's top-level ModuleLists: transformer blocks, stacked layers."""
+    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+
+
+def shard_fully(model: nn.Module, env: DistEnv, device: torch.device, precision: str) -> nn.Module:
+    """FSDP2: shard each repeated block, then the root (embeddings, head, the rest)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (env.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16" else MixedPrecisionPolicy())
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (what checkpoints store)."""
+    """The model inside a DDP wrapper; FSDP2 modules are the model itself."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps."""
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (FSDP2's gradient norm is one)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

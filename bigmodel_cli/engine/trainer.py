@@ -12,7 +12,6 @@ tensor and read (`.item()`) only every `log_every` steps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -26,7 +25,8 @@ from torch import nn
 from bigmodel_cli.data.base import DataModule
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.distributed import DistEnv
-from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, copy_checkpoint, load_checkpoint, save_checkpoint
+from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, SHARDED_SUFFIX, copy_checkpoint, copy_sharded,
+                                           load_checkpoint, load_sharded_model, save_checkpoint, save_sharded)
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError
@@ -71,6 +71,7 @@ class Trainer:
                  env: DistEnv = DistEnv()):
         self.model = model
         self.raw_model = distributed.unwrap(model)  # what checkpoints hold
+        self.sharded = distributed.is_sharded(model) if env.is_distributed else False
         self.env = env
         self.optimizer = optimizer
         self.data = data
@@ -129,9 +130,8 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y = next(batches)
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = micro == self.accum - 1 or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            # Gradients are reduced across ranks on the last micro-batch only.
+            with distributed.gradient_sync(self.model, enabled=micro == self.accum - 1):
                 with autocast(self.precision, self.device):
                     output = self.model(x)
                 loss = self.task.loss(output, y)
@@ -141,7 +141,7 @@ class Trainer:
         if self.cfg.grad_clip is not None or want_grad_norm:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -201,11 +201,20 @@ class Trainer:
             raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "
                             f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
         is_best = self.monitor.update(metrics, self.step)
-        if self.cfg.save_checkpoints and self.env.is_main:
+        if self.cfg.save_checkpoints:
+            self.save(is_best)
+        return metrics
+
+    def save(self, is_best: bool) -> None:
+        if self.sharded:  # every rank writes its own shards
+            last = self.checkpoint_dir / f"last{SHARDED_SUFFIX}"
+            save_sharded(self.state_dict(), self.model, self.optimizer, last)
+            if is_best:
+                copy_sharded(last, self.checkpoint_dir / f"best{SHARDED_SUFFIX}")
+        elif self.env.is_main:
             save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
             if is_best:
                 copy_checkpoint(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
-        return metrics
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -221,6 +230,12 @@ class Trainer:
     def restore_best(self) -> bool:
         """Load the best checkpoint's weights (for the final test); False if there is none."""
         distributed.barrier()  # rank 0 has finished writing it
+        if self.sharded:
+            path = self.checkpoint_dir / f"best{SHARDED_SUFFIX}"
+            if not path.is_dir():
+                return False
+            load_sharded_model(self.model, path)
+            return True
         path = self.checkpoint_dir / "best.pt"
         if not path.is_file():
             return False
@@ -229,9 +244,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        # Sharded runs keep model and optimizer in the DCP shards, not here.
+        weights = {} if self.sharded else {"model": self.raw_model.state_dict(),
+                                           "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -247,14 +264,21 @@ def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, p
                    env: DistEnv = DistEnv()) -> Dict[str, float]:
     """Metrics over a split (or its first `max_batches` batches per rank); one host sync at
     the end. Ranks evaluate disjoint shares and sum them, so each sample counts once."""
-    sums = None
-    for i, (x, y) in enumerate(data.eval_batches(split, rank=env.rank, world_size=env.world_size)):
-        if max_batches is not None and i >= max_batches:
-            break
+    loader = data.eval_batches(split, rank=env.rank, world_size=env.world_size)
+    count = len(loader) if max_batches is None else min(len(loader), max_batches)
+    # Under FSDP every forward is a collective, so all ranks must run as many; a rank with
+    # fewer batches repeats its last one and does not count it.
+    forwards = distributed.all_reduce_max(count, device) if distributed.is_sharded(model) else count
+    sums, batches, batch = None, iter(loader), None
+    for i in range(forwards):
+        if i < count:
+            batch = next(batches)
+        x, y = batch
         with autocast(precision, device):
             output = model(x)
-        batch = task.batch_sums(output, y)
-        sums = batch if sums is None else sums + batch
+        if i < count:
+            stats = task.batch_sums(output, y)
+            sums = stats if sums is None else sums + stats
     if sums is None:
         raise UserError(f"the {split} split is empty")
     return task.finalize(distributed.all_reduce_sum(sums))
