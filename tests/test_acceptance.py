@@ -41,3 +41,15 @@ def test_gpt_char_level_text_below_two_nats(run_cli):
     assert abs(start - math.log(vocab)) < 0.5  # starts at about ln(vocab)
     assert summary["best_value"] < 2.0
     assert wall < 300, f"took {wall:.0f}s"
+
+
+def test_two_gloo_ranks_match_one_process(run_cli, tmp_path):
+    """Issue 3, acceptance 1: trainer.devices=2 for 50 steps is within 1 point of one
+    process with twice the per-device batch."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run_cli("train", "trainer.max_steps=50", "data.batch_size=128", cwd=tmp_path / "one")
+    two = run_cli("train", "trainer.max_steps=50", "trainer.devices=2", cwd=tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, one.output + two.output
+    assert len(two.run_dirs()) == 1
+    assert abs(one.summary()["test"]["accuracy"] - two.summary()["test"]["accuracy"]) <= 0.01

@@ -192,3 +192,21 @@ def test_uneven_eval_shards_under_fsdp(run_cli):
     report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
     assert report["metrics"]["loss"] == pytest.approx(distributed_val["val/loss"], rel=1e-5)
     assert report["metrics"]["accuracy"] == pytest.approx(distributed_val["val/accuracy"])
+
+
+def test_ctrl_c_stops_every_worker(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
+                             "data=text", "trainer.max_steps=100000", "trainer.progress=plain"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(worker_pids(proc.pid)) < 2:
+        time.sleep(0.5)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
