@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,24 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def slurm_is_up() -> bool:
+    if not shutil.which("srun") or not shutil.which("sinfo"):
+        return False
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    return state.returncode == 0 and any(s in state.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.mark.skipif(not slurm_is_up(), reason="no running Slurm (scripts/local_slurm.sh starts one)")
+def test_real_srun_matches_our_launcher(run_cli, tmp_path):
+    ours = run_cli("train", *TINY, "trainer.devices=2")
+    assert ours.returncode == 0, ours.output
+    where = fresh_dir(tmp_path / "slurm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}
+    proc = subprocess.run(["srun", "-n2", sys.executable, "-m", "bigmodel_cli", "train", *TINY], cwd=where,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dirs = list((where / "outputs").glob("*/*_train"))
+    assert len(dirs) == 1
+    assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
