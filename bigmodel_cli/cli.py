@@ -52,8 +52,15 @@ def quiet_rank_overrides() -> List[str]:
         return []
     if rank == "0":
         return []
-    return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
-            "hydra/hydra_logging=disabled"]
+    import atexit
+    import shutil
+    import tempfile
+
+    # A multirun sweep still makes its job folders: put them in scratch space, then drop it.
+    scratch = os.path.join(tempfile.gettempdir(), f"bigmodel-rank{rank}-{os.getpid()}")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return ["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={scratch}",
+            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def shell_completion(argv: List[str]) -> int:

@@ -130,6 +130,17 @@ def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
     assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
 
 
+def test_multirun_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "bigmodel_cli", "train", "-m", "optim.lr=1e-3,1e-2", *TINY[:-4], "trainer.max_steps=5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweeps = list((tmp_path / "outputs").glob("*/*_train_multirun"))
+    assert len(sweeps) == 1 and len(list((tmp_path / "outputs").glob("*/*"))) == 1
+    for job in ("0", "1"):
+        assert (sweeps[0] / job / "summary.json").is_file()
+
+
 def test_srun_environment_makes_one_world(tmp_path):
     """What `srun -n2 bigmodel train` gives each task: SLURM_* variables and no RANK."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}

@@ -105,11 +105,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
         device = resolve_device(f"cuda:{env.local_rank}")
     check_precision(t.precision, device)
     distributed.init(env, t.backend, device, t.dist_timeout_s)
-    try:
-        run_dir = agree_on_run_dir(run_dir, env)
-        return train_in_run_dir(cfg, run_dir, choices, overrides, env, device)
-    finally:
-        distributed.close()
+    run_dir = agree_on_run_dir(run_dir, env)
+    return train_in_run_dir(cfg, run_dir, choices, overrides, env, device)
 
 
 def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],

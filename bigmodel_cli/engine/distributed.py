@@ -8,6 +8,7 @@ a port derived from the job id. RANK/WORLD_SIZE win when both are set (srun + to
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from contextlib import contextmanager
@@ -94,6 +95,9 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
         torch.cuda.set_device(device)
     dist.init_process_group(resolve_backend(backend, device), rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
+    # One group for the life of the process: the jobs of a sweep under torchrun reuse it
+    # (tearing it down and rebuilding it on the same store races between ranks).
+    atexit.register(close)
 
 
 def close() -> None:

@@ -58,7 +58,11 @@ def attach_rank_log(run_dir, rank: int, console: bool) -> None:
     """Each rank logs to <run dir>/train_rank{k}.log; rank 0 also to the console (if this
     process has no console handler yet, as in a launched worker)."""
     root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "bigmodel_rank_log", False)]:
+        root.removeHandler(old)  # the previous job's, in a sweep
+        old.close()
     file_handler = logging.FileHandler(f"{run_dir}/train_rank{rank}.log")
+    file_handler.bigmodel_rank_log = True
     file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root.addHandler(file_handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
