@@ -46,7 +46,7 @@ def quiet_rank_overrides() -> List[str]:
 
     if "RANK" in os.environ:
         rank = os.environ["RANK"]
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:  # inside `srun -n N`
         rank = os.environ.get("SLURM_PROCID", "0")
     else:
         return []

@@ -3,7 +3,9 @@
 # Needs root and Debian's packages: slurmd slurmctld slurm-client munge. Idempotent.
 set -euo pipefail
 node=$(hostname -s)
-cpus=$(nproc)
+# The node as slurmd sees it (sockets, cores, threads, memory), so it is not drained for a
+# mismatch with the config.
+hardware=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ *UpTime=.*//')
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=bigmodel-test
@@ -25,7 +27,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} State=UNKNOWN
+NodeName=${node} NodeAddr=127.0.0.1 ${hardware} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 if [ ! -s /etc/munge/munge.key ]; then

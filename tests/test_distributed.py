@@ -53,11 +53,15 @@ def test_detect_single_torchrun_and_slurm():
     assert detect({}).world_size == 1
     env = detect({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "9"})
     assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (1, 1, 4, "h", 9)
-    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "123",
-             "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+             "SLURM_JOB_ID": "123", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     env = detect(slurm)
     assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 4, "slurm")
-    assert env.master_addr == "gpu07" and env.master_port == 15123
+    assert env.master_addr == "gpu07" and env.master_port == 15000 + 123 * 7
+    # Two steps of one job at once get different ports.
+    assert detect({**slurm, "SLURM_STEP_ID": "1"}).master_port != env.master_port
+    # The batch script itself (sbatch --ntasks=4, no srun) is one process, not rank 0 of 4.
+    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "123"}).world_size == 1
     # srun + torchrun: torchrun's variables win.
     both = detect({**slurm, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
     assert (both.rank, both.world_size, both.source) == (0, 2, "torchrun")
@@ -147,6 +151,7 @@ def test_srun_environment_makes_one_world(tmp_path):
     procs = []
     for rank in range(2):
         env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+               "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_JOB_ID": str(40000 + os.getpid() % 1000), "SLURM_JOB_NODELIST": "127.0.0.1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *TINY], cwd=tmp_path,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -102,15 +102,27 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
         return launch_workers(cfg, run_dir, choices, overrides)
     device = resolve_device(t.device)
     if env.is_distributed and device.type == "cuda":
-        device = resolve_device(f"cuda:{env.local_rank}")
+        # One visible GPU per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank): cuda:0.
+        device = resolve_device("cuda:0" if torch_cuda_count() == 1 else f"cuda:{env.local_rank}")
     check_precision(t.precision, device)
+    if t.precision == "fp16" and t.strategy == "fsdp":
+        raise UserError("trainer.precision=fp16 with trainer.strategy=fsdp is not supported (per-shard loss "
+                        "scaling would let ranks diverge); use trainer.precision=bf16")
     distributed.init(env, t.backend, device, t.dist_timeout_s)
     run_dir = agree_on_run_dir(run_dir, env)
     return train_in_run_dir(cfg, run_dir, choices, overrides, env, device)
 
 
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],
                      env, device) -> Dict[str, Any]:
+    import torch
+
     from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
                                     count_parameters, human_count, instantiate_or_explain)
     from bigmodel_cli.engine import distributed
@@ -145,6 +157,8 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     data.to(device)
     # Parallelize before the optimizer sees the parameters: FSDP replaces them with shards.
     model = distributed.parallelize(model, t.strategy, env, device, t.precision)
+    if env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
+        torch.manual_seed(t.seed + 1_000_003 * env.rank)
     optimizer = build_optimizer(cfg.optim, model)
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
     telemetry = Telemetry(run_dir, t.progress, active=env.is_main)

@@ -2,8 +2,9 @@
 
 Where ranks come from: torchrun (or our own launcher, which is torch's elastic launcher
 too) sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; `srun` sets
-SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, and the master is the job's first node with
-a port derived from the job id. RANK/WORLD_SIZE win when both are set (srun + torchrun).
+SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS, and the master is the step's first
+node with a port derived from the job and step ids. RANK/WORLD_SIZE win when both are
+set (srun + torchrun).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class DistEnv:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        # A launcher's world of one (torchrun --nproc_per_node=1) still takes the
+        # process-group path, so a single GPU measures the same code as many.
+        return self.source != "single"
 
     @property
     def is_main(self) -> bool:
@@ -56,22 +59,22 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
         return DistEnv(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"]),
                        environ.get("MASTER_ADDR"), int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
                        "torchrun")
-    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+    if srun_tasks(environ) > 1 and "SLURM_PROCID" in environ:
         job_id = int(environ.get("SLURM_JOB_ID", "0"))
-        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+        step_id = int(environ.get("SLURM_STEP_ID", "0") or 0)
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        # Two steps of one allocation running at once must not share a port.
+        port = 15000 + (job_id * 7 + step_id) % 20000
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)),
-                       int(environ["SLURM_NTASKS"]), environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
-                       int(environ.get("MASTER_PORT", 15000 + job_id % 20000)), "slurm")
+                       srun_tasks(environ), environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                       int(environ.get("MASTER_PORT", port)), "slurm")
     return DistEnv()
 
 
-def env_rank(environ: Mapping[str, str] = os.environ) -> int:
-    """This process's rank from the environment alone (cheap: used before torch loads)."""
-    if "RANK" in environ:
-        return int(environ["RANK"])
-    if int(environ.get("SLURM_NTASKS", "1")) > 1:
-        return int(environ.get("SLURM_PROCID", 0))
-    return 0
+def srun_tasks(environ: Mapping[str, str] = os.environ) -> int:
+    """Tasks of this srun step. SLURM_STEP_NUM_TASKS is set by srun only: a batch script or an
+    salloc shell (which see the job's SLURM_NTASKS) is one process, not one rank of many."""
+    return int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -169,6 +172,14 @@ def gradient_sync(model: nn.Module, enabled: bool):
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (FSDP2's gradient norm is one)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so evaluation and
+    checkpoints see one model."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:

@@ -37,16 +37,22 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
 
     # The agent narrates every rendezvous step at INFO; keep the console for training.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # As torchrun does: workers share the cores instead of each starting one thread per core.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    endpoint = rendezvous_endpoint(num_nodes)
+    # Every node must name the same rendezvous; one node alone may pick a fresh id.
+    default_id = f"bigmodel-{endpoint}" if num_nodes > 1 else uuid.uuid4().hex
     config = LaunchConfig(
         min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nprocs,
-        run_id=run_id or os.environ.get("SLURM_JOB_ID") or uuid.uuid4().hex,
-        rdzv_backend="c10d", rdzv_endpoint=rendezvous_endpoint(num_nodes),
+        run_id=run_id or os.environ.get("SLURM_JOB_ID") or default_id,
+        rdzv_backend="c10d", rdzv_endpoint=endpoint,
         max_restarts=0, monitor_interval=0.2, start_method="spawn")
     try:
         return elastic_launch(config, worker)(*args)
     except SignalException:  # Ctrl-C or a scheduler's SIGTERM: the agent has stopped the workers
         raise KeyboardInterrupt from None
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        # A rank killed by a signal is the cause; its peers' failures are the consequence.
+        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
         raise UserError(f"worker rank {rank} failed (exit code {failure.exitcode}) and the job was stopped; "
                         f"its log is train_rank{rank}.log in the run dir") from None

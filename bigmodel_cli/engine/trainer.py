@@ -87,6 +87,10 @@ class Trainer:
 
         self.accum = cfg.grad_accum_steps
         self.train_loader = data.train_batches(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        for split in ("val", "test"):  # the last rank's share is the smallest; all ranks agree
+            if len(data.eval_batches(split, rank=env.world_size - 1, world_size=env.world_size)) == 0:
+                raise UserError(f"the {split} split is too small to share across {env.world_size} ranks; "
+                                "use more data or fewer trainer.devices")
         # Optimizer steps per pass over the training data (fractional when accumulation
         # spans more micro-batches than an epoch has).
         self.steps_per_epoch = len(self.train_loader) / self.accum
@@ -218,6 +222,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
+        if self.env.is_distributed:
+            distributed.sync_buffers(self.raw_model)
         was_training = self.model.training
         self.model.eval()  # (the wrapper and the model share their modules)
         # The unwrapped model: DDP's forward would sync buffers, and ranks may run different
@@ -229,16 +235,13 @@ class Trainer:
 
     def restore_best(self) -> bool:
         """Load the best checkpoint's weights (for the final test); False if there is none."""
-        distributed.barrier()  # rank 0 has finished writing it
+        path = self.checkpoint_dir / (f"best{SHARDED_SUFFIX}" if self.sharded else "best.pt")
+        # Rank 0 wrote it and decides; loading is then done by every rank (shared disk).
+        if not distributed.broadcast_from_main(path.exists()):
+            return False
         if self.sharded:
-            path = self.checkpoint_dir / f"best{SHARDED_SUFFIX}"
-            if not path.is_dir():
-                return False
             load_sharded_model(self.model, path)
             return True
-        path = self.checkpoint_dir / "best.pt"
-        if not path.is_file():
-            return False
         self.raw_model.load_state_dict(load_checkpoint(path)["model"])
         return True
 
