@@ -248,3 +248,17 @@ def test_real_srun_matches_our_launcher(run_cli, tmp_path):
     dirs = list((where / "outputs").glob("*/*_train"))
     assert len(dirs) == 1
     assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
+
+
+def test_a_stalled_collective_times_out(run_cli):
+    """Rank 1 stops answering; rank 0's collective gives up after trainer.dist_timeout_s and
+    the whole job ends, instead of hanging."""
+    helpers = str(Path(__file__).parent / "helpers")
+    start = time.time()
+    result = run_cli("train", "model=custom", "model._target_=stalling_model.StallOnRank1",
+                     "trainer.devices=2", "trainer.dist_timeout_s=5", "trainer.max_steps=20",
+                     "trainer.val_at_start=false", "trainer.progress=plain",
+                     env={"PYTHONPATH": helpers + os.pathsep + os.environ.get("PYTHONPATH", "")}, timeout=110)
+    assert result.returncode != 0
+    assert time.time() - start < 100
+    assert re.search(r"worker rank \d failed", result.stderr), result.stderr[-2000:]

@@ -52,7 +52,17 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     except SignalException:  # Ctrl-C or a scheduler's SIGTERM: the agent has stopped the workers
         raise KeyboardInterrupt from None
     except ChildFailedError as err:
-        # A rank killed by a signal is the cause; its peers' failures are the consequence.
-        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
-        raise UserError(f"worker rank {rank} failed (exit code {failure.exitcode}) and the job was stopped; "
-                        f"its log is train_rank{rank}.log in the run dir") from None
+        # A rank killed by a signal is the likely cause; its peers' failures the consequence.
+        failed = sorted(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
+        rank, failure = failed[0]
+        others = "".join(f"; rank {r} {describe_exit(f.exitcode)}" for r, f in failed[1:])
+        raise UserError(f"worker rank {rank} failed ({describe_exit(failure.exitcode)}){others}, and the job "
+                        f"was stopped; see train_rank{rank}.log in the run dir") from None
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        import signal
+
+        return f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
+    return f"exit code {code}"
