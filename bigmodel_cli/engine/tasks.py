@@ -24,9 +24,6 @@ class Task:
     def finalize(self, sums: torch.Tensor) -> Dict[str, float]:
         raise NotImplementedError
 
-    def units(self, target: torch.Tensor) -> int:
-        return target.shape[0]
-
 
 class Classification(Task):
     name = "classification"
@@ -80,9 +77,6 @@ class LanguageModeling(Task):
         loss_sum, count = sums.tolist()
         loss = loss_sum / count
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-    def units(self, target):
-        return target.numel()
 
 
 TASKS = {t.name: t for t in (Classification, Regression, LanguageModeling)}
