@@ -47,6 +47,11 @@ class Backend(str, Enum):
     gloo = "gloo"
 
 
+class NonFinite(str, Enum):
+    stop = "stop"  # end the run with a message; the last good checkpoint stays as it is
+    skip = "skip"  # drop that step's update and go on (one host sync per step)
+
+
 class RNNCell(str, Enum):
     rnn = "rnn"
     lstm = "lstm"
@@ -288,7 +293,20 @@ class TrainerConfig:
     deterministic: bool = False
     monitor: str = "val/loss"
     monitor_mode: MonitorMode = MonitorMode.auto
+    # Checkpoints are written at every validation, and also every `checkpoint_every` steps
+    # and/or `checkpoint_every_min` minutes, and when a stop signal arrives.
     save_checkpoints: bool = True
+    checkpoint_every: Optional[int] = None
+    checkpoint_every_min: Optional[float] = None
+    keep_last: int = 2  # newest step checkpoints kept (the best one is always kept too)
+    # auto: continue from the newest valid checkpoint in the run dir, if there is one;
+    # none: never; or a checkpoint file / run dir to continue from.
+    resume: str = "auto"
+    # Start from another run's weights only (fresh optimizer and step), for fine-tuning.
+    init_from: Optional[str] = None
+    on_nonfinite: NonFinite = NonFinite.stop
+    # Run after the checkpoint that SIGUSR1 triggers inside a Slurm job; null: do not requeue.
+    requeue_command: Optional[str] = "scontrol requeue {job_id}"
     progress: ProgressMode = ProgressMode.auto
     # Processes per node (one per GPU; on CPU, gloo processes). >1 launches workers itself,
     # unless torchrun/srun already started this process as one rank of many.
@@ -372,10 +390,17 @@ def validate_train_config(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.devices", "2")
     _positive(cfg, "trainer.num_nodes", "1")
     _positive(cfg, "trainer.dist_timeout_s", "300")
+    _positive(cfg, "trainer.checkpoint_every", "500")
+    _positive(cfg, "trainer.checkpoint_every_min", "30")
+    _positive(cfg, "trainer.keep_last", "2")
     t = cfg.trainer
     _require(t.max_steps is not None or t.max_epochs is not None,
              "trainer.max_steps and trainer.max_epochs are both null; set one, "
              "e.g. trainer.max_steps=1000")
+    resume = str(t.resume)
+    _require(resume != "", "trainer.resume is empty; use auto, none or a checkpoint path")
+    _require(t.init_from is None or resume in ("auto", "none"),
+             "trainer.init_from and trainer.resume=<path> both name a starting point; use one of them")
     for key in ("optim.weight_decay", "scheduler.warmup_steps"):
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 0, f"{key} must be >= 0 (got {value})")

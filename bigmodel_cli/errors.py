@@ -11,6 +11,7 @@ T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request, checkpoint written, run it again to resume
 
 #: "overrides: message" of each multirun job that failed in this process
 FAILED_JOBS: List[str] = []
@@ -18,6 +19,10 @@ FAILED_JOBS: List[str] = []
 
 class UserError(Exception):
     """A problem the user can fix (bad value, missing file, incompatible choices)."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (a signal) after writing a checkpoint; ends a sweep too."""
 
 
 def debug_requested() -> bool:
@@ -45,6 +50,12 @@ def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str =
             FAILED_JOBS.append(f"{job or '(no overrides)'}: {err}")
             return None
         sys.exit(EXIT_USER_ERROR)
+    except TrainingStopped as stop:
+        logging.getLogger("bigmodel").debug("stopped: %s", stop)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         if debug_requested():
             raise

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,14 @@ def compose():
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def slurm_is_up() -> bool:
+    """A Slurm cluster answers here (CI starts a one-node one: scripts/local_slurm.sh)."""
+    if not shutil.which("srun") or not shutil.which("sinfo"):
+        return False
+    try:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return state.returncode == 0 and any(s in state.stdout for s in ("idle", "mix", "alloc"))

@@ -1,6 +1,4 @@
 import os
-import pickle
-import zipfile
 
 import pytest
 import torch
@@ -90,3 +88,55 @@ def test_resolve_finds_sharded_folders(tmp_path):
     assert resolve_checkpoint(str(shards)) == shards
     state = load_checkpoint(shards)
     assert state["step"] == 3 and state["sharded_dir"] == str(shards)
+
+
+def test_step_checkpoints_aliases_and_pruning_keep_the_best(tmp_path):
+    from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, sharded=False, keep_last=2)
+    for step, best in ((10, False), (20, True), (30, False), (40, False)):
+        manager.save(step, {"step": step}, model=None, optimizer=None, is_best=best)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000020.pt", "step_00000030.pt",
+                                                             "step_00000040.pt"]
+    assert load_checkpoint(folder / "last.pt")["step"] == 40
+    assert load_checkpoint(folder / "best.pt")["step"] == 20
+    assert resolve_checkpoint(str(tmp_path)).name == "best.pt"
+    # A hidden temporary left by a killed write is removed by the next run's manager.
+    (folder / ".step_00000050.pt.abc.tmp").write_bytes(b"torn")
+    CheckpointManager(tmp_path, sharded=False)
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_stop_signals_are_recorded_for_the_loop():
+    import signal
+
+    from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, STOP, StopSignals
+
+    signals = StopSignals()
+    with signals.installed():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.take() == CHECKPOINT and signals.take() == NOTHING  # consumed
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once again: the same request
+        assert signals.take() == STOP == signals.take() and signals.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_config_changes_on_resume():
+    from bigmodel_cli.engine.resume import config_changes
+
+    saved = {"model": {"width": 8}, "optim": {"_target_": "A", "lr": 0.1}, "trainer": {"max_steps": 5}}
+    assert config_changes(saved, {**saved, "trainer": {"max_steps": 9}}) == ["trainer.max_steps: 5 -> 9"]
+    with pytest.raises(UserError, match="optim._target_"):
+        config_changes(saved, {**saved, "optim": {"_target_": "B", "lr": 0.1}})
+
+
+def test_truncate_metrics_keeps_what_the_resumed_run_does_not_redo(tmp_path):
+    from bigmodel_cli.telemetry import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2}\n{"step": 2, "val/loss": 1}\n{"step": 3, "loss": 1}\n'
+                    '{"step": 2, "test/loss": 1}\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2}\n{"step": 2, "val/loss": 1}\n'

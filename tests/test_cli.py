@@ -164,11 +164,24 @@ def test_a_failed_sweep_job_does_not_stop_the_sweep(run_cli):
 def test_a_used_run_dir_is_never_overwritten(run_cli):
     first = run_cli("train", "trainer.max_steps=5", "hydra.run.dir=runs/fixed")
     assert first.returncode == 0, first.output
-    ckpt = first.cwd / "runs" / "fixed" / "checkpoints" / "last.pt"
+    ckpt = first.cwd / "runs" / "fixed" / "checkpoints" / "step_00000005.pt"
     before = ckpt.read_bytes()
+    refused = run_cli("train", "trainer.max_steps=8", "hydra.run.dir=runs/fixed", "trainer.resume=none")
+    assert refused.returncode == 2 and "already holds an earlier run" in refused.stderr
+    assert "trainer.resume=auto" in refused.stderr
+    # The default, trainer.resume=auto, continues that run instead (here: 3 more steps).
+    continued = run_cli("train", "trainer.max_steps=8", "hydra.run.dir=runs/fixed")
+    assert continued.returncode == 0, continued.output
+    summary = json.loads((first.cwd / "runs" / "fixed" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["resumed_from"].endswith("step_00000005.pt")
+    assert ckpt.read_bytes() == before
+
+
+def test_a_finished_run_without_checkpoints_is_never_overwritten(run_cli):
+    first = run_cli("train", "trainer.max_steps=5", "hydra.run.dir=runs/fixed", "trainer.save_checkpoints=false")
+    assert first.returncode == 0, first.output
     second = run_cli("train", "trainer.max_steps=8", "hydra.run.dir=runs/fixed")
     assert second.returncode == 2 and "already holds an earlier run" in second.stderr
-    assert ckpt.read_bytes() == before
 
 
 def test_eval_refuses_to_resplit_the_data(run_cli):

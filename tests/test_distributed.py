@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 from bigmodel_cli.data.base import SequentialBatches
 from bigmodel_cli.data.text import SequentialWindows
 from bigmodel_cli.engine.distributed import detect, first_slurm_host
+from conftest import slurm_is_up
 
 # Dropout off and per-step logging, so two runs can be compared step by step.
 TINY = ("data=synthetic", "data.num_samples=800", "model.hidden_sizes=[32]", "model.dropout=0.0",
@@ -224,16 +224,10 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     time.sleep(3)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err
+    # In training: the step finishes, a checkpoint is written, exit 75. Still starting: 130.
+    assert proc.returncode in (75, 130), err[-2000:]
+    assert ("stopped: SIGINT" in err and "Traceback" not in err) if proc.returncode == 75 else "interrupted" in err
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-
-
-def slurm_is_up() -> bool:
-    if not shutil.which("srun") or not shutil.which("sinfo"):
-        return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
-    return state.returncode == 0 and any(s in state.stdout for s in ("idle", "mix", "alloc"))
 
 
 @pytest.mark.skipif(not slurm_is_up(), reason="no running Slurm (scripts/local_slurm.sh starts one)")

@@ -16,3 +16,8 @@ def config_dir() -> str:
 
 
 CONFIG_DIR = config_dir()
+
+# conf/hydra/bigmodel.yaml names the default run dir through it (before any command runs).
+from bigmodel_cli.slurm import register_resolver  # noqa: E402
+
+register_resolver()

@@ -79,7 +79,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     metrics = evaluate_model(model, data, task, cfg.split, cfg.precision, device, cfg.eval_batches)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_json(run_dir / "eval.json", {
-        "checkpoint": str(path.resolve()), "step": state.get("step"), "split": cfg.split,
+        "checkpoint": str(path.absolute()), "step": state.get("step"), "split": cfg.split,
         "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
     print_table(f"{cfg.split} split | {path} | step {state.get('step')}", metrics)
     log.debug("eval.json written to %s", run_dir)

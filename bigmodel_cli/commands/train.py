@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import plain_config, register_configs, validate_train_config
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.errors import TrainingStopped, UserError, report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -23,15 +23,26 @@ register_configs()
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
-def claim_run_dir(run_dir: Path) -> None:
+def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
+    """A run dir is new, or (trainer.resume=auto) holds an unfinished run to continue."""
+    from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, list_step_checkpoints
+
     taken = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if taken and resume == "auto":
+        if list_step_checkpoints(run_dir / CHECKPOINT_DIR):
+            return  # continued from its newest checkpoint
+        if not (run_dir / "summary.json").exists():
+            log.warning("run dir %s holds an unfinished run without checkpoints; starting it over", run_dir)
+            return
     if taken:
+        hint = ("; or continue it with trainer.resume=auto" if resume == "none"
+                and list_step_checkpoints(run_dir / CHECKPOINT_DIR) else "")
         raise UserError(f"run dir {run_dir} already holds an earlier run ({', '.join(taken)}); "
-                        "leave hydra.run.dir at its default or pick a new one, so nothing is overwritten")
+                        f"leave hydra.run.dir at its default or pick a new one, so nothing is overwritten{hint}")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def agree_on_run_dir(run_dir: Path, env) -> Path:
+def agree_on_run_dir(run_dir: Path, env, resume: str = "none") -> Path:
     """Rank 0 claims its run dir and every rank adopts it (under torchrun each rank ran
     Hydra on its own, and only rank 0's run dir is real)."""
     from bigmodel_cli.engine import distributed
@@ -39,7 +50,7 @@ def agree_on_run_dir(run_dir: Path, env) -> Path:
     claimed: Any = str(run_dir)
     if env.is_main:
         try:
-            claim_run_dir(run_dir)
+            claim_run_dir(run_dir, resume)
         except UserError as err:
             claimed = err
     claimed = distributed.broadcast_from_main(claimed)
@@ -70,6 +81,8 @@ def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], over
     result = results[0] if 0 in results else next(iter(results.values()))
     if isinstance(result, dict) and "error" in result:
         raise UserError(result["error"])
+    if isinstance(result, dict) and "stopped" in result:
+        raise TrainingStopped(result["stopped"])
     return result
 
 
@@ -81,6 +94,8 @@ def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overr
     except UserError as err:
         log.debug("error: %s", err)
         return {"error": str(err)}
+    except TrainingStopped as stop:
+        return {"stopped": str(stop)}
 
 
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
@@ -108,9 +123,13 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     if t.precision == "fp16" and t.strategy == "fsdp":
         raise UserError("trainer.precision=fp16 with trainer.strategy=fsdp is not supported (per-shard loss "
                         "scaling would let ranks diverge); use trainer.precision=bf16")
-    distributed.init(env, t.backend, device, t.dist_timeout_s)
-    run_dir = agree_on_run_dir(run_dir, env)
-    return train_in_run_dir(cfg, run_dir, choices, overrides, env, device)
+    from bigmodel_cli.engine.stopping import SIGNALS
+
+    # From here on a stop signal is acted on between steps (or before the first one).
+    with SIGNALS.installed() as signals:
+        distributed.init(env, t.backend, device, t.dist_timeout_s)
+        run_dir = agree_on_run_dir(run_dir, env, t.resume)
+        return train_in_run_dir(cfg, run_dir, choices, overrides, env, device, signals)
 
 
 def torch_cuda_count() -> int:
@@ -120,16 +139,17 @@ def torch_cuda_count() -> int:
 
 
 def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],
-                     env, device) -> Dict[str, Any]:
+                     env, device, signals) -> Dict[str, Any]:
     import torch
 
     from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
                                     count_parameters, human_count, instantiate_or_explain)
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.device import seed_everything
+    from bigmodel_cli.engine.resume import config_changes, load_initial_weights, starting_checkpoint
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import Trainer
-    from bigmodel_cli.telemetry import Telemetry, write_json
+    from bigmodel_cli.telemetry import Telemetry, truncate_metrics, write_json
     from bigmodel_cli.telemetry.console import attach_rank_log
 
     t = cfg.trainer
@@ -137,8 +157,15 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
         attach_rank_log(run_dir, env.rank, console=env.is_main)
         log.info("rank %d of %d (%s), device %s", env.rank, env.world_size, env.source, device)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
+    start_path, start_state = starting_checkpoint(t.resume, run_dir, env)
+    if start_state is not None:
+        changes = config_changes(start_state.get("config", {}), OmegaConf.to_container(cfg))
+        if changes:
+            log.info("resuming with changed settings: %s", "; ".join(changes))
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+        # Records past the checkpoint are about to be redone; a fresh start redoes them all.
+        truncate_metrics(run_dir / "metrics.jsonl", start_state["step"] if start_state else 0)
     seed_everything(t.seed, t.deterministic)
 
     data = build_data(cfg.data)
@@ -169,14 +196,28 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
                               "choices": names,
                               "data": data_state,
                               "spec": asdict(spec),
-                          }, env=env)
+                          }, env=env, signals=signals)
+        if start_state is not None:
+            trainer.load_state_dict(start_state, start_path)
+            log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
+        elif t.init_from:
+            source = load_initial_weights(distributed.unwrap(model), t.init_from, trainer.sharded)
+            log.info("weights from %s; optimizer and step start fresh", source)
         log.info("plan: %s", trainer.describe())
         result = trainer.fit()
-        restored = trainer.restore_best()
-        test = trainer.evaluate("test", t.eval_batches)
-        telemetry.eval(trainer.step, "test", test)
+        stopped = result["stopped"]
+        if not stopped:
+            restored = trainer.restore_best()
+            test = trainer.evaluate("test", t.eval_batches)
+            telemetry.eval(trainer.step, "test", test)
     finally:
         telemetry.close()
+    if stopped:
+        saved = f"checkpoint {stopped['checkpoint']}" if stopped["checkpoint"] else "no new checkpoint"
+        again = ("the requeued job continues from it" if "requeued" in stopped["action"] else
+                 f"continue with the same command plus hydra.run.dir={run_dir} trainer.resume=auto")
+        raise TrainingStopped(f"{stopped['cause']}: {stopped['action']} at step {stopped['step']} of "
+                              f"{trainer.total_steps} with {saved}; {again}")
 
     best = result["best"]
     summary: Dict[str, Any] = {
@@ -185,6 +226,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
         "test": test, "final_val": result["val"],
         "steps": result["steps"], "epochs": result["epochs"], "parameters": n_params,
         "elapsed_s": round(telemetry.elapsed(), 2), "run_dir": str(run_dir),
+        "resumed_from": str(start_path) if start_path else None, "skipped_steps": result["skipped_steps"],
         "overrides": list(overrides),
     }
     if env.is_main:

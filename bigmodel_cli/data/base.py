@@ -74,10 +74,11 @@ class ShuffledBatches:
         self.x, self.y = x, y
         self.batch_size = min(batch_size, len(x) // world_size)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields epoch `epoch` from its batch `start` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return (len(self.x) // self.world_size) // self.batch_size
@@ -86,7 +87,7 @@ class ShuffledBatches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.x), generator=gen)[self.rank::self.world_size]
         order = order.to(self.x.device)
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
 

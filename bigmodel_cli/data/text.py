@@ -65,11 +65,12 @@ class RandomWindows:
                  rank: int = 0, world_size: int = 1):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         self._window = torch.arange(block_size + 1, device=tokens.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields epoch `epoch` from its batch `start` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return max(1, len(self.tokens) // (self.block_size * self.batch_size * self.world_size))
@@ -81,7 +82,7 @@ class RandomWindows:
         # All of the epoch's offsets in one host-to-device copy, not one copy per step.
         starts = torch.randint(0, high + 1, (len(self), self.batch_size), generator=gen)
         starts = starts.to(self.tokens.device)
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             window = self.tokens[starts[i, :, None] + self._window]
             yield window[:, :-1], window[:, 1:]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -39,7 +40,10 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it owner-only)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -48,16 +52,12 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
-    """Every rank writes its shards into a temporary folder that rank 0 then renames over
-    `path`; a crash mid-write leaves the previous checkpoint in place."""
+    """Every rank writes its shards into a temporary folder that rank 0 then renames to
+    `path` once all are done; a crash mid-write leaves no folder under that name."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -70,34 +70,53 @@ def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
     distributed.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    distributed.barrier()  # every shard is on disk (DCP fsyncs its files)
     if main:
         save_checkpoint(meta, tmp / META)
         _replace_dir(tmp, path)
-    distributed.barrier()
-
-
-def copy_sharded(src: Path, dst: Path) -> None:
-    """Rank 0 copies a sharded checkpoint folder (then all ranks meet)."""
-    from bigmodel_cli.engine import distributed
-
-    if distributed.is_main_process():
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(src, tmp)
-        _replace_dir(tmp, dst)
+        _fsync_dir(path.parent)
     distributed.barrier()
 
 
 def _replace_dir(new: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(new, path)
+        return
     old = path.with_name(f".{path.name}.old")
     if old.exists():
         shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
+    os.replace(path, old)
     os.replace(new, path)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_sharded_training_state(model, optimizer, path: Path) -> None:
+    """Fill model and optimizer from a sharded checkpoint (DCP reshards to this world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    _dcp_load(dcp, state, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _dcp_load(dcp, state: Dict[str, Any], path: Path) -> None:
+    import torch.distributed as dist
+
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP wraps every failure in its own exception types
+        raise UserError(f"sharded checkpoint {path} does not fit this model or is damaged "
+                        f"({type(err).__name__}: {_first_sentence(err)})") from None
 
 
 def load_sharded_model(model, path: Path) -> None:
@@ -105,14 +124,8 @@ def load_sharded_model(model, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    import torch.distributed as dist
-
     state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP wraps every failure in its own exception types
-        raise UserError(f"sharded checkpoint {path} does not fit this model or is damaged "
-                        f"({type(err).__name__}: {_first_sentence(err)})") from None
+    _dcp_load(dcp, state, path)
     set_model_state_dict(model, state["model"])
 
 
@@ -120,22 +133,78 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
 
 
+def step_checkpoint_name(step: int, sharded: bool) -> str:
+    return f"step_{step:08d}{SHARDED_SUFFIX if sharded else '.pt'}"
+
+
+STEP_PATTERN = re.compile(r"^step_(\d+)(\.pt|\.dcp)$")
+
+
+def list_step_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
+    """Complete step checkpoints in `folder`, oldest first (temporaries start with a dot)."""
+    found = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            match = STEP_PATTERN.match(entry.name)
+            if match and not entry.is_symlink():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def point_alias(alias: Path, target: Path) -> None:
+    """Make `alias` (e.g. last.pt) refer to `target`, atomically: a relative symlink
+    swapped in by rename. Where links are unsupported, a copy instead."""
+    tmp = alias.with_name(f".{alias.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target.name, tmp)
+    except OSError:
+        if target.is_dir():
+            shutil.copytree(target, tmp)
+            _replace_dir(tmp, alias)
+        else:
+            copy_checkpoint(target, alias)
+        return
+    if alias.is_dir() and not alias.is_symlink():  # a copy from a link-less filesystem
+        shutil.rmtree(alias)
+    os.replace(tmp, alias)
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Drop what writes killed midway left behind (hidden .tmp files and folders)."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") and (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
+                remove_checkpoint(entry)
+
+
 def resolve_checkpoint(path_like: str) -> Path:
-    """A checkpoint file or sharded folder, or a run dir (its best checkpoint, else its last)."""
+    """A checkpoint file or sharded folder, or a run dir (its best checkpoint, else its
+    newest)."""
     path = Path(path_like).expanduser()
     if is_sharded_checkpoint(path):
         return path
     if path.is_dir():
         for folder in (path / CHECKPOINT_DIR, path):
             for name in ("best", "last"):
-                if (folder / f"{name}.pt").is_file():
-                    return folder / f"{name}.pt"
-                if is_sharded_checkpoint(folder / f"{name}{SHARDED_SUFFIX}"):
-                    return folder / f"{name}{SHARDED_SUFFIX}"
-        raise UserError(f"no checkpoint in {path} (looked for {CHECKPOINT_DIR}/best.pt and last.pt); "
+                for suffix in (".pt", SHARDED_SUFFIX):
+                    candidate = folder / f"{name}{suffix}"
+                    if candidate.is_file() or is_sharded_checkpoint(candidate):
+                        return candidate
+            steps = list_step_checkpoints(folder)
+            if steps:
+                return steps[-1][1]
+        raise UserError(f"no checkpoint in {path} (looked for {CHECKPOINT_DIR}/best.pt, last.pt and step_*.pt); "
                         "pass ckpt=<a .pt file> or a run dir trained with trainer.save_checkpoints=true")
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<checkpoint file or run dir>")
+        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint file or run dir")
     return path
 
 
@@ -152,7 +221,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     if is_sharded_checkpoint(path):
         return {**load_checkpoint(path / META, map_location), "sharded_dir": str(path)}
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<checkpoint file or run dir>")
+        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint file or run dir")
     if not zipfile.is_zipfile(path):
         raise UserError(f"checkpoint {path} is corrupt or truncated (not a torch.save archive); "
                         "use another checkpoint")

@@ -4,10 +4,15 @@ The Trainer knows nothing of which model it trains or where its numbers are show
 it gets a model (already wrapped by `distributed.parallelize`), an optimizer and
 schedule, a data module and a task (loss + metrics), and reports to a Telemetry object.
 Under several processes every rank runs this loop on its own share of the data; only
-rank 0 writes checkpoints.
+rank 0 writes files.
 
 Hot path rule: no host synchronisation per step. The loss is accumulated as a device
-tensor and read (`.item()`) only every `log_every` steps.
+tensor and read (`.item()`) only every `log_every` steps; a non-finite loss or gradient
+is remembered on the device and checked then, and before every checkpoint.
+
+Exact resume: a checkpoint holds everything the next step depends on (weights, optimizer,
+schedule, scaler, step, every rank's RNG states, the data position), so a resumed run
+continues with the very numbers an uninterrupted one would have produced.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from torch import nn
 
 from bigmodel_cli.data.base import DataModule
 from bigmodel_cli.engine import distributed
-from bigmodel_cli.engine.distributed import DistEnv
-from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, SHARDED_SUFFIX, copy_checkpoint, copy_sharded,
-                                           load_checkpoint, load_sharded_model, save_checkpoint, save_sharded)
+from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, load_sharded_training_state
+from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
 from bigmodel_cli.engine.device import autocast
+from bigmodel_cli.engine.distributed import DistEnv
+from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
+from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
+from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, STOP, StopAgreement, StopSignals, requeue
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
 
 log = logging.getLogger("bigmodel")
@@ -62,13 +71,17 @@ class Monitor:
     def state_dict(self) -> Dict[str, Any]:
         return {"metric": self.name, "value": self.best, "step": self.best_step}
 
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("metric") == self.name:  # a changed trainer.monitor starts afresh
+            self.best, self.best_step = state["value"], state["step"]
+
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
                  task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
                  telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None,
-                 env: DistEnv = DistEnv()):
+                 env: DistEnv = DistEnv(), signals: Optional[StopSignals] = None):
         self.model = model
         self.raw_model = distributed.unwrap(model)  # what checkpoints hold
         self.sharded = distributed.is_sharded(model) if env.is_distributed else False
@@ -80,8 +93,9 @@ class Trainer:
         self.device = device
         self.precision = cfg.precision
         self.telemetry = telemetry
-        self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         self.checkpoint_extra = checkpoint_extra or {}
+        self.checkpoints = CheckpointManager(run_dir, self.sharded, cfg.keep_last, cfg.checkpoint_every,
+                                             cfg.checkpoint_every_min, enabled=cfg.save_checkpoints)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.monitor = Monitor(cfg.monitor, cfg.monitor_mode, task)
 
@@ -97,12 +111,20 @@ class Trainer:
         self.total_steps = self.plan_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, schedule_factory(total_steps=self.total_steps))
+        self.configured_hyperparameters = hyperparameters(optimizer)
         # Across all ranks: the effective global batch.
         self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum * env.world_size
         self.step = 0
-        self.epoch = 0
         self.last_lr = optimizer.param_groups[0]["lr"]
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.skip_nonfinite = cfg.on_nonfinite == "skip"
+        # Set on the device when a loss (or gradient) is not finite; read at log steps.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.finite_until = 0  # last step known to be finite
+        self.skipped_steps = 0
+        self.resumed_rng: Optional[Dict[str, Any]] = None
+        # Installed by the caller for the whole run (`with signals.installed():`).
+        self.signals = signals or StopSignals()
 
     # ------------------------------------------------------------------ planning
     def plan_steps(self) -> int:
@@ -120,13 +142,21 @@ class Trainer:
                 f"x accumulation {self.accum}); "
                 f"device {self.device}, precision {self.precision}")
 
+    def data_position(self) -> Dict[str, int]:
+        """Where in the training stream the next step starts: every step consumes `accum`
+        micro-batches and every epoch has the same number, so the step alone fixes it."""
+        epoch, batch = divmod(self.step * self.accum, len(self.train_loader))
+        return {"epoch": epoch, "batch": batch, "batches_per_epoch": len(self.train_loader)}
+
     # ------------------------------------------------------------------ the loop
     def micro_batches(self) -> Iterator:
-        """An endless stream of training batches, epoch after epoch."""
+        """An endless stream of training batches, epoch after epoch, from the data position."""
+        position = self.data_position()
+        epoch, start = position["epoch"], position["batch"]
         while True:
-            self.train_loader.set_epoch(self.epoch)
+            self.train_loader.set_epoch(epoch, start)
             yield from self.train_loader
-            self.epoch += 1
+            epoch, start = epoch + 1, 0
 
     def train_step(self, batches: Iterator, want_grad_norm: bool):
         """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as
@@ -142,61 +172,136 @@ class Trainer:
                 self.scaler.scale(loss / self.accum).backward()
             loss_total += loss.detach()
         grad_norm = None
-        if self.cfg.grad_clip is not None or want_grad_norm:
+        if self.cfg.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
             grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # The norm is of the all-reduced gradients, so every rank takes the same decision.
+        if self.skip_nonfinite and not torch.isfinite(grad_norm).item():  # the one per-step sync
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradients, update skipped (%d skipped so far)",
+                        self.step + 1, self.skipped_steps)
+            self.scaler.update()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_total / self.accum, grad_norm
+        mean_loss = loss_total / self.accum
+        if not self.skip_nonfinite:
+            self.nonfinite |= ~torch.isfinite(mean_loss)
+            if grad_norm is not None and self.precision != "fp16":  # fp16 overflow is the scaler's
+                self.nonfinite |= ~torch.isfinite(grad_norm)
+        return mean_loss, grad_norm
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.model.train()
         batches = self.micro_batches()
-        self.telemetry.start(self.total_steps)
+        self.telemetry.start(self.total_steps, self.step)
         loss_sum = torch.zeros((), device=self.device)
         steps_since_log, last_log_time = 0, time.perf_counter()
         val_metrics: Dict[str, float] = {}
-        if cfg.val_at_start:  # the untrained baseline, e.g. ln(vocab) for a language model
+        if cfg.val_at_start and self.step == 0:  # the untrained baseline, e.g. ln(vocab) for an LM
             self.telemetry.eval(0, "val", self.evaluate("val", cfg.eval_batches))
             last_log_time = time.perf_counter()
-        while self.step < self.total_steps:
-            is_log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
-            loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
-            self.step += 1
-            loss_sum += loss
-            steps_since_log += 1
-            if is_log_step:
-                self.log_train(loss_sum / steps_since_log, grad_norm, steps_since_log, last_log_time)
-                loss_sum.zero_()
-                steps_since_log = 0
-                last_log_time = time.perf_counter()
-            if self.step % cfg.val_every == 0 or self.step == self.total_steps:
-                val_metrics = self.validate()
-                last_log_time = time.perf_counter()  # evaluation time is not training throughput
+        if self.resumed_rng is not None:
+            restore_rng_state(self.resumed_rng)
+        agreement = StopAgreement(self.env.is_distributed)
+        stopped: Optional[Dict[str, Any]] = None
+        try:
+            if agreement.now(self.signals.request) == STOP:  # it came while setting up
+                return self.fit_result({}, self.stop_record("stopped before the first step", None))
+            while self.step < self.total_steps:
+                is_log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
+                self.step += 1
+                loss_sum += loss
+                steps_since_log += 1
+                if is_log_step:
+                    self.log_train(loss_sum / steps_since_log, grad_norm, steps_since_log, last_log_time)
+                    loss_sum.zero_()
+                    steps_since_log = 0
+                    last_log_time = time.perf_counter()
+                if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                    val_metrics = self.validate()
+                    last_log_time = time.perf_counter()  # evaluation time is not training throughput
+                elif self.checkpoints.due_by_steps(self.step):
+                    self.save()
+                    last_log_time = time.perf_counter()
+                request = self.signals.take()
+                if request == NOTHING and self.env.is_main and self.checkpoints.due_by_time():
+                    request = CHECKPOINT
+                stopped = self.act_on(agreement.poll(request))
+                if stopped:
+                    break
+        finally:
+            agreement.close()
+        return self.fit_result(val_metrics, stopped)
+
+    def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
-                "val": val_metrics, "best": self.monitor.state_dict()}
+                "val": val_metrics, "best": self.monitor.state_dict(), "stopped": stopped,
+                "skipped_steps": self.skipped_steps}
+
+    def stop_record(self, action: str, checkpoint: Optional[Path]) -> Dict[str, Any]:
+        cause = self.signals.signal_name or "a signal to another rank"
+        return {"cause": cause, "action": action, "step": self.step,
+                "checkpoint": str(checkpoint) if checkpoint else None}
+
+    def act_on(self, request: int) -> Optional[Dict[str, Any]]:
+        """Carry out an agreed stop or checkpoint request; a dict when the loop must end."""
+        if request == NOTHING:
+            return None
+        cause = self.signals.signal_name or "a signal to another rank"
+        path = self.save() or None
+        where = f"checkpoint {path}" if path else "no checkpoint (trainer.save_checkpoints=false)"
+        job_id = slurm_job_id()
+        if request == CHECKPOINT and not (job_id and self.cfg.requeue_command):
+            self.signals.signal_name = None
+            if cause.startswith("SIG"):
+                log.info("step %d: %s wrote %s; training goes on", self.step, cause, where)
+            return None
+        if request == CHECKPOINT and self.env.is_main:
+            try:
+                requeue(self.cfg.requeue_command, job_id)
+            except UserError as err:  # the checkpoint is safe; say so and stop anyway
+                log.error("error: %s", err)
+        return self.stop_record("requeued the Slurm job" if request == CHECKPOINT else "stopped", path)
 
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
-        # Gradients are synchronised, so the norm is already global; the loss is per rank.
-        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone()) / self.env.world_size
-        values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
+        # Gradients are synchronised, so the norm is already global; loss and flag are per rank.
+        local = torch.stack([mean_loss.detach(), self.nonfinite.to(mean_loss.dtype)])
+        loss_and_flag = distributed.all_reduce_sum(local) / self.env.world_size
+        values = torch.cat([loss_and_flag, (grad_norm if grad_norm is not None else mean_loss).reshape(1)]).tolist()
         elapsed = time.perf_counter() - since  # after the sync: the device work is done
-        loss = values[0]
-        if not math.isfinite(loss):
-            raise UserError(f"training loss became {loss} by step {self.step}; lower "
-                            f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
-        metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss, "lr": self.last_lr}
+        if values[1] > 0:
+            self.raise_nonfinite()
+        self.finite_until = self.step
+        metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": values[0], "lr": self.last_lr}
         if grad_norm is not None:
-            metrics["grad_norm"] = values[1]
+            metrics["grad_norm"] = values[2]
         metrics[f"{self.data.unit}_per_s"] = self.units_per_step * steps / elapsed
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
         self.telemetry.train(self.step, metrics)
+
+    def check_finite(self) -> None:
+        """Never checkpoint weights that a non-finite step has touched (one sync)."""
+        flag = distributed.all_reduce_sum(self.nonfinite.to(torch.float32).clone())
+        if flag.item() > 0:
+            self.raise_nonfinite()
+        self.finite_until = self.step
+
+    def raise_nonfinite(self) -> None:
+        kept = self.checkpoints.last_saved_step
+        kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was written"
+        raise UserError(f"loss or gradients became non-finite between steps {self.finite_until + 1} and "
+                        f"{self.step}; {kept}. Lower optim.lr (now {self.last_lr:.3g}), set trainer.grad_clip, "
+                        "or use trainer.on_nonfinite=skip to drop such steps")
 
     def validate(self) -> Dict[str, float]:
         metrics = self.evaluate("val", self.cfg.eval_batches)
@@ -205,20 +310,14 @@ class Trainer:
             raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "
                             f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
         is_best = self.monitor.update(metrics, self.step)
-        if self.cfg.save_checkpoints:
-            self.save(is_best)
+        self.save(is_best)
         return metrics
 
-    def save(self, is_best: bool) -> None:
-        if self.sharded:  # every rank writes its own shards
-            last = self.checkpoint_dir / f"last{SHARDED_SUFFIX}"
-            save_sharded(self.state_dict(), self.model, self.optimizer, last)
-            if is_best:
-                copy_sharded(last, self.checkpoint_dir / f"best{SHARDED_SUFFIX}")
-        elif self.env.is_main:
-            save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
-            if is_best:
-                copy_checkpoint(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
+    def save(self, is_best: bool = False) -> Optional[Path]:
+        if not self.checkpoints.enabled:
+            return None
+        self.check_finite()
+        return self.checkpoints.save(self.step, self.state_dict(), self.model, self.optimizer, is_best)
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -235,7 +334,7 @@ class Trainer:
 
     def restore_best(self) -> bool:
         """Load the best checkpoint's weights (for the final test); False if there is none."""
-        path = self.checkpoint_dir / (f"best{SHARDED_SUFFIX}" if self.sharded else "best.pt")
+        path = self.checkpoints.best_path()
         # Rank 0 wrote it and decides; loading is then done by every rank (shared disk).
         if not distributed.broadcast_from_main(path.exists()):
             return False
@@ -247,18 +346,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        """Everything the next step depends on (collective: every rank calls it)."""
         # Sharded runs keep model and optimizer in the DCP shards, not here.
         weights = {} if self.sharded else {"model": self.raw_model.state_dict(),
                                            "optimizer": self.optimizer.state_dict()}
+        scheduler = self.scheduler.state_dict()
+        scheduler.pop("lr_lambdas", None)  # the schedule comes from the config on resume
         return {
             **weights,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": scheduler,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "epoch": self.epoch,
+            "epoch": round(self.step / self.steps_per_epoch, 3),
+            "data_position": self.data_position(),
+            "rng": distributed.all_gather_objects(capture_rng_state()),
+            "world_size": self.env.world_size,
             "best": self.monitor.state_dict(),
             **self.checkpoint_extra,
         }
+
+    def load_state_dict(self, state: Dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint read by `load_checkpoint` (collective under FSDP)."""
+        if "sharded_dir" in state:  # DCP reshards to this world size and layout
+            load_sharded_training_state(self.model, self.optimizer, Path(state["sharded_dir"]))
+        elif self.sharded:
+            raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
+                            f"run; resume with trainer.strategy=ddp, or start from its weights with "
+                            f"trainer.init_from={path}")
+        else:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        reapply_hyperparameters(self.optimizer, self.scheduler, self.configured_hyperparameters)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.monitor.load_state_dict(state["best"])
+        self.checkpoints.last_saved_step = self.step
+        self.finite_until = self.step
+        exact = True
+        rng = state.get("rng") or []
+        if len(rng) == self.env.world_size:
+            self.resumed_rng = rng[self.env.rank]
+        else:
+            exact = False
+        if state.get("data_position", {}).get("batches_per_epoch") != len(self.train_loader):
+            exact = False
+        if not exact:
+            log.warning("resuming with %d ranks and %d batches per epoch, the checkpoint had %s ranks and %s: "
+                        "training continues, but not bit for bit as an uninterrupted run would",
+                        self.env.world_size, len(self.train_loader), state.get("world_size"),
+                        state.get("data_position", {}).get("batches_per_epoch"))
 
 
 @torch.no_grad()

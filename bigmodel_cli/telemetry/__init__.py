@@ -30,6 +30,24 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (a resumed run redoes the rest), dropping any
+    final test record and a line cut short by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step and not any(k.startswith("test/") for k in record):
+            kept.append(line + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class MetricsFile:
     """Append-only JSON lines, flushed per record so a killed run keeps what it logged."""
 
@@ -57,10 +75,10 @@ class Telemetry:
         self.bar: Optional[ProgressBar] = ProgressBar() if active and wants_bar(progress) else None
         self.start_time = time.perf_counter()
 
-    def start(self, total_steps: int) -> None:
+    def start(self, total_steps: int, done_steps: int = 0) -> None:
         self.start_time = time.perf_counter()
         if self.bar:
-            self.bar.start(total_steps)
+            self.bar.start(total_steps, done_steps)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start_time

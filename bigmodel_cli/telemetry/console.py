@@ -41,8 +41,8 @@ class ProgressBar:
             console=CONSOLE, transient=False)
         self.task = None
 
-    def start(self, total: int) -> None:
-        self.task = self.progress.add_task("train", total=total, info="")
+    def start(self, total: int, completed: int = 0) -> None:
+        self.task = self.progress.add_task("train", total=total, completed=completed, info="")
         self.progress.start()
 
     def update(self, step: int, metrics: Dict[str, float]) -> None:

@@ -1,0 +1,132 @@
+"""Starting from a checkpoint: what may change on resume, and loading weights to fine-tune."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, is_sharded_checkpoint, list_step_checkpoints,
+                                           load_checkpoint, load_sharded_model, resolve_checkpoint)
+from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
+
+# Config sections a resumed run must share with its checkpoint: they fix the shapes of the
+# weights and optimizer state, and what the data position means.
+FIXED_SECTIONS = ("model", "data")
+FIXED_KEYS = ("optim._target_",)
+# Naming the starting point is not a change of the run.
+IGNORED_KEYS = ("trainer.resume", "trainer.init_from")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """Refuse changes that cannot continue a run; return the others, as "key: old -> new"."""
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in IGNORED_KEYS)
+    fixed = [k for k in changed if k.split(".")[0] in FIXED_SECTIONS or k in FIXED_KEYS]
+    if fixed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed[:4])
+        more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""
+        raise UserError(f"cannot resume: the checkpoint was trained with a different {shown}{more}; "
+                        "use the checkpoint's settings, or trainer.resume=none (a new run) or "
+                        "trainer.init_from=<checkpoint> (its weights, fresh optimizer)")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def starting_checkpoint(resume: str, run_dir: Path, env) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint a run continues from (trainer.resume), and its contents; (None, None)
+    for a fresh start. Collective: rank 0 picks, every rank loads."""
+    from bigmodel_cli.engine import distributed
+    from bigmodel_cli.engine.checkpoint_manager import newest_valid_checkpoint
+
+    if resume == "none":
+        return None, None
+    if resume == "auto":
+        found, error = None, None
+        if env.is_main:
+            try:
+                found = newest_valid_checkpoint(run_dir / CHECKPOINT_DIR)
+            except UserError as err:
+                error = str(err)
+        choice, error = distributed.broadcast_from_main((str(found[0]) if found else None, error))
+        if error:
+            raise UserError(error)
+        if choice is None:
+            return None, None
+        return Path(choice), (found[1] if env.is_main else load_checkpoint(Path(choice)))
+    path = Path(resume).expanduser()
+    if path.is_dir() and not is_sharded_checkpoint(path):  # a run dir: its newest checkpoint
+        folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        steps = list_step_checkpoints(folder)
+        if not steps:
+            raise UserError(f"trainer.resume={resume}: no step_*.pt checkpoints in {folder}; "
+                            "pass a checkpoint file or a run dir that wrote checkpoints")
+        path = steps[-1][1]
+    elif not path.exists():
+        raise UserError(f"trainer.resume={resume} does not exist; use auto, none, a checkpoint or a run dir")
+    return path, load_checkpoint(path)
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: List[Dict[str, Any]]) -> None:
+    """After loading optimizer and schedule state, let this run's config decide the
+    hyperparameters (lr, weight decay, ...) and the schedule; for an unchanged config this
+    reproduces the saved values exactly."""
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def load_initial_weights(model: nn.Module, source: str, sharded: bool) -> Path:
+    """trainer.init_from: copy another run's weights into `model` (optimizer and step stay
+    fresh). Keys or shapes that differ are named in the error."""
+    path = resolve_checkpoint(source)
+    state = load_checkpoint(path)
+    if "sharded_dir" in state:
+        load_sharded_model(model, Path(state["sharded_dir"]))
+        return path
+    weights = state["model"]
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        check_weights_fit(model, weights, path)
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        check_weights_fit(model, weights, path)
+        model.load_state_dict(weights)
+    return path
+
+
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    # (An FSDP2 parameter is a DTensor whose shape is the whole tensor's, not its shard's.)
+    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = [f"{k} missing from the checkpoint" for k in own if k not in weights]
+    problems += [f"{k} is not in this model" for k in weights if k not in own]
+    problems += [f"{k} has shape {tuple(weights[k].shape)} in the checkpoint but {own[k]} here"
+                 for k in own if k in weights and tuple(weights[k].shape) != own[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"trainer.init_from={path} does not fit this model: {'; '.join(problems[:3])}{more}; "
+                        "use the same model settings as the run that wrote it")
