@@ -337,9 +337,9 @@ exec {sys.executable} -m bigmodel_cli train trainer.max_steps=2500 trainer.val_e
         # What `#SBATCH --signal=B:USR1@90` does before the time limit.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
         wait_until(lambda: job_field(job_id, "Restarts") == "1", 120, "the requeue")
-        # Slurm holds a requeued job for a while before it may start again; skip the wait.
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
-        wait_until(lambda: (run_dir / "summary.json").exists(), 300, "the requeued job to finish")
+        # Slurm holds a requeued job for about two minutes before it starts it again (and
+        # refuses an earlier start: the old job's credential is still revoked).
+        wait_until(lambda: (run_dir / "summary.json").exists(), 420, "the requeued job to finish")
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     log = (tmp_path / "job.out").read_text()
@@ -347,3 +347,26 @@ exec {sys.executable} -m bigmodel_cli train trainer.max_steps=2500 trainer.val_e
     assert list((tmp_path / "outputs").glob("*/*_train")) == [run_dir]
     done = summary(run_dir)
     assert done["steps"] == 2500 and "step_" in done["resumed_from"]
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_exactly(run_cli, tmp_path):
+    args = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.1",
+            "data.block_size=16", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.devices=2",
+            "trainer.max_steps=24", "trainer.log_every=1", "trainer.val_every=12", "trainer.eval_batches=4",
+            "trainer.checkpoint_every=8", "trainer.keep_last=5", "trainer.progress=plain")
+    full = run_cli("train", *args, "hydra.run.dir=full", timeout=300)
+    assert full.returncode == 0, full.output
+    shards = tmp_path / "full" / "checkpoints" / "step_00000008.dcp"
+    assert (shards / ".metadata").is_file()
+    resumed = run_cli("train", *args, "hydra.run.dir=resumed", f"trainer.resume={shards}", timeout=300)
+    assert resumed.returncode == 0, resumed.output
+    reference = step_losses(tmp_path / "full")
+    assert step_losses(tmp_path / "resumed") == {s: v for s, v in reference.items() if s > 8}
+    assert summary(tmp_path / "resumed")["test"] == summary(tmp_path / "full")["test"]
+
+
+def test_time_based_checkpoints(compose, tmp_path):
+    train(compose("trainer.max_steps=30", "trainer.val_every=1000", "trainer.checkpoint_every_min=0.0001",
+                  "trainer.keep_last=100", "trainer.progress=plain"), tmp_path)
+    assert len(list((tmp_path / "checkpoints").glob("step_*.pt"))) > 5
