@@ -16,6 +16,7 @@ from bigmodel_cli import __version__
 COMMANDS = {
     "train": ("bigmodel_cli.commands.train", "Train a model; writes a run dir with logs, metrics and checkpoints."),
     "eval": ("bigmodel_cli.commands.eval", "Evaluate a checkpoint (ckpt=<file or run dir>) on a data split."),
+    "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
 }
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
@@ -23,10 +24,11 @@ USAGE = """usage: bigmodel <command> [hydra overrides...]
 Commands:
 {commands}
 
-Each command is a Hydra app with its own config (conf/<command>.yaml):
+train and eval are Hydra apps, each with its own config (conf/<command>.yaml):
   bigmodel train model=cnn optim=adam optim.lr=3e-4
   bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
+  bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
   bigmodel <command> --help                      # config groups and options
   bigmodel <command> --cfg job                   # print the composed config
   eval "$(bigmodel -sc install=bash)"            # tab completion of commands and overrides

@@ -318,6 +318,35 @@ class TrainerConfig:
     dist_timeout_s: float = 300.0
 
 
+# ------------------------------------------------------------------------- loggers
+# Several at once: logger=[jsonl,csv,tensorboard]. Each lands under logger.<name>.
+
+
+@dataclass
+class JsonlLoggerConfig:
+    _target_: str = "bigmodel_cli.telemetry.sinks.JsonlSink"
+    filename: str = "metrics.jsonl"
+
+
+@dataclass
+class CsvLoggerConfig:
+    _target_: str = "bigmodel_cli.telemetry.sinks.CsvSink"
+    filename: str = "metrics.csv"
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    _target_: str = "bigmodel_cli.telemetry.sinks.TensorBoardSink"
+    subdir: str = "tensorboard"  # inside the run dir; `tensorboard --logdir outputs` finds every run
+
+
+@dataclass
+class WandbLoggerConfig:
+    _target_: str = "bigmodel_cli.telemetry.sinks.WandbSink"
+    project: str = "bigmodel"
+    mode: str = "offline"  # offline | online | disabled; offline runs sync later with `wandb sync`
+
+
 # -------------------------------------------------------------------- eval command
 
 
@@ -343,6 +372,8 @@ SCHEMAS = {
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
              "text": TextConfig},
     "trainer": {"default": TrainerConfig},
+    "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,
+               "wandb": WandbLoggerConfig},
 }
 
 

@@ -133,7 +133,7 @@ def test_config_changes_on_resume():
 
 
 def test_truncate_metrics_keeps_what_the_resumed_run_does_not_redo(tmp_path):
-    from bigmodel_cli.telemetry import truncate_metrics
+    from bigmodel_cli.telemetry.sinks import truncate_jsonl as truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2}\n{"step": 2, "val/loss": 1}\n{"step": 3, "loss": 1}\n'

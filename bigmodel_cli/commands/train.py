@@ -146,10 +146,12 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
                                     count_parameters, human_count, instantiate_or_explain)
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.device import seed_everything
-    from bigmodel_cli.engine.resume import config_changes, load_initial_weights, starting_checkpoint
+    from bigmodel_cli.engine.resume import config_changes, flatten, load_initial_weights, starting_checkpoint
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import Trainer
-    from bigmodel_cli.telemetry import Telemetry, truncate_metrics, write_json
+    from bigmodel_cli.telemetry import Telemetry, write_json
+    from bigmodel_cli.telemetry.efficiency import model_flops_per_token
+    from bigmodel_cli.telemetry.report import write_report
     from bigmodel_cli.telemetry.console import attach_rank_log
 
     t = cfg.trainer
@@ -164,8 +166,6 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
             log.info("resuming with changed settings: %s", "; ".join(changes))
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-        # Records past the checkpoint are about to be redone; a fresh start redoes them all.
-        truncate_metrics(run_dir / "metrics.jsonl", start_state["step"] if start_state else 0)
     seed_everything(t.seed, t.deterministic)
 
     data = build_data(cfg.data)
@@ -188,7 +188,9 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
         torch.manual_seed(t.seed + 1_000_003 * env.rank)
     optimizer = build_optimizer(cfg.optim, model)
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
-    telemetry = Telemetry(run_dir, t.progress, active=env.is_main)
+    # Records past the checkpoint are about to be redone (a fresh start redoes them all).
+    telemetry = Telemetry(run_dir, t.progress, active=env.is_main, loggers=cfg.get("logger"),
+                          resume_step=start_state["step"] if start_state else 0)
     try:
         trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir,
                           telemetry, checkpoint_extra={
@@ -196,7 +198,9 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
                               "choices": names,
                               "data": data_state,
                               "spec": asdict(spec),
-                          }, env=env, signals=signals)
+                          }, env=env, signals=signals,
+                          flops_per_unit=model_flops_per_token(model, cfg.model, spec.task, spec.block_size,
+                                                               n_params))
         if start_state is not None:
             trainer.load_state_dict(start_state, start_path)
             log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
@@ -210,6 +214,11 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
             restored = trainer.restore_best()
             test = trainer.evaluate("test", t.eval_batches)
             telemetry.eval(trainer.step, "test", test)
+            best = result["best"]
+            final = {f"test/{k}": v for k, v in test.items()}
+            if best["value"] is not None:
+                final[f"best_{best['metric']}"] = best["value"]
+            telemetry.finish(flatten(OmegaConf.to_container(cfg)), final)
     finally:
         telemetry.close()
     if stopped:
@@ -231,6 +240,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     }
     if env.is_main:
         write_json(run_dir / "summary.json", summary)
+        write_report(run_dir, OmegaConf.to_container(cfg), names, summary)
     shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
     best_value = f"{best['value']:.4f}" if best["value"] is not None else "n/a"
     log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", telemetry.elapsed(), shown,

@@ -40,6 +40,7 @@ from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
+from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
 
 log = logging.getLogger("bigmodel")
 
@@ -81,7 +82,8 @@ class Trainer:
                  schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
                  task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
                  telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None,
-                 env: DistEnv = DistEnv(), signals: Optional[StopSignals] = None):
+                 env: DistEnv = DistEnv(), signals: Optional[StopSignals] = None,
+                 flops_per_unit: Optional[float] = None):
         self.model = model
         self.raw_model = distributed.unwrap(model)  # what checkpoints hold
         self.sharded = distributed.is_sharded(model) if env.is_distributed else False
@@ -125,6 +127,11 @@ class Trainer:
         self.resumed_rng: Optional[Dict[str, Any]] = None
         # Installed by the caller for the whole run (`with signals.installed():`).
         self.signals = signals or StopSignals()
+        # Efficiency figures: MFU only where both the model's FLOPs and the device's peak are known.
+        self.flops_per_unit = flops_per_unit
+        self.peak_flops = peak_flops(device, self.precision)
+        self.data_wait_s = 0.0  # host time spent fetching batches in this log interval
+        self.rate_probe: Optional[tuple] = None  # (step, time) after the first, warm-up step
 
     # ------------------------------------------------------------------ planning
     def plan_steps(self) -> int:
@@ -163,7 +170,9 @@ class Trainer:
         device tensors (grad norm is None unless clipping or asked for)."""
         loss_total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
+            fetch_start = time.perf_counter()
             x, y = next(batches)
+            self.data_wait_s += time.perf_counter() - fetch_start
             # Gradients are reduced across ranks on the last micro-batch only.
             with distributed.gradient_sync(self.model, enabled=micro == self.accum - 1):
                 with autocast(self.precision, self.device):
@@ -217,6 +226,7 @@ class Trainer:
                 is_log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
                 loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
                 self.step += 1
+                self.announce_speed(loss)
                 loss_sum += loss
                 steps_since_log += 1
                 if is_log_step:
@@ -240,6 +250,20 @@ class Trainer:
             agreement.close()
         return self.fit_result(val_metrics, stopped)
 
+    def announce_speed(self, loss: torch.Tensor, after: int = 10) -> None:
+        """Once, early: the measured steps/s over steps 2..`after`+1 and the time left
+        (two host syncs in the whole run)."""
+        if self.rate_probe is None:
+            loss.item()
+            self.rate_probe = (self.step, time.perf_counter())
+        elif self.rate_probe[0] is not None and self.step == self.rate_probe[0] + after:
+            loss.item()
+            rate = after / (time.perf_counter() - self.rate_probe[1])
+            self.rate_probe = (None, 0.0)
+            left = self.total_steps - self.step
+            log.info("speed: %.3g steps/s after the first %d steps; about %s for the remaining %d "
+                     "(evaluation aside)", rate, self.step, human_duration(left / rate), left)
+
     def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
                 "val": val_metrics, "best": self.monitor.state_dict(), "stopped": stopped,
@@ -255,7 +279,7 @@ class Trainer:
         if request == NOTHING:
             return None
         cause = self.signals.signal_name or "a signal to another rank"
-        path = self.save() or None
+        path = self.save()
         where = f"checkpoint {path}" if path else "no checkpoint (trainer.save_checkpoints=false)"
         job_id = slurm_job_id()
         if request == CHECKPOINT and not (job_id and self.cfg.requeue_command):
@@ -284,10 +308,22 @@ class Trainer:
         metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": values[0], "lr": self.last_lr}
         if grad_norm is not None:
             metrics["grad_norm"] = values[2]
-        metrics[f"{self.data.unit}_per_s"] = self.units_per_step * steps / elapsed
+        metrics.update(self.efficiency(steps, elapsed))
+        self.data_wait_s = 0.0
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         self.telemetry.train(self.step, metrics)
+
+    def efficiency(self, steps: int, elapsed: float) -> Dict[str, float]:
+        """Throughput, step time, the share of time spent waiting for data, peak memory and
+        (GPU, GPT-style model) model FLOPs utilisation, over one log interval."""
+        rate = self.units_per_step * steps / elapsed
+        figures = {f"{self.data.unit}_per_s": rate, "step_ms": 1000 * elapsed / steps,
+                   "data_wait": min(1.0, self.data_wait_s / elapsed),
+                   "peak_mem_mb": peak_memory_mb(self.device)}
+        if self.flops_per_unit and self.peak_flops:
+            figures["mfu"] = self.flops_per_unit * rate / (self.peak_flops * self.env.world_size)
+        return figures
 
     def check_finite(self) -> None:
         """Never checkpoint weights that a non-finite step has touched (one sync)."""
@@ -398,6 +434,12 @@ class Trainer:
                         "training continues, but not bit for bit as an uninterrupted run would",
                         self.env.world_size, len(self.train_loader), state.get("world_size"),
                         state.get("data_position", {}).get("batches_per_epoch"))
+
+
+def human_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @torch.no_grad()

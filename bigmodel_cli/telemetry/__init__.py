@@ -1,4 +1,4 @@
-"""Where numbers go: the console, the run's log file and metrics.jsonl."""
+"""Where numbers go: the console, the run's log file and the metric sinks (telemetry/sinks.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from bigmodel_cli.telemetry.console import ProgressBar, wants_bar
+from bigmodel_cli.telemetry.sinks import Sink
 
 log = logging.getLogger("bigmodel")
 
@@ -30,48 +31,22 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps up to `step` (a resumed run redoes the rest), dropping any
-    final test record and a line cut short by a kill."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step and not any(k.startswith("test/") for k in record):
-            kept.append(line + "\n")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
-
-
-class MetricsFile:
-    """Append-only JSON lines, flushed per record so a killed run keeps what it logged."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, record: Dict[str, object]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class Telemetry:
     """The engine reports here; this decides how it is shown and stored.
 
     Only rank 0 is `active`; the other ranks' reports go to their own log file alone.
+    `loggers` is the config's `logger` node ({name: sink config}); `resume_step` tells the
+    sinks which of their records a resumed run keeps.
     """
 
-    def __init__(self, run_dir: Path, progress: str = "auto", active: bool = True):
+    def __init__(self, run_dir: Path, progress: str = "auto", active: bool = True,
+                 loggers: Optional[Mapping[str, Any]] = None, resume_step: int = 0):
         self.active = active
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl") if active else None
+        self.sinks: List[Sink] = []
+        if active:
+            configs = loggers if loggers is not None else {"jsonl": {"_target_": "bigmodel_cli.telemetry.sinks.JsonlSink"}}
+            for name, config in configs.items():
+                self.sinks.append(build_sink(name, config, run_dir, resume_step))
         self.bar: Optional[ProgressBar] = ProgressBar() if active and wants_bar(progress) else None
         self.start_time = time.perf_counter()
 
@@ -88,7 +63,8 @@ class Telemetry:
         if not self.active:
             log.debug(line)
             return
-        self.metrics.write({"step": step, **metrics, "elapsed_s": round(self.elapsed(), 3)})
+        for sink in self.sinks:
+            sink.train(step, {**metrics, "elapsed_s": round(self.elapsed(), 3)})
         if self.bar:
             self.bar.update(step, metrics)
             log.debug(line)  # the bar shows it; the log file still gets it
@@ -97,12 +73,25 @@ class Telemetry:
 
     def eval(self, step: int, split: str, metrics: Dict[str, float]) -> None:
         named = {f"{split}/{k}": v for k, v in metrics.items()}
-        if self.metrics:
-            self.metrics.write({"step": step, **named, "elapsed_s": round(self.elapsed(), 3)})
+        for sink in self.sinks:
+            sink.eval(step, {**named, "elapsed_s": round(self.elapsed(), 3)})
         log.info(f"step {step} | " + format_metrics(named))
+
+    def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
+        """The run's settings and final metrics, for sinks that compare runs (TensorBoard's
+        HPARAMS tab, wandb's summary)."""
+        for sink in self.sinks:
+            sink.finish(hparams, final)
 
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
-        if self.metrics:
-            self.metrics.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_sink(name: str, config: Mapping[str, Any], run_dir: Path, resume_step: int) -> Sink:
+    from bigmodel_cli.build import import_object
+
+    settings = {k: v for k, v in dict(config).items() if k != "_target_"}
+    return import_object(config["_target_"])(run_dir, resume_step, **settings)

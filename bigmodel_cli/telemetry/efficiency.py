@@ -1,0 +1,70 @@
+"""How well the hardware is used: model FLOPs utilisation (MFU) and peak memory.
+
+MFU = achieved model FLOPs per second / the accelerator's peak. Model FLOPs follow the
+standard transformer estimate (PaLM, appendix B; as nanoGPT computes it): per token,
+6 x parameters for the matrix multiplies of forward and backward, plus 12 x layers x
+width x context for attention. It is defined for GPT-style language models on a GPU
+whose peak is in the table below; anywhere else MFU is left out, never guessed.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Optional
+
+import torch
+
+# Dense peak FLOP/s by GPU model (substring of torch.cuda.get_device_name) and math mode:
+# "half" for bf16/fp16 tensor cores, "tf32" for fp32 matmuls on TF32 tensor cores, "fp32"
+# for plain fp32. From the vendors' data sheets (SXM parts; without sparsity).
+PEAK_FLOPS = {
+    "H200": {"half": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100": {"half": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "A100": {"half": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"half": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "A10G": {"half": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+    "L4": {"half": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "V100": {"half": 125e12, "fp32": 15.7e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """The device's dense peak for this precision, or None when it is not known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if precision in ("bf16", "fp16"):
+        mode = "half"
+    else:
+        mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    for model, table in PEAK_FLOPS.items():
+        if model in name:
+            return table.get(mode)
+    return None
+
+
+def transformer_flops_per_token(n_params: int, n_layer: int, width: int, context: int) -> float:
+    """Training FLOPs per token (forward + backward) of a decoder-only transformer."""
+    return 6.0 * n_params + 12.0 * n_layer * width * context
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory tensors have held; CPU: the process's maximum resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def model_flops_per_token(model: torch.nn.Module, model_cfg, task: str, context: Optional[int],
+                          n_params: int) -> Optional[float]:
+    """The estimate above for a GPT-style language model (config with n_layer and n_embd),
+    counting parameters without the position embedding; None for any other model."""
+    n_layer, width = model_cfg.get("n_layer"), model_cfg.get("n_embd")
+    if task != "language_modeling" or not n_layer or not width or not context:
+        return None
+    positions = getattr(model, "pos_emb", None)
+    if isinstance(positions, torch.nn.Embedding):
+        n_params -= positions.weight.numel()
+    return transformer_flops_per_token(n_params, n_layer, width, context)
