@@ -16,6 +16,8 @@ from bigmodel_cli import __version__
 COMMANDS = {
     "train": ("bigmodel_cli.commands.train", "Train a model; writes a run dir with logs, metrics and checkpoints."),
     "eval": ("bigmodel_cli.commands.eval", "Evaluate a checkpoint (ckpt=<file or run dir>) on a data split."),
+    "prepare": ("bigmodel_cli.commands.prepare", "Tokenize a text corpus into memory-mapped token files (data=tokens)."),
+    "generate": ("bigmodel_cli.commands.generate", "Sample text from a trained language model (ckpt=<run dir>)."),
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
 }
 
@@ -24,11 +26,13 @@ USAGE = """usage: bigmodel <command> [hydra overrides...]
 Commands:
 {commands}
 
-train and eval are Hydra apps, each with its own config (conf/<command>.yaml):
+All but plot are Hydra apps, each with its own config (conf/<command>.yaml):
   bigmodel train model=cnn optim=adam optim.lr=3e-4
   bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
+  bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
+  bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
   bigmodel <command> --help                      # config groups and options
   bigmodel <command> --cfg job                   # print the composed config
   eval "$(bigmodel -sc install=bash)"            # tab completion of commands and overrides

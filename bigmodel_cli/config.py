@@ -122,6 +122,8 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+    activation_checkpointing: bool = False
 
 
 # ----------------------------------------------------------------------- optimizers
@@ -272,6 +274,17 @@ class TextConfig(DataConfig):
     test_fraction: float = 0.05
 
 
+@dataclass
+class TokensConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.tokens.TokenFiles"
+    # A folder with train.bin and val.bin (and test.bin), e.g. from bigmodel prepare.
+    dir: Optional[str] = None
+    block_size: int = 64
+    batch_size: int = 12
+    dtype: Optional[str] = None  # uint16 | uint32; null: from meta.json, else uint16
+    vocab_size: Optional[int] = None  # null: from meta.json
+
+
 # ------------------------------------------------------------------------- trainer
 
 
@@ -316,6 +329,8 @@ class TrainerConfig:
     backend: Backend = Backend.auto
     # A collective that waits longer than this ends the job instead of hanging it.
     dist_timeout_s: float = 300.0
+    # torch.compile the model (checkpoints still hold the plain model's weights).
+    compile: bool = False
 
 
 # ------------------------------------------------------------------------- loggers
@@ -347,6 +362,34 @@ class WandbLoggerConfig:
     mode: str = "offline"  # offline | online | disabled; offline runs sync later with `wandb sync`
 
 
+# ------------------------------------------------------------ prepare and generate
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "char"  # char | byte | bpe
+    vocab_size: Optional[int] = None  # bpe only (default 4096)
+
+
+@dataclass
+class PrepareConfig:
+    out: str = MISSING  # the folder to write train.bin, val.bin, test.bin and meta.json into
+    data: Any = None  # the data group (data=text): path, val_fraction, test_fraction
+    tokenizer: Any = None  # the tokenizer group: char | byte | bpe
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = MISSING
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    num_samples: int = 1
+    seed: int = 1337
+    device: str = "auto"
+
+
 # -------------------------------------------------------------------- eval command
 
 
@@ -370,7 +413,8 @@ SCHEMAS = {
     "scheduler": {"constant": ConstantScheduleConfig, "step": StepScheduleConfig,
                   "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
-             "text": TextConfig},
+             "text": TextConfig, "tokens": TokensConfig},
+    "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,
                "wandb": WandbLoggerConfig},
@@ -383,6 +427,8 @@ def register_configs() -> None:
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
 
 
 # ----------------------------------------------------------------- value checks

@@ -29,8 +29,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module) -> torch.optim.Optimizer:
     """`factory` is the partial that Hydra instantiates from conf/optim/*.yaml."""
-    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-    return factory(param_groups(model, weight_decay))
+    keywords = getattr(factory, "keywords", {})
+    extra = {}
+    # On CUDA, one fused kernel for the whole update where the optimizer has one (Adam,
+    # AdamW, SGD), unless the config chose otherwise.
+    on_cuda = all(p.is_cuda for p in model.parameters())
+    if on_cuda and "fused" not in keywords and "foreach" not in keywords and accepts(factory, "fused"):
+        extra["fused"] = True
+    return factory(param_groups(model, keywords.get("weight_decay", 0.0)), **extra)
+
+
+def accepts(factory: Callable, name: str) -> bool:
+    import inspect
+
+    target = getattr(factory, "func", factory)
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class Schedule:

@@ -55,15 +55,43 @@ def clean_env(**extra):
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def start_cli(cwd: Path, *args: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=cwd,
-                            env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Started:
+    """A `bigmodel train` running in the background. Its output goes to files, not pipes:
+    an unread pipe fills up and would stall the run."""
+
+    def __init__(self, cwd: Path, args, env):
+        self.out, self.err = cwd / f"stdout-{time.time_ns()}.txt", cwd / f"stderr-{time.time_ns()}.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=cwd,
+                                         env=env, stdout=out, stderr=err)
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def poll(self):
+        return self.proc.poll()
+
+    def send_signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def communicate(self, timeout: float = 60):
+        self.proc.wait(timeout=timeout)
+        return self.out.read_text(), self.err.read_text()
 
 
-def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> None:
+def start_cli(cwd: Path, *args: str, env=None) -> Started:
+    return Started(cwd, args, env or clean_env())
+
+
+def wait_for_step(proc: Started, metrics: Path, step: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()}"
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1][-2000:]}"
         if metrics.exists() and any(r.get("step", 0) >= step for r in map(json.loads, _lines(metrics))):
             return
         time.sleep(0.05)

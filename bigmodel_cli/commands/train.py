@@ -187,6 +187,8 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     if env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(t.seed + 1_000_003 * env.rank)
     optimizer = build_optimizer(cfg.optim, model)
+    if t.compile:  # after the optimizer: it must see the real parameters, not the wrapper's
+        model = torch.compile(model)
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
     # Records past the checkpoint are about to be redone (a fresh start redoes them all).
     telemetry = Telemetry(run_dir, t.progress, active=env.is_main, loggers=cfg.get("logger"),

@@ -143,17 +143,24 @@ def shard_fully(model: nn.Module, env: DistEnv, device: torch.device, precision:
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(uncompiled(model), FSDPModule)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its state-dict keys carry no `_orig_mod.` prefix)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper; FSDP2 modules are the model itself."""
+    """The plain model inside torch.compile and DDP wrappers; FSDP2 modules are the model itself."""
+    model = uncompiled(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps."""
+    model = uncompiled(model)
     if enabled:
         yield
     elif isinstance(model, nn.parallel.DistributedDataParallel):

@@ -86,6 +86,7 @@ class Trainer:
                  flops_per_unit: Optional[float] = None):
         self.model = model
         self.raw_model = distributed.unwrap(model)  # what checkpoints hold
+        self.state_model = distributed.uncompiled(model)  # what sharded (DCP) checkpoints hold
         self.sharded = distributed.is_sharded(model) if env.is_distributed else False
         self.env = env
         self.optimizer = optimizer
@@ -256,6 +257,7 @@ class Trainer:
         if self.rate_probe is None:
             loss.item()
             self.rate_probe = (self.step, time.perf_counter())
+            log.debug("first optimizer step done (unix time %.3f)", time.time())
         elif self.rate_probe[0] is not None and self.step == self.rate_probe[0] + after:
             loss.item()
             rate = after / (time.perf_counter() - self.rate_probe[1])
@@ -353,7 +355,7 @@ class Trainer:
         if not self.checkpoints.enabled:
             return None
         self.check_finite()
-        return self.checkpoints.save(self.step, self.state_dict(), self.model, self.optimizer, is_best)
+        return self.checkpoints.save(self.step, self.state_dict(), self.state_model, self.optimizer, is_best)
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -375,7 +377,7 @@ class Trainer:
         if not distributed.broadcast_from_main(path.exists()):
             return False
         if self.sharded:
-            load_sharded_model(self.model, path)
+            load_sharded_model(self.state_model, path)
             return True
         self.raw_model.load_state_dict(load_checkpoint(path)["model"])
         return True
@@ -404,7 +406,7 @@ class Trainer:
     def load_state_dict(self, state: Dict[str, Any], path: Path) -> None:
         """Continue from a checkpoint read by `load_checkpoint` (collective under FSDP)."""
         if "sharded_dir" in state:  # DCP reshards to this world size and layout
-            load_sharded_training_state(self.model, self.optimizer, Path(state["sharded_dir"]))
+            load_sharded_training_state(self.state_model, self.optimizer, Path(state["sharded_dir"]))
         elif self.sharded:
             raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
                             f"run; resume with trainer.strategy=ddp, or start from its weights with "

@@ -1,0 +1,115 @@
+"""bigmodel against a hand-written PyTorch loop (bench/raw_loop.py) on the same work.
+
+    python bench/run.py [--reps 3] [--steps 2000] [--cases gpt,mlp]
+
+Runs A (bigmodel train) and B (the raw loop) interleaved, A B A B ..., in this one
+session and environment, and prints a markdown table of medians: steady-state tokens/s
+or steps/s (per 50-step interval, the first interval left out) and their ratio, time from
+launch to the end of the first optimizer step, peak RSS, and the GPT's final validation
+loss. Paste it into bench/RESULTS.md with the machine it ran on.
+
+(a) gpt: char-level GPT on tinyshakespeare (../shared/data, or --data), block 64, 4
+    layers, 4 heads, width 128, batch 12, AdamW lr 1e-3, dropout 0, clip 1.0, constant LR.
+(b) mlp: 784-256-10 MLP, batch 64, Adam lr 1e-3, clip 1.0, synthetic data: the per-step
+    overhead of the framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+BIGMODEL_ARGS = {
+    "gpt": ["model=gpt", "data=text", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.dropout=0.0",
+            "data.block_size=64", "data.batch_size=12", "optim=adamw", "optim.lr=1e-3", "scheduler=constant"],
+    "mlp": ["model=mlp", "model.hidden_sizes=[256]", "model.dropout=0.0", "data=synthetic", "data.input_shape=[784]",
+            "data.num_classes=10", "data.num_samples=4096", "data.batch_size=64", "optim=adam", "optim.lr=1e-3",
+            "scheduler=constant"],
+}
+COMMON = ["trainer.grad_clip=1.0", "trainer.log_every=50", "trainer.val_at_start=false", "trainer.progress=plain",
+          "logger=[jsonl]"]
+
+
+def run_bigmodel(case: str, steps: int, data: Path, workdir: Path) -> dict:
+    run_dir = workdir / f"bigmodel-{case}-{time.time_ns()}"
+    args = [*BIGMODEL_ARGS[case], *COMMON, f"trainer.max_steps={steps}", f"trainer.val_every={steps}",
+            f"hydra.run.dir={run_dir}"]
+    if case == "gpt":
+        args.append(f"data.path={data}")
+    launched = time.time()
+    subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], check=True, capture_output=True,
+                   text=True, cwd=workdir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    unit = "tokens_per_s" if case == "gpt" else "samples_per_s"
+    per_step = 1 if case == "gpt" else 64  # mlp: samples/s -> steps/s
+    log_text = (run_dir / "train.log").read_text()
+    first = float(re.search(r"first optimizer step done \(unix time ([0-9.]+)\)", log_text).group(1))
+    val = next(r["val/loss"] for r in reversed(records) if "val/loss" in r)
+    return {"rate": statistics.median(r[unit] / per_step for r in train[1:]), "first_step_s": first - launched,
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in train), "val_loss": val}
+
+
+def run_raw(case: str, steps: int, data: Path) -> dict:
+    launched = time.time()
+    done = subprocess.run([sys.executable, str(HERE / "raw_loop.py"), case, f"--steps={steps}", f"--data={data}"],
+                          check=True, capture_output=True, text=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"rate": statistics.median(out["rates"][1:] or out["rates"]), "first_step_s": out["first_step_at"] - launched,
+            "peak_mem_mb": out["peak_mem_mb"], "val_loss": out.get("val_loss")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--cases", default="gpt,mlp")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    if "gpt" in cases and not args.data.is_file():
+        sys.exit(f"the gpt case needs tinyshakespeare.txt: {args.data} is missing (pass --data)")
+    results = {(c, impl): [] for c in cases for impl in ("bigmodel", "raw")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for case in cases:
+                for impl in ("bigmodel", "raw"):  # A B, A B, ...
+                    got = (run_bigmodel(case, args.steps, args.data, Path(tmp)) if impl == "bigmodel"
+                           else run_raw(case, args.steps, args.data))
+                    results[(case, impl)].append(got)
+                    print(f"rep {rep + 1} {case} {impl}: {json.dumps(got)}", file=sys.stderr, flush=True)
+    started = datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(f"\n{started}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}, "
+          f"median of {args.reps} interleaved runs of {args.steps} steps\n")
+    print("| case | metric | bigmodel | raw loop | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for case in cases:
+        med = {impl: {k: statistics.median(r[k] for r in results[(case, impl)] if r[k] is not None)
+                      for k in ("rate", "first_step_s", "peak_mem_mb")} for impl in ("bigmodel", "raw")}
+        unit = "tokens/s" if case == "gpt" else "steps/s"
+        a, b = med["bigmodel"], med["raw"]
+        print(f"| {case} | {unit} | {a['rate']:,.0f} | {b['rate']:,.0f} | {a['rate'] / b['rate']:.3f} |")
+        print(f"| {case} | time to first step (s) | {a['first_step_s']:.2f} | {b['first_step_s']:.2f} | "
+              f"+{a['first_step_s'] - b['first_step_s']:.2f} s |")
+        print(f"| {case} | peak RSS (MiB) | {a['peak_mem_mb']:,.0f} | {b['peak_mem_mb']:,.0f} | "
+              f"{a['peak_mem_mb'] / b['peak_mem_mb']:.2f} |")
+        if case == "gpt":
+            va = statistics.median(r["val_loss"] for r in results[(case, "bigmodel")])
+            vb = statistics.median(r["val_loss"] for r in results[(case, "raw")])
+            print(f"| {case} | final val loss | {va:.3f} | {vb:.3f} | {va - vb:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""`bigmodel prepare`: tokenize a corpus once into memory-mapped token files for data=tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import hydra
+from omegaconf import DictConfig
+
+from bigmodel_cli.commands import CONFIG_DIR
+from bigmodel_cli.config import register_configs
+from bigmodel_cli.errors import UserError, report_user_errors
+
+log = logging.getLogger("bigmodel")
+register_configs()
+
+
+def write_tokens(ids, path: Path, dtype) -> None:
+    """The flat token array, written beside `path` and renamed over it when complete."""
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    np.asarray(ids).astype(dtype).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: DictConfig) -> Dict[str, Any]:
+    import numpy as np
+
+    from bigmodel_cli.data.text import builtin_corpus, read_corpus
+    from bigmodel_cli.data.tokenizers import TOKENIZERS
+    from bigmodel_cli.data.tokens import META
+
+    if cfg.tokenizer.kind not in TOKENIZERS:
+        raise UserError(f"tokenizer.kind={cfg.tokenizer.kind} is unknown; use tokenizer=char, byte or bpe")
+    path = cfg.data.get("path")
+    text = builtin_corpus() if path is None else read_corpus(path)
+    tokenizer = TOKENIZERS[cfg.tokenizer.kind].fit(text, cfg.tokenizer.vocab_size)
+    ids = tokenizer.encode(text)
+    n = len(ids)
+    n_val, n_test = int(n * cfg.data.val_fraction), int(n * cfg.data.test_fraction)
+    n_train = n - n_val - n_test
+    if min(n_train, n_val) < 2:
+        raise UserError(f"{n:,} tokens are too few to split with data.val_fraction={cfg.data.val_fraction}; "
+                        "use more text")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
+    for name, part in splits.items():
+        if len(part):
+            write_tokens(part, out / f"{name}.bin", dtype)
+    meta = {"format": "bigmodel-tokens/1", "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+            "tokens": {k: int(len(v)) for k, v in splits.items()}, "source": str(path or "python docs"),
+            "tokenizer": tokenizer.state_dict()}
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    log.info("%s tokenizer, vocabulary %d: %s tokens (train %s, val %s, test %s) as %s in %s",
+             tokenizer.kind, tokenizer.vocab_size, f"{n:,}", f"{n_train:,}", f"{n_val:,}", f"{n_test:,}",
+             meta["dtype"], out)
+    log.info("next: bigmodel train model=gpt data=tokens data.dir=%s", out)
+    return meta
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    report_user_errors(lambda: prepare(cfg))

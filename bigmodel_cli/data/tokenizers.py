@@ -1,0 +1,132 @@
+"""Tokenizers for `bigmodel prepare` and `bigmodel generate`: char, byte and (with the
+optional Hugging Face `tokenizers` package) byte-level BPE.
+
+Each is saved as plain JSON-able state (in meta.json, and in checkpoints), never pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from bigmodel_cli.errors import UserError
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, vocab: List[str]):
+        self.vocab = list(vocab)
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: Optional[int] = None) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> np.ndarray:
+        from bigmodel_cli.data.text import encode
+
+        return encode(text, self.vocab).numpy()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.vocab[i] if 0 <= i < len(self.vocab) else "\ufffd" for i in ids)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "vocab": self.vocab}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: 256 ids, any text, no training."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: Optional[int] = None) -> "ByteTokenizer":
+        return cls()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class BPETokenizer:
+    """Byte-level BPE trained locally with Hugging Face `tokenizers` (pip install tokenizers)."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def _library():
+        try:
+            import tokenizers
+        except ImportError:
+            raise UserError("tokenizer=bpe needs the tokenizers package: pip install tokenizers "
+                            "(or bigmodel[bpe]); or use tokenizer=char or tokenizer=byte") from None
+        return tokenizers
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: Optional[int] = None) -> "BPETokenizer":
+        lib = cls._library()
+        tokenizer = lib.Tokenizer(lib.models.BPE())
+        tokenizer.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = lib.decoders.ByteLevel()
+        trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size or 4096, show_progress=False,
+                                          initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = [i for enc in self.tokenizer.encode_batch(list(_chunks(text))) for i in enc.ids]
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "json": self.tokenizer.to_str()}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "BPETokenizer":
+        return cls(cls._library().Tokenizer.from_str(state["json"]))
+
+
+def _chunks(text: str, size: int = 1 << 16):
+    """Pieces of about `size` characters, cut at line ends (BPE never merges across them)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
+
+
+def tokenizer_from_state(state: Optional[Dict[str, Any]]):
+    if not state:
+        return None
+    kind = state.get("kind")
+    if kind == "char":
+        return CharTokenizer(state["vocab"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.from_state(state)
+    raise UserError(f"unknown tokenizer kind {kind!r} in the data's meta.json; expected char, byte or bpe")

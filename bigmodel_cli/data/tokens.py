@@ -1,0 +1,156 @@
+"""`data=tokens`: language modelling on prepared token files, memory-mapped.
+
+A data dir holds `train.bin` and `val.bin` (optionally `test.bin`): flat arrays of token
+ids, uint16 when the vocabulary fits, else uint32, the layout nanoGPT-style tools write,
+plus our `meta.json` (dtype, vocabulary size, tokenizer) from `bigmodel prepare`. The
+files are never read whole: each batch gathers its windows from the memory map, so they
+may be larger than RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
+from bigmodel_cli.errors import UserError
+
+META = "meta.json"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / META
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
+                        "run bigmodel prepare again") from None
+
+
+class WindowSampler:
+    """`batch_size` random windows of block_size + 1 tokens per batch from a memory map.
+
+    Batch i of an epoch draws its offsets from a generator seeded by (seed, epoch, rank, i),
+    so any batch can be produced directly: resuming mid-epoch costs nothing, and nothing
+    per epoch is held in memory however large the file.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, device: torch.device = torch.device("cpu")):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.epoch, self.start = 0, 0
+        self._window = np.arange(block_size + 1, dtype=np.int64)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(1, len(self.tokens) // (self.block_size * self.batch_size * self.world_size))
+
+    def batch(self, i: int) -> Batch:
+        seed = ((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) * 1_000_033 + i
+        gen = torch.Generator().manual_seed(seed % (2**63))
+        high = len(self.tokens) - self.block_size - 1
+        starts = torch.randint(0, high + 1, (self.batch_size,), generator=gen).numpy()
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._window].astype(np.int64))
+        if self.device.type == "cuda":  # pinned + non-blocking: the copy overlaps the step
+            window = window.pin_memory().to(self.device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i in range(self.start, len(self)):
+            yield self.batch(i)
+
+
+class SequentialTokenWindows:
+    """Non-overlapping windows in order (evaluation), every world_size-th for this rank."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, device: torch.device = torch.device("cpu")):
+        self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+        self.window_ids = range(rank, (len(tokens) - 1) // block_size, world_size)
+        self._window = np.arange(block_size + 1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return -(-len(self.window_ids) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for first in range(0, len(self.window_ids), self.batch_size):
+            ids = np.asarray(self.window_ids[first:first + self.batch_size], dtype=np.int64)
+            window = torch.from_numpy(self.tokens[ids[:, None] * self.block_size + self._window].astype(np.int64))
+            window = window.to(self.device, non_blocking=self.device.type == "cuda")
+            yield window[:, :-1], window[:, 1:]
+
+
+class TokenFiles(DataModule):
+    unit = "tokens"
+
+    def __init__(self, dir: Optional[str] = None, batch_size: int = 12, block_size: int = 64,
+                 dtype: Optional[str] = None, vocab_size: Optional[int] = None):
+        super().__init__(batch_size)
+        if not dir:
+            raise UserError("data=tokens needs data.dir=<folder with train.bin and val.bin>; "
+                            "make one with bigmodel prepare")
+        self.folder = Path(dir).expanduser()
+        self.block_size, self.dtype, self.vocab_size = block_size, dtype, vocab_size
+        self.meta: dict = {}
+        self.tokens: Dict[str, np.ndarray] = {}
+        self.device = torch.device("cpu")
+
+    def setup(self) -> None:
+        if not self.folder.is_dir():
+            raise UserError(f"data.dir={self.folder} does not exist; make it with bigmodel prepare ... "
+                            f"out={self.folder}")
+        self.meta = read_meta(self.folder)
+        dtype = self.dtype or self.meta.get("dtype", "uint16")
+        if dtype not in DTYPES:
+            raise UserError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
+        vocab = self.vocab_size or self.meta.get("vocab_size")
+        if not vocab:
+            raise UserError(f"{self.folder} has no {META} to give the vocabulary size; set data.vocab_size "
+                            "(e.g. 50304 for GPT-2 tokens)")
+        for split in ("train", "val", "test"):
+            path = self.folder / f"{split}.bin"
+            if path.is_file():
+                self.tokens[split] = np.memmap(path, dtype=DTYPES[dtype], mode="r")
+            elif split != "test":
+                raise UserError(f"{path} is missing; data=tokens needs train.bin and val.bin")
+        self.tokens.setdefault("test", self.tokens["val"])  # nanoGPT-style dirs have no test split
+        short = [k for k, t in self.tokens.items() if len(t) < self.block_size + 2]
+        if short:
+            raise UserError(f"the {', '.join(short)} split has fewer than block_size+2={self.block_size + 2} "
+                            "tokens; use more text or a smaller data.block_size")
+        self._spec = DataSpec("language_modeling", "tokens", (self.block_size,), int(vocab),
+                              vocab_size=int(vocab), block_size=self.block_size)
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.meta.get("tokenizer")}
+
+    def to(self, device: torch.device) -> "TokenFiles":
+        self.device = device  # the files stay mapped; each batch is copied over on its own
+        return self
+
+    def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
+        return WindowSampler(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
+                             self.device)
+
+    def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
+        check_split(split, self.tokens)
+        return SequentialTokenWindows(self.tokens[split], self.block_size, batch_size or self.batch_size,
+                                      rank, world_size, self.device)
+
+    def units_per_sample(self) -> int:
+        return self.block_size
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(t):,}" for k, t in self.tokens.items())
+        kind = (self.meta.get("tokenizer") or {}).get("kind", "unknown")
+        return f"TokenFiles ({self.folder}, {kind} tokenizer): {sizes} tokens; vocabulary {self.spec.vocab_size}"

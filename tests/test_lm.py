@@ -1,0 +1,131 @@
+"""The language-model path: prepare -> data=tokens -> train -> generate."""
+
+import json
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+from bigmodel_cli.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
+from bigmodel_cli.data.tokens import TokenFiles, WindowSampler
+from bigmodel_cli.errors import UserError
+
+CORPUS = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! é\n" * 300
+TINY_GPT = ("model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.block_size=32",
+            "trainer.val_every=50", "trainer.log_every=25", "trainer.progress=plain")
+
+
+def test_prepare_train_generate(run_cli, tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    prepared = run_cli("prepare", "data.path=corpus.txt", "out=tok")
+    assert prepared.returncode == 0, prepared.output
+    meta = json.loads((tmp_path / "tok" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["kind"] == "char"
+    train_ids = np.fromfile(tmp_path / "tok" / "train.bin", dtype=np.uint16)
+    assert len(train_ids) == meta["tokens"]["train"] and train_ids.max() < meta["vocab_size"]
+    trained = run_cli("train", "data=tokens", "data.dir=tok", "trainer.max_steps=100", *TINY_GPT,
+                      "hydra.run.dir=run")
+    assert trained.returncode == 0, trained.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test"]["loss"] < np.log(meta["vocab_size"])  # it learned something
+    sampled = run_cli("generate", "ckpt=run", "prompt=The quick", "max_new_tokens=40", "num_samples=2")
+    assert sampled.returncode == 0, sampled.output
+    assert sampled.stdout.count("The quick") == 2 and len(sampled.stdout) > 2 * 50
+
+
+def test_generate_refuses_a_classifier(run_cli, tmp_path):
+    trained = run_cli("train", "trainer.max_steps=2", "hydra.run.dir=run")
+    assert trained.returncode == 0, trained.output
+    result = run_cli("generate", "ckpt=run")
+    assert result.returncode == 2 and "is not a language model" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_tokenizers_round_trip_through_their_saved_state(kind):
+    if kind == "bpe":
+        pytest.importorskip("tokenizers")
+    cls = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}[kind]
+    tokenizer = cls.fit(CORPUS, 300)
+    again = tokenizer_from_state(json.loads(json.dumps(tokenizer.state_dict())))
+    ids = again.encode(CORPUS[:500])
+    assert again.decode([int(i) for i in ids]) == CORPUS[:500]
+    if kind == "bpe":
+        assert len(ids) < len(CORPUS[:500].encode()) / 2  # merges make it shorter than bytes
+
+
+def make_token_dir(folder, train_tokens: int, sparse: bool = False, meta: bool = True):
+    folder.mkdir()
+    if sparse:  # a file larger than 4 GiB that takes no disk space and is never read whole
+        with open(folder / "train.bin", "wb") as f:
+            f.truncate(train_tokens * 2)
+    else:
+        np.arange(train_tokens, dtype=np.uint16).tofile(folder / "train.bin")
+    (np.arange(1000) % 50).astype(np.uint16).tofile(folder / "val.bin")
+    if meta:
+        (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50304}))
+
+
+def test_a_token_file_over_4_gib_opens_without_being_read(tmp_path):
+    tokens = 2_300_000_000  # 4.6 GB of uint16
+    make_token_dir(tmp_path / "big", tokens, sparse=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    data = TokenFiles(dir=str(tmp_path / "big"), batch_size=8, block_size=128)
+    data.setup()
+    assert len(data.tokens["train"]) == tokens
+    loader = data.train_batches(seed=0)
+    x, y = next(iter(loader))
+    assert x.shape == (8, 128) and x.dtype == torch.int64
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"resident memory grew by {grown_mib:.0f} MiB"
+
+
+def test_window_sampler_is_deterministic_and_resumable(tmp_path):
+    make_token_dir(tmp_path / "d", 100_000)
+    data = TokenFiles(dir=str(tmp_path / "d"), batch_size=4, block_size=16)
+    data.setup()
+    first = list(data.train_batches(seed=3))
+    again = list(data.train_batches(seed=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    resumed = data.train_batches(seed=3)
+    resumed.set_epoch(0, start=5)
+    assert torch.equal(next(iter(resumed))[0], first[5][0])
+    x, y = first[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    other_rank = WindowSampler(data.tokens["train"], 16, 4, seed=3, rank=1, world_size=2)
+    assert not torch.equal(next(iter(other_rank))[0], first[0][0])
+
+
+def test_nanogpt_style_dirs_without_meta(tmp_path):
+    make_token_dir(tmp_path / "d", 10_000, meta=False)
+    with pytest.raises(UserError, match="set data.vocab_size"):
+        TokenFiles(dir=str(tmp_path / "d")).setup()
+    data = TokenFiles(dir=str(tmp_path / "d"), vocab_size=50304)
+    data.setup()
+    assert data.spec.vocab_size == 50304 and "test" in data.tokens  # val stands in for test
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from bigmodel_cli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    plain = GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    recomputed = GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, activation_checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 20, (3, 8))
+    for model in (plain, recomputed):
+        model(x).sum().backward()
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_the_plain_model(compose, tmp_path):
+    from bigmodel_cli.commands.train import train
+    from bigmodel_cli.engine.checkpoint import load_checkpoint
+
+    train(compose("model=gpt", "data=text", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                  "data.block_size=16", "trainer.max_steps=6", "trainer.val_every=3", "trainer.eval_batches=2",
+                  "trainer.compile=true", "trainer.progress=plain"), tmp_path)
+    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert weights and not any(k.startswith("_orig_mod") for k in weights)
