@@ -103,6 +103,10 @@ class Trainer:
         self.monitor = Monitor(cfg.monitor, cfg.monitor_mode, task)
 
         self.accum = cfg.grad_accum_steps
+        # Read per step: plain attributes (an OmegaConf lookup costs tens of microseconds).
+        self.grad_clip: Optional[float] = cfg.grad_clip
+        self.log_every: int = cfg.log_every
+        self.val_every: int = cfg.val_every
         self.train_loader = data.train_batches(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
         for split in ("val", "test"):  # the last rank's share is the smallest; all ranks agree
             if len(data.eval_batches(split, rank=env.world_size - 1, world_size=env.world_size)) == 0:
@@ -121,8 +125,9 @@ class Trainer:
         self.last_lr = optimizer.param_groups[0]["lr"]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.skip_nonfinite = cfg.on_nonfinite == "skip"
-        # Set on the device when a loss (or gradient) is not finite; read at log steps.
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # The losses summed since the last log step, on the device: a non-finite step makes
+        # the sum non-finite, so reading it at log steps (and before saves) finds it.
+        self.loss_sum = torch.zeros((), device=device)
         self.finite_until = 0  # last step known to be finite
         self.skipped_steps = 0
         self.resumed_rng: Optional[Dict[str, Any]] = None
@@ -169,7 +174,7 @@ class Trainer:
     def train_step(self, batches: Iterator, want_grad_norm: bool):
         """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as
         device tensors (grad norm is None unless clipping or asked for)."""
-        loss_total = torch.zeros((), device=self.device)
+        loss_total = None
         for micro in range(self.accum):
             fetch_start = time.perf_counter()
             x, y = next(batches)
@@ -180,11 +185,11 @@ class Trainer:
                     output = self.model(x)
                 loss = self.task.loss(output, y)
                 self.scaler.scale(loss / self.accum).backward()
-            loss_total += loss.detach()
+            loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         grad_norm = None
-        if self.cfg.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
+        if self.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
             self.scaler.unscale_(self.optimizer)
-            max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+            max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
             grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         # The norm is of the all-reduced gradients, so every rank takes the same decision.
@@ -198,19 +203,14 @@ class Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        mean_loss = loss_total / self.accum
-        if not self.skip_nonfinite:
-            self.nonfinite |= ~torch.isfinite(mean_loss)
-            if grad_norm is not None and self.precision != "fp16":  # fp16 overflow is the scaler's
-                self.nonfinite |= ~torch.isfinite(grad_norm)
-        return mean_loss, grad_norm
+        return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.model.train()
         batches = self.micro_batches()
         self.telemetry.start(self.total_steps, self.step)
-        loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum.zero_()
         steps_since_log, last_log_time = 0, time.perf_counter()
         val_metrics: Dict[str, float] = {}
         if cfg.val_at_start and self.step == 0:  # the untrained baseline, e.g. ln(vocab) for an LM
@@ -224,18 +224,18 @@ class Trainer:
             if agreement.now(self.signals.request) == STOP:  # it came while setting up
                 return self.fit_result({}, self.stop_record("stopped before the first step", None))
             while self.step < self.total_steps:
-                is_log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                is_log_step = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
                 self.step += 1
                 self.announce_speed(loss)
-                loss_sum += loss
+                self.loss_sum += loss
                 steps_since_log += 1
                 if is_log_step:
-                    self.log_train(loss_sum / steps_since_log, grad_norm, steps_since_log, last_log_time)
-                    loss_sum.zero_()
+                    self.log_train(self.loss_sum / steps_since_log, grad_norm, steps_since_log, last_log_time)
+                    self.loss_sum.zero_()
                     steps_since_log = 0
                     last_log_time = time.perf_counter()
-                if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                if self.step % self.val_every == 0 or self.step == self.total_steps:
                     val_metrics = self.validate()
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
                 elif self.checkpoints.due_by_steps(self.step):
@@ -300,16 +300,15 @@ class Trainer:
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
         # Gradients are synchronised, so the norm is already global; loss and flag are per rank.
-        local = torch.stack([mean_loss.detach(), self.nonfinite.to(mean_loss.dtype)])
-        loss_and_flag = distributed.all_reduce_sum(local) / self.env.world_size
-        values = torch.cat([loss_and_flag, (grad_norm if grad_norm is not None else mean_loss).reshape(1)]).tolist()
+        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone()) / self.env.world_size
+        values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
         elapsed = time.perf_counter() - since  # after the sync: the device work is done
-        if values[1] > 0:
+        if not math.isfinite(values[0]) and not self.skip_nonfinite:
             self.raise_nonfinite()
         self.finite_until = self.step
         metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": values[0], "lr": self.last_lr}
         if grad_norm is not None:
-            metrics["grad_norm"] = values[2]
+            metrics["grad_norm"] = values[1]
         metrics.update(self.efficiency(steps, elapsed))
         self.data_wait_s = 0.0
         if self.skipped_steps:
@@ -328,9 +327,12 @@ class Trainer:
         return figures
 
     def check_finite(self) -> None:
-        """Never checkpoint weights that a non-finite step has touched (one sync)."""
-        flag = distributed.all_reduce_sum(self.nonfinite.to(torch.float32).clone())
-        if flag.item() > 0:
+        """Never checkpoint weights that a non-finite step has touched: the losses since the
+        last log step and every parameter must be finite (one sync, at saves only)."""
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # FSDP: own shard
+        finite = torch.stack([torch.isfinite(self.loss_sum)] + [torch.isfinite(p).all() for p in shards]).all()
+        bad = distributed.all_reduce_sum((~finite).to(torch.float32))
+        if bad.item() > 0 and not self.skip_nonfinite:
             self.raise_nonfinite()
         self.finite_until = self.step
 
