@@ -38,6 +38,11 @@ BIGMODEL_ARGS = {
             "data.num_classes=10", "data.num_samples=4096", "data.batch_size=64", "optim=adam", "optim.lr=1e-3",
             "scheduler=constant"],
 }
+# Both sides run in this environment (--malloc-tuned adds the same glibc settings to both).
+ENV = dict(os.environ)
+# glibc returns freed blocks above these sizes to the OS at once, so a loop that allocates a
+# few hundred KB per step pays page faults every step, depending on allocation history.
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 COMMON = ["trainer.grad_clip=1.0", "trainer.log_every=50", "trainer.val_at_start=false", "trainer.progress=plain",
           "logger=[jsonl]"]
 
@@ -50,7 +55,7 @@ def run_bigmodel(case: str, steps: int, data: Path, workdir: Path) -> dict:
         args.append(f"data.path={data}")
     launched = time.time()
     subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], check=True, capture_output=True,
-                   text=True, cwd=workdir)
+                   text=True, cwd=workdir, env=ENV)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     unit = "tokens_per_s" if case == "gpt" else "samples_per_s"
@@ -65,7 +70,7 @@ def run_bigmodel(case: str, steps: int, data: Path, workdir: Path) -> dict:
 def run_raw(case: str, steps: int, data: Path) -> dict:
     launched = time.time()
     done = subprocess.run([sys.executable, str(HERE / "raw_loop.py"), case, f"--steps={steps}", f"--data={data}"],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=ENV)
     out = json.loads(done.stdout.strip().splitlines()[-1])
     return {"rate": statistics.median(out["rates"][1:] or out["rates"]), "first_step_s": out["first_step_at"] - launched,
             "peak_mem_mb": out["peak_mem_mb"], "val_loss": out.get("val_loss")}
@@ -77,7 +82,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--cases", default="gpt,mlp")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--malloc-tuned", action="store_true", help="run both sides with " + " ".join(
+        f"{k}={v}" for k, v in MALLOC_TUNED.items()))
     args = parser.parse_args()
+    if args.malloc_tuned:
+        ENV.update(MALLOC_TUNED)
     cases = args.cases.split(",")
     if "gpt" in cases and not args.data.is_file():
         sys.exit(f"the gpt case needs tinyshakespeare.txt: {args.data} is missing (pass --data)")
@@ -92,7 +101,8 @@ def main() -> None:
                     print(f"rep {rep + 1} {case} {impl}: {json.dumps(got)}", file=sys.stderr, flush=True)
     started = datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"\n{started}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}, "
-          f"median of {args.reps} interleaved runs of {args.steps} steps\n")
+          f"median of {args.reps} interleaved runs of {args.steps} steps"
+          f"{', glibc malloc tuned on both sides' if args.malloc_tuned else ''}\n")
     print("| case | metric | bigmodel | raw loop | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for case in cases:
