@@ -122,8 +122,8 @@ class TensorBoardSink(Sink):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
-                            "(or bigmodel[tensorboard]), or leave tensorboard out of logger=[...]") from None
+            raise UserError("logger=tensorboard needs the tensorboard package: pip install tensorboard, "
+                            "or choose loggers without it, e.g. logger=[jsonl,csv]") from None
         # purge_step hides events a resumed run redoes (all of them on a fresh start).
         log_dir = run_dir / subdir
         purge = resume_step + 1 if resume_step else (0 if log_dir.exists() else None)
