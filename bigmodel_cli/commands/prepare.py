@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
@@ -35,6 +35,8 @@ def prepare(cfg: DictConfig) -> Dict[str, Any]:
     from bigmodel_cli.data.tokenizers import TOKENIZERS
     from bigmodel_cli.data.tokens import META
 
+    if OmegaConf.is_missing(cfg, "out"):
+        raise UserError("no output folder given; run bigmodel prepare data.path=<corpus> out=<folder>")
     if cfg.tokenizer.kind not in TOKENIZERS:
         raise UserError(f"tokenizer.kind={cfg.tokenizer.kind} is unknown; use tokenizer=char, byte or bpe")
     path = cfg.data.get("path")

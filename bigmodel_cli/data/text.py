@@ -49,7 +49,7 @@ def encode(text: str, vocab: List[str]) -> torch.Tensor:
     if not known.all():
         unknown = sorted(set(chr(c) for c in codes[~known].tolist()))
         raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
-                        f"({''.join(unknown[:20])!r}); evaluate on text written with the training alphabet")
+                        f"({''.join(unknown[:20])!r}); use text in the alphabet the model was trained on")
     ids = order[pos]
     return torch.from_numpy(ids.astype(np.int64))
 

@@ -24,6 +24,9 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Optional
 
+import torch
+import torch.distributed as dist
+
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -86,40 +89,29 @@ class StopAgreement:
     """Makes all ranks act on the same step (a no-op in a single process)."""
 
     def __init__(self, distributed: bool):
-        self.group = None
+        self.group = dist.new_group(backend="gloo") if distributed else None
         self.pending = None
-        self.torch = None
-        if distributed:
-            import torch
-            self.torch = torch
 
-            import torch.distributed as dist
-
-            self.group = dist.new_group(backend="gloo")
+    def _all_reduce_max(self, local: int, async_op: bool):
+        flag = torch.tensor([local], dtype=torch.int32)  # on the CPU: no accelerator sync
+        return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=async_op), flag
 
     def now(self, local: int) -> int:
         """The strongest request of all ranks, agreed at once (a blocking collective)."""
         if self.group is None:
             return local
-        import torch.distributed as dist
-
-        flag = self.torch.tensor([local], dtype=self.torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        return int(self._all_reduce_max(local, async_op=False)[1].item())
 
     def poll(self, local: int) -> int:
         """Send this rank's request; return the agreed one from the previous call."""
         if self.group is None:
             return local
-        import torch.distributed as dist
-
         agreed = NOTHING
         if self.pending is not None:
             work, flag = self.pending
             work.wait()
-            agreed = int(flag.item())  # a CPU tensor: no accelerator sync
-        flag = self.torch.tensor([local], dtype=self.torch.int32)
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+            agreed = int(flag.item())
+        self.pending = self._all_reduce_max(local, async_op=True)
         return agreed
 
     def close(self) -> None:

@@ -280,14 +280,13 @@ class Trainer:
         """Carry out an agreed stop or checkpoint request; a dict when the loop must end."""
         if request == NOTHING:
             return None
-        cause = self.signals.signal_name or "a signal to another rank"
         path = self.save()
-        where = f"checkpoint {path}" if path else "no checkpoint (trainer.save_checkpoints=false)"
         job_id = slurm_job_id()
         if request == CHECKPOINT and not (job_id and self.cfg.requeue_command):
+            if self.signals.signal_name:  # this rank got the signal: say what happened
+                where = f"checkpoint {path}" if path else "no checkpoint (trainer.save_checkpoints=false)"
+                log.info("step %d: %s wrote %s; training goes on", self.step, self.signals.signal_name, where)
             self.signals.signal_name = None
-            if cause.startswith("SIG"):
-                log.info("step %d: %s wrote %s; training goes on", self.step, cause, where)
             return None
         if request == CHECKPOINT and self.env.is_main:
             try:

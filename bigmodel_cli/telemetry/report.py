@@ -3,7 +3,6 @@ where its checkpoints are; short enough to read in a terminal."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
@@ -27,15 +26,11 @@ def write_curves(run_dir: Path) -> str:
 
 def throughput(run_dir: Path) -> Dict[str, float]:
     """Medians over the run's log intervals (the first one includes warm-up)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    from bigmodel_cli.telemetry.plots import read_records
+
+    if not (run_dir / "metrics.jsonl").is_file():
         return {}
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_records(run_dir)
     train = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
     figures = {}
     for key in ("tokens_per_s", "samples_per_s", "step_ms", "data_wait", "mfu"):
