@@ -77,6 +77,44 @@ def gpt(args):
     return result
 
 
+def gpt2(args):
+    """GPT-2 small (124M) on a CUDA GPU, as nanoGPT trains it: token windows gathered from a
+    memory-mapped train.bin, pinned and copied without blocking, bf16 autocast, TF32,
+    torch.compile, fused AdamW."""
+    from bigmodel_cli.models.gpt import GPT
+
+    device = torch.device("cuda")
+    torch.set_float32_matmul_precision("high")
+    tokens = np.memmap(f"{args.data}/train.bin", dtype=np.uint16, mode="r")
+    block, batch = 1024, args.batch
+    torch.manual_seed(42)
+    model = GPT(vocab_size=50304, block_size=block, n_layer=12, n_head=12, n_embd=768, dropout=0.0).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=6e-4, betas=(0.9, 0.99), eps=1e-8, fused=True)
+    compiled = torch.compile(model)
+    window = np.arange(block + 1)
+
+    def get_batch():
+        starts = np.random.randint(0, len(tokens) - block - 1, batch)
+        chunk = torch.from_numpy(tokens[starts[:, None] + window].astype(np.int64))
+        chunk = chunk.pin_memory().to(device, non_blocking=True)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def step():
+        x, y = get_batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    result = loop(step, args.steps, units_per_step=block * batch)
+    result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
 def mlp(args):
     from bigmodel_cli.models.mlp import MLP
 
@@ -124,8 +162,9 @@ def loop(step, steps, units_per_step, every=50):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["gpt", "mlp"])
+    parser.add_argument("case", choices=["gpt", "mlp", "gpt2"])
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--data", help="tinyshakespeare.txt (gpt)")
+    parser.add_argument("--data", help="tinyshakespeare.txt (gpt); a folder with train.bin (gpt2)")
+    parser.add_argument("--batch", type=int, default=16, help="gpt2: sequences per step")
     args = parser.parse_args()
-    print(json.dumps(gpt(args) if args.case == "gpt" else mlp(args)))
+    print(json.dumps({"gpt": gpt, "mlp": mlp, "gpt2": gpt2}[args.case](args)))

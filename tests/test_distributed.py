@@ -22,6 +22,13 @@ TINY = ("data=synthetic", "data.num_samples=800", "model.hidden_sizes=[32]", "mo
         "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10", "trainer.progress=plain")
 
 
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """Every process these tests start runs on CPU over gloo, also on a GPU machine (where
+    two ranks would otherwise share its one GPU)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def fresh_dir(path):
     path.mkdir()
     return path
@@ -256,3 +263,10 @@ def test_a_stalled_collective_times_out(run_cli):
     assert result.returncode != 0
     assert time.time() - start < 100
     assert re.search(r"worker rank \d failed", result.stderr), result.stderr[-2000:]
+
+
+def test_two_ranks_on_one_gpu_are_found():
+    from bigmodel_cli.engine.distributed import first_shared_gpu
+
+    assert first_shared_gpu([("a", "GPU-0"), ("a", "GPU-1"), ("b", "GPU-0")]) is None
+    assert first_shared_gpu([("a", "GPU-0"), ("a", "GPU-1"), ("a", "GPU-0")]) == (0, 2, "a")

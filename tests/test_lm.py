@@ -2,6 +2,7 @@
 
 import json
 import resource
+import threading
 
 import numpy as np
 import pytest
@@ -129,3 +130,50 @@ def test_compiled_training_saves_the_plain_model(compose, tmp_path):
                   "trainer.compile=true", "trainer.progress=plain"), tmp_path)
     weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     assert weights and not any(k.startswith("_orig_mod") for k in weights)
+
+
+def test_prefetched_batches_are_the_loaders_own(tmp_path):
+    from bigmodel_cli.data.prefetch import Prefetched
+
+    make_token_dir(tmp_path / "d", 50_000)
+    data = TokenFiles(dir=str(tmp_path / "d"), batch_size=4, block_size=16, prefetch=2)
+    data.setup()
+    loader = data.train_batches(seed=1)
+    assert isinstance(loader, Prefetched)
+    plain = WindowSampler(data.tokens["train"], 16, 4, seed=1)
+    loader.set_epoch(2, start=3)
+    plain.set_epoch(2, start=3)
+    got, want = list(loader), list(plain)
+    assert len(got) == len(want) == len(loader) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+    stream = iter(loader)  # a consumer that stops early ends the thread
+    next(stream)
+    stream.close()
+    assert not any(t.name == "bigmodel-prefetch" for t in threading.enumerate())
+
+
+def test_a_failing_loader_raises_through_the_prefetch_thread():
+    from bigmodel_cli.data.prefetch import Prefetched
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = iter(Prefetched(broken(), depth=2))
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+
+
+def test_prefetch_leaves_the_run_unchanged(compose, tmp_path):
+    from bigmodel_cli.commands.train import train
+
+    make_token_dir(tmp_path / "d", 20_000)
+    losses = {}
+    for depth in (0, 3):
+        run = tmp_path / f"prefetch{depth}"
+        train(compose("data=tokens", f"data.dir={tmp_path / 'd'}", f"data.prefetch={depth}", *TINY_GPT[:-3],
+                      "model.dropout=0.1", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=6",
+                      "trainer.progress=plain"), run)
+        losses[depth] = [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] == losses[3] and len([x for x in losses[0] if x is not None]) == 12

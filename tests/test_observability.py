@@ -38,7 +38,7 @@ def test_csv_has_one_row_per_record_and_a_column_per_metric(compose, tmp_path):
 
 def test_throughput_memory_and_no_mfu_on_cpu(compose, tmp_path):
     train(compose(*QUICK, "model=gpt", "data=text", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-                  "trainer.eval_batches=2"), tmp_path)
+                  "trainer.eval_batches=2", "trainer.device=cpu"), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     for record in train_records:

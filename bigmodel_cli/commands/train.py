@@ -145,7 +145,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
                                     count_parameters, human_count, instantiate_or_explain)
     from bigmodel_cli.engine import distributed
-    from bigmodel_cli.engine.device import seed_everything
+    from bigmodel_cli.engine.device import seed_everything, use_tf32
     from bigmodel_cli.engine.resume import config_changes, flatten, load_initial_weights, starting_checkpoint
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import Trainer
@@ -167,6 +167,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     seed_everything(t.seed, t.deterministic)
+    use_tf32(t.tf32)
 
     data = build_data(cfg.data)
     log.info("data: %s", data.describe())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
+from bigmodel_cli.data.prefetch import Prefetched
 from bigmodel_cli.errors import UserError
 
 META = "meta.json"
@@ -94,13 +95,16 @@ class TokenFiles(DataModule):
     unit = "tokens"
 
     def __init__(self, dir: Optional[str] = None, batch_size: int = 12, block_size: int = 64,
-                 dtype: Optional[str] = None, vocab_size: Optional[int] = None):
+                 dtype: Optional[str] = None, vocab_size: Optional[int] = None,
+                 prefetch: Optional[int] = None):
         super().__init__(batch_size)
+        if prefetch is not None and prefetch < 0:
+            raise UserError(f"data.prefetch={prefetch} must be 0 (off) or more batches")
         if not dir:
             raise UserError("data=tokens needs data.dir=<folder with train.bin and val.bin>; "
                             "make one with bigmodel prepare")
         self.folder = Path(dir).expanduser()
-        self.block_size, self.dtype, self.vocab_size = block_size, dtype, vocab_size
+        self.block_size, self.dtype, self.vocab_size, self.prefetch = block_size, dtype, vocab_size, prefetch
         self.meta: dict = {}
         self.tokens: Dict[str, np.ndarray] = {}
         self.device = torch.device("cpu")
@@ -139,8 +143,11 @@ class TokenFiles(DataModule):
         return self
 
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
-        return WindowSampler(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
-                             self.device)
+        sampler = WindowSampler(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
+                                self.device)
+        depth = self.prefetch if self.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        # The sampler draws from its own seeded generators, never the global RNG: safe in a thread.
+        return Prefetched(sampler, depth) if depth else sampler
 
     def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
         check_split(split, self.tokens)

@@ -96,11 +96,42 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(resolve_backend(backend, device), rank=env.rank, world_size=env.world_size,
+    backend = resolve_backend(backend, device)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
     # One group for the life of the process: the jobs of a sweep under torchrun reuse it
     # (tearing it down and rebuilding it on the same store races between ranks).
     atexit.register(close)
+    if backend == "nccl":
+        check_one_gpu_per_rank(env, device)
+
+
+def check_one_gpu_per_rank(env: DistEnv, device: torch.device) -> None:
+    """NCCL needs a GPU of its own for every rank; two ranks on one would otherwise fail at
+    the first collective, deep inside NCCL. The ranks compare GPU identities over gloo."""
+    import socket
+
+    identity = (socket.gethostname(), str(getattr(torch.cuda.get_device_properties(device), "uuid", device)))
+    group = dist.new_group(backend="gloo")
+    identities: list = [None] * env.world_size
+    dist.all_gather_object(identities, identity, group=group)
+    dist.destroy_process_group(group)
+    shared = first_shared_gpu(identities)
+    if shared:
+        first, second, host = shared
+        raise UserError(f"ranks {first} and {second} would share one GPU on {host}, and NCCL needs a GPU per "
+                        "rank; start as many ranks per node as it has GPUs (torchrun --nproc_per_node, srun "
+                        "--gpus-per-task=1), or train on CPU with trainer.device=cpu")
+
+
+def first_shared_gpu(identities) -> Optional[tuple]:
+    """(rank, other rank, host) of the first two ranks with the same (host, GPU), or None."""
+    seen: dict = {}
+    for rank, identity in enumerate(identities):
+        if tuple(identity) in seen:
+            return seen[tuple(identity)], rank, identity[0]
+        seen[tuple(identity)] = rank
+    return None
 
 
 def close() -> None:

@@ -19,6 +19,8 @@ log = logging.getLogger("bigmodel")
 # weights and optimizer state, and what the data position means.
 FIXED_SECTIONS = ("model", "data")
 FIXED_KEYS = ("optim._target_",)
+# Keys inside those sections that only change how fast, never what, the run computes.
+FREE_KEYS = ("data.prefetch",)
 # Naming the starting point is not a change of the run.
 IGNORED_KEYS = ("trainer.resume", "trainer.init_from")
 
@@ -38,7 +40,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List
     """Refuse changes that cannot continue a run; return the others, as "key: old -> new"."""
     old, new = flatten(saved), flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in IGNORED_KEYS)
-    fixed = [k for k in changed if k.split(".")[0] in FIXED_SECTIONS or k in FIXED_KEYS]
+    fixed = [k for k in changed
+             if (k.split(".")[0] in FIXED_SECTIONS and k not in FREE_KEYS) or k in FIXED_KEYS]
     if fixed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed[:4])
         more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""

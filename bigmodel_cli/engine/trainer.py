@@ -249,6 +249,7 @@ class Trainer:
                     break
         finally:
             agreement.close()
+            batches.close()  # ends a background prefetch thread, if the loader has one
         return self.fit_result(val_metrics, stopped)
 
     def announce_speed(self, loss: torch.Tensor, after: int = 10) -> None:

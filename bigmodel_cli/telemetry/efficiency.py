@@ -37,7 +37,7 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     if precision in ("bf16", "fp16"):
         mode = "half"
     else:
-        mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        mode = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     for model, table in PEAK_FLOPS.items():
         if model in name:
             return table.get(mode)
