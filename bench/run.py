@@ -1,6 +1,7 @@
 """bigmodel against a hand-written PyTorch loop (bench/raw_loop.py) on the same work.
 
-    python bench/run.py [--reps 3] [--steps 2000] [--cases gpt,mlp]
+    python bench/run.py [--reps 3] [--steps 2000] [--cases gpt,mlp] [--malloc-tuned]
+    python bench/run.py --allocator-study [--reps 9]
 
 Runs A (bigmodel train) and B (the raw loop) interleaved, A B A B ..., in this one
 session and environment, and prints a markdown table of medians: steady-state tokens/s
@@ -55,11 +56,11 @@ COMMON = ["trainer.grad_clip=1.0", "trainer.log_every=50", "trainer.val_at_start
           "logger=[jsonl]"]
 
 
-def cold_compile_env(workdir: Path) -> dict:
+def cold_compile_env(workdir: Path, base: dict) -> dict:
     """Every run compiles from scratch: a fresh Inductor and Triton cache each, so neither
     side's time to first step profits from the other's compiled kernels."""
     cache = workdir / f"compile-cache-{time.time_ns()}"
-    return {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+    return {**base, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
 
 
 def with_overrides(args, overrides) -> list:
@@ -69,7 +70,7 @@ def with_overrides(args, overrides) -> list:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def run_bigmodel(case: str, steps: int, data: Path, workdir: Path, overrides=()) -> dict:
+def run_bigmodel(case: str, steps: int, data: Path, workdir: Path, overrides=(), env=None) -> dict:
     run_dir = workdir / f"bigmodel-{case}-{time.time_ns()}"
     args = [*BIGMODEL_ARGS[case], *COMMON, f"trainer.max_steps={steps}", f"trainer.val_every={steps}",
             f"hydra.run.dir={run_dir}"]
@@ -80,7 +81,7 @@ def run_bigmodel(case: str, steps: int, data: Path, workdir: Path, overrides=())
     args = with_overrides(args, overrides)
     launched = time.time()
     subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], check=True, capture_output=True,
-                   text=True, cwd=workdir, env=cold_compile_env(workdir))
+                   text=True, cwd=workdir, env=cold_compile_env(workdir, env or ENV))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     unit = UNIT[case]
@@ -93,12 +94,12 @@ def run_bigmodel(case: str, steps: int, data: Path, workdir: Path, overrides=())
             "data_wait": statistics.median(r["data_wait"] for r in train[1:])}
 
 
-def run_raw(case: str, steps: int, data: Path, workdir: Path) -> dict:
+def run_raw(case: str, steps: int, data: Path, workdir: Path, env=None) -> dict:
     if case == "gpt2":
         data = workdir / "gpt2-tokens"
     launched = time.time()
     done = subprocess.run([sys.executable, str(HERE / "raw_loop.py"), case, f"--steps={steps}", f"--data={data}"],
-                          check=True, capture_output=True, text=True, env=cold_compile_env(workdir))
+                          check=True, capture_output=True, text=True, env=cold_compile_env(workdir, env or ENV))
     out = json.loads(done.stdout.strip().splitlines()[-1])
     return {"rate": statistics.median(out["rates"][1:] or out["rates"]), "first_step_s": out["first_step_at"] - launched,
             "peak_mem_mb": out["peak_mem_mb"], "val_loss": out.get("val_loss"), "data_wait": None}
@@ -128,6 +129,28 @@ def gpt2_mfu(tokens_per_s: float) -> float:
     return transformer_flops_per_token(n_params, 12, 768, 1024) * tokens_per_s / peak if peak else float("nan")
 
 
+def allocator_study(reps: int, steps: int) -> None:
+    """The mlp case four ways, interleaved: each side with glibc's default allocator
+    settings and with MALLOC_TUNED. Says whether bigmodel should set them itself."""
+    variants = [(impl, tuned) for impl in ("bigmodel", "raw") for tuned in (False, True)]
+    rates = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps):
+            for impl, tuned in variants:
+                env = {**ENV, **MALLOC_TUNED} if tuned else ENV
+                got = (run_bigmodel("mlp", steps, None, Path(tmp), env=env) if impl == "bigmodel"
+                       else run_raw("mlp", steps, None, Path(tmp), env=env))
+                rates[(impl, tuned)].append(got["rate"])
+                print(f"rep {rep + 1} {impl} {'tuned' if tuned else 'default'}: {got['rate']:.0f}", file=sys.stderr,
+                      flush=True)
+    print(f"\nmlp steps/s, median of {reps} interleaved runs of {steps} steps ({os.cpu_count()} CPUs)\n")
+    print("| side | default allocator | MALLOC_TUNED | tuned / default |")
+    print("| --- | --- | --- | --- |")
+    for impl in ("bigmodel", "raw"):
+        plain, tuned = statistics.median(rates[(impl, False)]), statistics.median(rates[(impl, True)])
+        print(f"| {impl} | {plain:,.0f} | {tuned:,.0f} | {tuned / plain:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
@@ -136,7 +159,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--malloc-tuned", action="store_true", help="run both sides with " + " ".join(
         f"{k}={v}" for k, v in MALLOC_TUNED.items()))
+    parser.add_argument("--allocator-study", action="store_true",
+                        help="mlp only: both sides with and without the malloc settings")
     args = parser.parse_args()
+    if args.allocator_study:
+        return allocator_study(args.reps, args.steps)
     if args.malloc_tuned:
         ENV.update(MALLOC_TUNED)
     cases = args.cases.split(",")
@@ -169,6 +196,8 @@ def main() -> None:
         unit = "steps/s" if case == "mlp" else "tokens/s"
         a, b = med["bigmodel"], med["raw"]
         print(f"| {case} | {unit} | {a['rate']:,.0f} | {b['rate']:,.0f} | {a['rate'] / b['rate']:.3f} |")
+        pairs = [x["rate"] / y["rate"] for x, y in zip(results[(case, "bigmodel")], results[(case, "raw")])]
+        print(f"| {case} | {unit}, median of the per-pair ratios | | | {statistics.median(pairs):.3f} |")
         print(f"| {case} | time to first step (s) | {a['first_step_s']:.2f} | {b['first_step_s']:.2f} | "
               f"+{a['first_step_s'] - b['first_step_s']:.2f} s |")
         memory = "peak CUDA memory (MiB)" if case == "gpt2" else "peak RSS (MiB)"
