@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--cold-cache", action="store_true")
     parser.add_argument("--dir", help="where the token files go (a disk, not tmpfs, for --cold-cache)")
     args = parser.parse_args()
+    if args.cold_cache and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        parser.error("--cold-cache drops the page cache: it needs Linux and root")
     depths = (0, 2)
     got = {d: [] for d in depths}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

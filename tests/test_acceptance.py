@@ -48,8 +48,8 @@ def test_two_gloo_ranks_match_one_process(run_cli, tmp_path):
     process with twice the per-device batch."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = run_cli("train", "trainer.max_steps=50", "data.batch_size=128", cwd=tmp_path / "one")
-    two = run_cli("train", "trainer.max_steps=50", "trainer.devices=2", cwd=tmp_path / "two")
+    one = run_cli("train", "trainer.max_steps=50", "data.batch_size=128", "trainer.device=cpu", cwd=tmp_path / "one")
+    two = run_cli("train", "trainer.max_steps=50", "trainer.devices=2", "trainer.device=cpu", cwd=tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, one.output + two.output
     assert len(two.run_dirs()) == 1
     assert abs(one.summary()["test"]["accuracy"] - two.summary()["test"]["accuracy"]) <= 0.01

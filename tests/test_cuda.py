@@ -48,15 +48,32 @@ def test_gpt_trains_in_each_precision_and_logs_gpu_figures(compose, tmp_path, pr
         assert torch.get_float32_matmul_precision() == "high"  # trainer.tf32=true (default)
 
 
-def test_tf32_off_means_full_fp32(compose, tmp_path):
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_off_means_full_fp32(compose, tmp_path, restore_matmul_precision):
     train(compose(*GPT, "trainer.tf32=false", "trainer.max_steps=5"), tmp_path)
     assert torch.get_float32_matmul_precision() == "highest"
-    torch.set_float32_matmul_precision("high")
 
 
-def test_exact_resume_on_the_gpu(compose, tmp_path):
-    """Deterministic kernels, dropout on, bf16: a resumed run repeats the reference bit for bit."""
-    exact = (*GPT, "model.dropout=0.1", "trainer.precision=bf16", "trainer.deterministic=true",
+def token_dir(folder, vocab=97):
+    folder.mkdir()
+    for split in ("train", "val"):
+        (np.arange(20_000) % vocab).astype(np.uint16).tofile(folder / f"{split}.bin")
+    return folder
+
+
+@pytest.mark.parametrize("data", ["text", "tokens"])
+def test_exact_resume_on_the_gpu(compose, tmp_path, data):
+    """Deterministic kernels, dropout on, bf16: a resumed run repeats the reference bit for
+    bit (data=tokens: with the prefetch thread, on by default on CUDA)."""
+    source = (("data=text",) if data == "text" else
+              ("data=tokens", f"data.dir={token_dir(tmp_path / 'tok')}", "data.vocab_size=97"))
+    exact = (*(a for a in GPT if a != "data=text"), *source, "model.dropout=0.1", "trainer.precision=bf16", "trainer.deterministic=true",
              "trainer.log_every=1", "trainer.val_every=10", "trainer.max_steps=30")
     full = tmp_path / "full"
     train(compose(*exact, "trainer.checkpoint_every=1", "trainer.keep_last=100"), full)
@@ -96,11 +113,7 @@ def test_token_batches_are_prefetched_onto_the_gpu(tmp_path):
     from bigmodel_cli.data.prefetch import Prefetched
     from bigmodel_cli.data.tokens import TokenFiles
 
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    for split in ("train", "val"):
-        (np.arange(20_000) % 97).astype(np.uint16).tofile(folder / f"{split}.bin")
-    data = TokenFiles(dir=str(folder), batch_size=4, block_size=32, vocab_size=97)
+    data = TokenFiles(dir=str(token_dir(tmp_path / "tok")), batch_size=4, block_size=32, vocab_size=97)
     data.setup()
     data.to(torch.device("cuda"))
     loader = data.train_batches(seed=0)

@@ -140,10 +140,19 @@ def test_prefetched_batches_are_the_loaders_own(tmp_path):
     data.setup()
     loader = data.train_batches(seed=1)
     assert isinstance(loader, Prefetched)
+    readers = set()
+    host_window = loader.loader.host_window
+
+    def recorded(i):  # which thread reads the windows
+        readers.add(threading.current_thread().name)
+        return host_window(i)
+
+    loader.loader.host_window = recorded
     plain = WindowSampler(data.tokens["train"], 16, 4, seed=1)
     loader.set_epoch(2, start=3)
     plain.set_epoch(2, start=3)
     got, want = list(loader), list(plain)
+    assert readers == {"bigmodel-prefetch"}
     assert len(got) == len(want) == len(loader) - 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
     stream = iter(loader)  # a consumer that stops early ends the thread
@@ -155,25 +164,41 @@ def test_prefetched_batches_are_the_loaders_own(tmp_path):
 def test_a_failing_loader_raises_through_the_prefetch_thread():
     from bigmodel_cli.data.prefetch import Prefetched
 
-    def broken():
-        yield 1
-        raise OSError("disk gone")
+    class Broken:
+        def host_windows(self):
+            yield 1
+            raise OSError("disk gone")
 
-    stream = iter(Prefetched(broken(), depth=2))
-    assert next(stream) == 1
+        def finish(self, item):
+            return item * 10
+
+    stream = iter(Prefetched(Broken(), depth=2))
+    assert next(stream) == 10
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
 
 
 def test_prefetch_leaves_the_run_unchanged(compose, tmp_path):
+    """Across epoch boundaries (7 batches per epoch here), where the thread restarts."""
     from bigmodel_cli.commands.train import train
 
-    make_token_dir(tmp_path / "d", 20_000)
+    make_token_dir(tmp_path / "d", 3_000)
     losses = {}
     for depth in (0, 3):
         run = tmp_path / f"prefetch{depth}"
         train(compose("data=tokens", f"data.dir={tmp_path / 'd'}", f"data.prefetch={depth}", *TINY_GPT[:-3],
-                      "model.dropout=0.1", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=6",
-                      "trainer.progress=plain"), run)
+                      "model.dropout=0.1", "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10",
+                      "trainer.device=cpu", "trainer.progress=plain"), run)
         losses[depth] = [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses[0] == losses[3] and len([x for x in losses[0] if x is not None]) == 12
+        assert not any(t.name == "bigmodel-prefetch" for t in threading.enumerate())  # fit ended it
+    assert losses[0] == losses[3] and len([x for x in losses[0] if x is not None]) == 20
+
+
+def test_changing_prefetch_on_resume_is_allowed():
+    from bigmodel_cli.engine.resume import config_changes
+
+    saved = {"data": {"dir": "d", "prefetch": None}, "model": {"n_layer": 2}}
+    assert config_changes(saved, {"data": {"dir": "d", "prefetch": 0}, "model": {"n_layer": 2}}) == [
+        "data.prefetch: None -> 0"]
+    with pytest.raises(UserError, match="data.dir"):
+        config_changes(saved, {"data": {"dir": "other", "prefetch": None}, "model": {"n_layer": 2}})

@@ -148,7 +148,7 @@ def test_stopped_at_a_random_step_then_resume_auto_matches_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_two_rank_ddp_stopped_by_sigterm_resumes_exactly(run_cli, tmp_path):
-    args = (*BASE, "trainer.devices=2", "trainer.max_steps=900", "trainer.val_every=100",
+    args = (*BASE, "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=900", "trainer.val_every=100",
             "trainer.checkpoint_every=8")
     reference = run_cli("train", *args, "hydra.run.dir=reference", timeout=240)
     assert reference.returncode == 0, reference.output
@@ -380,7 +380,7 @@ exec {sys.executable} -m bigmodel_cli train trainer.max_steps=2500 trainer.val_e
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoints_resume_exactly(run_cli, tmp_path):
     args = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.1",
-            "data.block_size=16", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.devices=2",
+            "data.block_size=16", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.devices=2", "trainer.device=cpu",
             "trainer.max_steps=24", "trainer.log_every=1", "trainer.val_every=12", "trainer.eval_batches=4",
             "trainer.checkpoint_every=8", "trainer.keep_last=5", "trainer.progress=plain")
     full = run_cli("train", *args, "hydra.run.dir=full", timeout=300)

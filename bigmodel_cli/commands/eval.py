@@ -39,7 +39,7 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.build import build_data, build_model
     from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, resolve_checkpoint
-    from bigmodel_cli.engine.device import check_precision, resolve_device
+    from bigmodel_cli.engine.device import check_precision, resolve_device, use_tf32
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
     from bigmodel_cli.telemetry import write_json
@@ -75,6 +75,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
                         f"data ({detail[:200]}); evaluate with the data settings it trained on") from None
     model.to(device).eval()
     data.to(device)
+    use_tf32(train_cfg.trainer.get("tf32", True), device)  # the matmul precision it trained with
     task = task_for(data.spec.task)
     metrics = evaluate_model(model, data, task, cfg.split, cfg.precision, device, cfg.eval_batches)
     run_dir = Path(HydraConfig.get().runtime.output_dir)

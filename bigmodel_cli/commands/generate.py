@@ -24,6 +24,7 @@ def load_language_model(ckpt: str, device):
     from bigmodel_cli.data.base import DataSpec
     from bigmodel_cli.data.tokenizers import CharTokenizer, tokenizer_from_state
     from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, resolve_checkpoint
+    from bigmodel_cli.engine.device import use_tf32
 
     path = resolve_checkpoint(ckpt)
     state = load_checkpoint(path)
@@ -40,7 +41,9 @@ def load_language_model(ckpt: str, device):
         raise UserError(f"{path} has no tokenizer (its token files had no meta.json); prepare the data "
                         "with bigmodel prepare to generate text")
     names = state.get("choices", {})
-    model = build_model(OmegaConf.create(state["config"]).model, spec, names.get("model", ""), names.get("data", ""))
+    config = OmegaConf.create(state["config"])
+    model = build_model(config.model, spec, names.get("model", ""), names.get("data", ""))
+    use_tf32(config.trainer.get("tf32", True), device)  # the matmul precision it trained with
     if "sharded_dir" in state:
         load_sharded_model(model, Path(state["sharded_dir"]))
     else:

@@ -167,7 +167,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     seed_everything(t.seed, t.deterministic)
-    use_tf32(t.tf32)
+    use_tf32(t.tf32, device)
 
     data = build_data(cfg.data)
     log.info("data: %s", data.describe())

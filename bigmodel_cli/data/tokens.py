@@ -56,19 +56,32 @@ class WindowSampler:
     def __len__(self) -> int:
         return max(1, len(self.tokens) // (self.block_size * self.batch_size * self.world_size))
 
-    def batch(self, i: int) -> Batch:
+    def host_window(self, i: int) -> torch.Tensor:
+        """Batch i's windows on the host, (batch, block_size + 1), pinned when bound for CUDA."""
         seed = ((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) * 1_000_033 + i
         gen = torch.Generator().manual_seed(seed % (2**63))
         high = len(self.tokens) - self.block_size - 1
         starts = torch.randint(0, high + 1, (self.batch_size,), generator=gen).numpy()
         window = torch.from_numpy(self.tokens[starts[:, None] + self._window].astype(np.int64))
-        if self.device.type == "cuda":  # pinned + non-blocking: the copy overlaps the step
-            window = window.pin_memory().to(self.device, non_blocking=True)
+        return window.pin_memory() if self.device.type == "cuda" else window
+
+    def host_windows(self) -> Iterator[torch.Tensor]:
+        """This epoch's host windows from the current position (the part a prefetch thread runs)."""
+        for i in range(self.start, len(self)):
+            yield self.host_window(i)
+
+    def finish(self, window: torch.Tensor) -> Batch:
+        """To the device and split into inputs and targets. Called from the training thread, so
+        the copy is queued on its stream; from pinned memory it does not block the host."""
+        window = window.to(self.device, non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
+    def batch(self, i: int) -> Batch:
+        return self.finish(self.host_window(i))
+
     def __iter__(self) -> Iterator[Batch]:
-        for i in range(self.start, len(self)):
-            yield self.batch(i)
+        for window in self.host_windows():
+            yield self.finish(window)
 
 
 class SequentialTokenWindows:

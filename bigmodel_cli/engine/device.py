@@ -53,10 +53,12 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
-def use_tf32(enabled: bool) -> None:
-    """fp32 matrix products on TF32 tensor cores where the GPU has them (a no-op on CPU)."""
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = enabled
+def use_tf32(enabled: bool, device: torch.device) -> None:
+    """fp32 matrix products on TF32 tensor cores where the GPU has them. Only for CUDA: on
+    other devices "high" could pick reduced-precision CPU kernels, so they keep full fp32."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -103,16 +103,19 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
     # (tearing it down and rebuilding it on the same store races between ranks).
     atexit.register(close)
     if backend == "nccl":
-        check_one_gpu_per_rank(env, device)
+        check_one_gpu_per_rank(env, device, timeout_s)
 
 
-def check_one_gpu_per_rank(env: DistEnv, device: torch.device) -> None:
+def check_one_gpu_per_rank(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     """NCCL needs a GPU of its own for every rank; two ranks on one would otherwise fail at
-    the first collective, deep inside NCCL. The ranks compare GPU identities over gloo."""
+    the first collective, deep inside NCCL. The ranks compare GPU identities over gloo.
+    Without a usable UUID (some virtual GPUs) every rank reports None and nothing is refused."""
     import socket
 
-    identity = (socket.gethostname(), str(getattr(torch.cuda.get_device_properties(device), "uuid", device)))
-    group = dist.new_group(backend="gloo")
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "")
+    usable = uuid.strip("-0") != ""
+    identity = (socket.gethostname(), uuid) if usable else None
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     identities: list = [None] * env.world_size
     dist.all_gather_object(identities, identity, group=group)
     dist.destroy_process_group(group)
@@ -128,6 +131,8 @@ def first_shared_gpu(identities) -> Optional[tuple]:
     """(rank, other rank, host) of the first two ranks with the same (host, GPU), or None."""
     seen: dict = {}
     for rank, identity in enumerate(identities):
+        if identity is None:  # this rank's GPU has no identity to compare
+            continue
         if tuple(identity) in seen:
             return seen[tuple(identity)], rank, identity[0]
         seen[tuple(identity)] = rank

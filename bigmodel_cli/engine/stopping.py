@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Dict, Optional
 
 import torch
@@ -88,8 +89,8 @@ SIGNALS = StopSignals()
 class StopAgreement:
     """Makes all ranks act on the same step (a no-op in a single process)."""
 
-    def __init__(self, distributed: bool):
-        self.group = dist.new_group(backend="gloo") if distributed else None
+    def __init__(self, distributed: bool, timeout_s: float = 300.0):
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if distributed else None
         self.pending = None
 
     def _all_reduce_max(self, local: int, async_op: bool):

@@ -218,7 +218,7 @@ class Trainer:
             last_log_time = time.perf_counter()
         if self.resumed_rng is not None:
             restore_rng_state(self.resumed_rng)
-        agreement = StopAgreement(self.env.is_distributed)
+        agreement = StopAgreement(self.env.is_distributed, cfg.dist_timeout_s)
         stopped: Optional[Dict[str, Any]] = None
         try:
             if agreement.now(self.signals.request) == STOP:  # it came while setting up
@@ -248,8 +248,10 @@ class Trainer:
                 if stopped:
                     break
         finally:
-            agreement.close()
-            batches.close()  # ends a background prefetch thread, if the loader has one
+            try:
+                agreement.close()
+            finally:
+                batches.close()  # ends a background prefetch thread, if the loader has one
         return self.fit_result(val_metrics, stopped)
 
     def announce_speed(self, loss: torch.Tensor, after: int = 10) -> None:

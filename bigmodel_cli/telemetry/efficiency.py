@@ -39,8 +39,8 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     else:
         mode = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     for model, table in PEAK_FLOPS.items():
-        if model in name:
-            return table.get(mode)
+        if model in name:  # GPUs without TF32 (V100) run fp32 products in fp32
+            return table.get(mode) or table.get("fp32")
     return None
 
 
