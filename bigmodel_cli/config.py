@@ -345,14 +345,12 @@ class TrainerConfig:
 
 @dataclass
 class JsonlLoggerConfig:
-    _target_: str = "bigmodel_cli.telemetry.sinks.JsonlSink"
-    filename: str = "metrics.jsonl"
+    _target_: str = "bigmodel_cli.telemetry.sinks.JsonlSink"  # writes metrics.jsonl (read by report, plot)
 
 
 @dataclass
 class CsvLoggerConfig:
-    _target_: str = "bigmodel_cli.telemetry.sinks.CsvSink"
-    filename: str = "metrics.csv"
+    _target_: str = "bigmodel_cli.telemetry.sinks.CsvSink"  # writes metrics.csv
 
 
 @dataclass

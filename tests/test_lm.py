@@ -202,3 +202,20 @@ def test_changing_prefetch_on_resume_is_allowed():
         "data.prefetch: None -> 0"]
     with pytest.raises(UserError, match="data.dir"):
         config_changes(saved, {"data": {"dir": "other", "prefetch": None}, "model": {"n_layer": 2}})
+
+
+def test_bad_token_folders_fail_with_one_line(tmp_path):
+    make_token_dir(tmp_path / "d", 1_000)
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50304,
+                                                          "tokens": {"train": 999}}))
+    with pytest.raises(UserError, match="meta.json says 999"):  # incomplete or from another prepare
+        TokenFiles(dir=str(tmp_path / "d")).setup()
+    with pytest.raises(UserError, match="smaller than the 50304 token ids"):
+        TokenFiles(dir=str(tmp_path / "d"), vocab_size=100).setup()
+    (tmp_path / "d" / "meta.json").write_text("[]")
+    with pytest.raises(UserError, match="not a bigmodel prepare meta file"):
+        TokenFiles(dir=str(tmp_path / "d")).setup()
+    (tmp_path / "d" / "meta.json").unlink()
+    (tmp_path / "d" / "train.bin").write_bytes(b"\x00" * 1001)  # torn: not a whole number of uint16
+    with pytest.raises(UserError, match="is not a uint16 token file"):
+        TokenFiles(dir=str(tmp_path / "d"), vocab_size=50304).setup()

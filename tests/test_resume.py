@@ -394,7 +394,12 @@ def test_fsdp_sharded_checkpoints_resume_exactly(run_cli, tmp_path):
     assert summary(tmp_path / "resumed")["test"] == summary(tmp_path / "full")["test"]
 
 
-def test_time_based_checkpoints(compose, tmp_path):
-    train(compose("trainer.max_steps=30", "trainer.val_every=1000", "trainer.checkpoint_every_min=0.0001",
-                  "trainer.keep_last=100", "trainer.progress=plain"), tmp_path)
-    assert len(list((tmp_path / "checkpoints").glob("step_*.pt"))) > 5
+def test_time_based_checkpoints(compose, tmp_path, monkeypatch):
+    """Inside a Slurm job too, a timed checkpoint neither requeues nor stops the run."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    marker = tmp_path / "requeued"
+    out = train(compose("trainer.max_steps=30", "trainer.val_every=1000", "trainer.checkpoint_every_min=0.0001",
+                        "trainer.keep_last=100", "trainer.progress=plain",
+                        f"trainer.requeue_command='touch {marker}'"), tmp_path / "run")
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))) > 5
+    assert out["steps"] == 30 and not marker.exists()  # a stop would have raised TrainingStopped

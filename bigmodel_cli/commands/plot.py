@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from bigmodel_cli.errors import report_user_errors
+from bigmodel_cli.errors import UserError, report_user_errors
 
 
 def expand(paths: List[str]) -> List[Path]:
@@ -32,13 +32,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="plot.png", help="the PNG to write (default: plot.png)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    def plot() -> Path:
+    def plot() -> int:
         from bigmodel_cli.telemetry.plots import plot_runs
 
+        out = Path(args.out)
+        if out.is_dir() or out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise UserError(f"--out {out} is not an image file name; use e.g. --out curves.png (.pdf, .svg)")
         runs = expand(args.runs)
-        plot_runs(runs, Path(args.out))
-        return Path(args.out)
+        plot_runs(runs, out)
+        return len(runs)
 
-    out = report_user_errors(plot)
-    print(f"wrote {out} ({len(expand(args.runs))} runs)")
+    count = report_user_errors(plot)
+    print(f"wrote {args.out} ({count} runs)")
     return 0

@@ -39,23 +39,36 @@ def prepare(cfg: DictConfig) -> Dict[str, Any]:
         raise UserError("no output folder given; run bigmodel prepare data.path=<corpus> out=<folder>")
     if cfg.tokenizer.kind not in TOKENIZERS:
         raise UserError(f"tokenizer.kind={cfg.tokenizer.kind} is unknown; use tokenizer=char, byte or bpe")
+    if cfg.data is None or "path" not in cfg.data:
+        raise UserError("bigmodel prepare tokenizes text: use data=text data.path=<file or folder>")
+    val, test = cfg.data.get("val_fraction", 0.05), cfg.data.get("test_fraction", 0.05)
+    if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
+        raise UserError(f"data.val_fraction={val} and data.test_fraction={test} must be fractions (val > 0, "
+                        "test >= 0) that leave text to train on")
+    if cfg.tokenizer.vocab_size is not None and cfg.tokenizer.vocab_size < 1:
+        raise UserError(f"tokenizer.vocab_size must be > 0 (got {cfg.tokenizer.vocab_size})")
     path = cfg.data.get("path")
     text = builtin_corpus() if path is None else read_corpus(path)
     tokenizer = TOKENIZERS[cfg.tokenizer.kind].fit(text, cfg.tokenizer.vocab_size)
     ids = tokenizer.encode(text)
     n = len(ids)
-    n_val, n_test = int(n * cfg.data.val_fraction), int(n * cfg.data.test_fraction)
+    n_val, n_test = int(n * val), int(n * test)
     n_train = n - n_val - n_test
     if min(n_train, n_val) < 2:
-        raise UserError(f"{n:,} tokens are too few to split with data.val_fraction={cfg.data.val_fraction}; "
+        raise UserError(f"{n:,} tokens are too few to split with data.val_fraction={val}; "
                         "use more text")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, or no permission
+        raise UserError(f"cannot use out={out} as the output folder ({err.strerror}); pick another out=") from None
     splits = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
     for name, part in splits.items():
         if len(part):
             write_tokens(part, out / f"{name}.bin", dtype)
+        else:  # no test split this time: an older test.bin must not pass for one
+            (out / f"{name}.bin").unlink(missing_ok=True)
     meta = {"format": "bigmodel-tokens/1", "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
             "tokens": {k: int(len(v)) for k, v in splits.items()}, "source": str(path or "python docs"),
             "tokenizer": tokenizer.state_dict()}

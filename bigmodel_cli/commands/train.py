@@ -206,6 +206,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
                                                                n_params))
         if start_state is not None:
             trainer.load_state_dict(start_state, start_path)
+            start_state = None  # the loaded copy is the trainer's now: free the checkpoint's memory
             log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
         elif t.init_from:
             source = load_initial_weights(distributed.unwrap(model), t.init_from, trainer.sharded)

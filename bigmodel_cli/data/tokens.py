@@ -29,10 +29,12 @@ def read_meta(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
-                        "run bigmodel prepare again") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise UserError(f"{path} is not valid JSON ({str(err)[:80]}); run bigmodel prepare again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size", 0), int):
+        raise UserError(f"{path} is not a bigmodel prepare meta file; run bigmodel prepare again")
+    return meta
 
 
 class WindowSampler:
@@ -76,9 +78,6 @@ class WindowSampler:
         window = window.to(self.device, non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
-    def batch(self, i: int) -> Batch:
-        return self.finish(self.host_window(i))
-
     def __iter__(self) -> Iterator[Batch]:
         for window in self.host_windows():
             yield self.finish(window)
@@ -113,6 +112,8 @@ class TokenFiles(DataModule):
         super().__init__(batch_size)
         if prefetch is not None and prefetch < 0:
             raise UserError(f"data.prefetch={prefetch} must be 0 (off) or more batches")
+        if vocab_size is not None and vocab_size < 1:
+            raise UserError(f"data.vocab_size must be > 0 (got {vocab_size}); null takes it from meta.json")
         if not dir:
             raise UserError("data=tokens needs data.dir=<folder with train.bin and val.bin>; "
                             "make one with bigmodel prepare")
@@ -129,15 +130,19 @@ class TokenFiles(DataModule):
         self.meta = read_meta(self.folder)
         dtype = self.dtype or self.meta.get("dtype", "uint16")
         if dtype not in DTYPES:
-            raise UserError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
+            where = "data.dtype" if self.dtype else f"{META}'s dtype"
+            raise UserError(f"{where}={dtype} is not supported; use uint16 or uint32")
         vocab = self.vocab_size or self.meta.get("vocab_size")
         if not vocab:
             raise UserError(f"{self.folder} has no {META} to give the vocabulary size; set data.vocab_size "
                             "(e.g. 50304 for GPT-2 tokens)")
+        if vocab < self.meta.get("vocab_size", 0):
+            raise UserError(f"data.vocab_size={vocab} is smaller than the {self.meta['vocab_size']} token ids "
+                            f"of {self.folder}; leave it null to take it from {META}")
         for split in ("train", "val", "test"):
             path = self.folder / f"{split}.bin"
             if path.is_file():
-                self.tokens[split] = np.memmap(path, dtype=DTYPES[dtype], mode="r")
+                self.tokens[split] = self.open_tokens(path, dtype, self.meta.get("tokens", {}).get(split))
             elif split != "test":
                 raise UserError(f"{path} is missing; data=tokens needs train.bin and val.bin")
         self.tokens.setdefault("test", self.tokens["val"])  # nanoGPT-style dirs have no test split
@@ -147,6 +152,19 @@ class TokenFiles(DataModule):
                             "tokens; use more text or a smaller data.block_size")
         self._spec = DataSpec("language_modeling", "tokens", (self.block_size,), int(vocab),
                               vocab_size=int(vocab), block_size=self.block_size)
+
+    @staticmethod
+    def open_tokens(path: Path, dtype: str, expected: Optional[int]) -> np.ndarray:
+        """Memory-map a token file, refusing one that is empty, torn, or of another dtype."""
+        try:
+            tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r")
+        except ValueError:  # empty, or a size that is not a whole number of tokens
+            raise UserError(f"{path} ({path.stat().st_size} bytes) is not a {dtype} token file; check data.dtype "
+                            "or run bigmodel prepare again") from None
+        if expected is not None and len(tokens) != expected:
+            raise UserError(f"{path} holds {len(tokens):,} {dtype} tokens but {META} says {expected:,}; it is "
+                            "incomplete or from another prepare: run bigmodel prepare again")
+        return tokens
 
     def state_dict(self) -> dict:
         return {"tokenizer": self.meta.get("tokenizer")}

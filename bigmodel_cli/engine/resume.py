@@ -18,7 +18,8 @@ log = logging.getLogger("bigmodel")
 # Config sections a resumed run must share with its checkpoint: they fix the shapes of the
 # weights and optimizer state, and what the data position means.
 FIXED_SECTIONS = ("model", "data")
-FIXED_KEYS = ("optim._target_",)
+# The data position is derived from step x accumulation, so accumulation is fixed too.
+FIXED_KEYS = ("optim._target_", "trainer.grad_accum_steps")
 # Keys inside those sections that only change how fast, never what, the run computes.
 FREE_KEYS = ("data.prefetch",)
 # Naming the starting point is not a change of the run.

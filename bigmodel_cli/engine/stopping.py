@@ -32,8 +32,9 @@ from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 
-# Ordered: when ranks disagree, the stronger request wins.
-NOTHING, CHECKPOINT, STOP = 0, 1, 2
+# Ordered: when ranks disagree, the stronger request wins. SAVE: a timed checkpoint, then
+# training goes on; CHECKPOINT (SIGUSR1): a checkpoint, then requeue inside a Slurm job.
+NOTHING, SAVE, CHECKPOINT, STOP = 0, 1, 2, 3
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # The same signal often arrives twice in quick succession (Ctrl-C reaches the launcher
 # and its workers, and the launcher passes it on); only a later one means "now".

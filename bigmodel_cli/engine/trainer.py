@@ -35,7 +35,7 @@ from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
-from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, STOP, StopAgreement, StopSignals, requeue
+from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals, requeue
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.slurm import slurm_job_id
@@ -243,7 +243,7 @@ class Trainer:
                     last_log_time = time.perf_counter()
                 request = self.signals.take()
                 if request == NOTHING and self.env.is_main and self.checkpoints.due_by_time():
-                    request = CHECKPOINT
+                    request = SAVE
                 stopped = self.act_on(agreement.poll(request))
                 if stopped:
                     break
@@ -284,6 +284,8 @@ class Trainer:
         if request == NOTHING:
             return None
         path = self.save()
+        if request == SAVE:  # trainer.checkpoint_every_min: saved, and training goes on
+            return None
         job_id = slurm_job_id()
         if request == CHECKPOINT and not (job_id and self.cfg.requeue_command):
             if self.signals.signal_name:  # this rank got the signal: say what happened

@@ -45,8 +45,7 @@ class Telemetry:
         self.sinks: List[Sink] = []
         if active:
             configs = loggers if loggers is not None else {"jsonl": {"_target_": "bigmodel_cli.telemetry.sinks.JsonlSink"}}
-            for name, config in configs.items():
-                self.sinks.append(build_sink(name, config, run_dir, resume_step))
+            self.sinks = [build_sink(config, run_dir, resume_step) for config in configs.values()]
         self.bar: Optional[ProgressBar] = ProgressBar() if active and wants_bar(progress) else None
         self.start_time = time.perf_counter()
 
@@ -90,7 +89,7 @@ class Telemetry:
             sink.close()
 
 
-def build_sink(name: str, config: Mapping[str, Any], run_dir: Path, resume_step: int) -> Sink:
+def build_sink(config: Mapping[str, Any], run_dir: Path, resume_step: int) -> Sink:
     from bigmodel_cli.build import import_object
 
     settings = {k: v for k, v in dict(config).items() if k != "_target_"}

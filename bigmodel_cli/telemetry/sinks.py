@@ -43,8 +43,8 @@ class Sink:
 class JsonlSink(Sink):
     """One JSON object per line, flushed per record so a killed run keeps what it logged."""
 
-    def __init__(self, run_dir: Path, resume_step: int = 0, filename: str = "metrics.jsonl"):
-        self.path = run_dir / filename
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = run_dir / "metrics.jsonl"
         truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -77,8 +77,8 @@ class CsvSink(Sink):
     first seen later (val/loss after the first train row) widens the header, which
     rewrites the file once."""
 
-    def __init__(self, run_dir: Path, resume_step: int = 0, filename: str = "metrics.csv"):
-        self.path = run_dir / filename
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = run_dir / "metrics.csv"
         rows: List[Dict[str, str]] = []
         self.columns: List[str] = ["step"]
         if self.path.exists():
