@@ -14,7 +14,7 @@ from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
 from bigmodel_cli.data.base import DataModule, DataSpec
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.errors import UserError, first_line
 
 log = logging.getLogger("bigmodel")
 
@@ -73,11 +73,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module):
                         f"{first_line(err)}); check the optim.* values") from None
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
 def builtin_models_for(kind: str) -> list[str]:
     names = []
     for name, schema in SCHEMAS["model"].items():
@@ -99,9 +94,9 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
     target_path = cfg.get("_target_")
     try:
         target = import_object(target_path)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"model._target_={target_path} cannot be imported ({err}); "
-                        "give the full dotted path of an nn.Module class") from None
+    except Exception as err:  # a missing name, or the user's module failing as it is imported
+        raise UserError(f"model._target_={target_path} cannot be imported ({type(err).__name__}: "
+                        f"{first_line(err)}); give the full dotted path of an nn.Module class") from None
     kinds = getattr(target, "input_kinds", None)
     if kinds is not None and spec.input_kind not in kinds:
         model_name = model_name or getattr(target, "__name__", str(target_path))
@@ -128,7 +123,7 @@ def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None
     try:
         with torch.no_grad():
             out = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except Exception as err:  # the model's own code: whatever it raises means it cannot read this data
         raise UserError(f"{type(model).__name__} cannot read this data: input {tuple(x.shape[1:])} per sample "
                         f"failed with {type(err).__name__}: {first_line(err)}") from None
     finally:

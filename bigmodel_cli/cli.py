@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import sys
 from typing import List, Optional
 
@@ -47,26 +48,23 @@ def usage() -> str:
 
 def quiet_rank_overrides() -> List[str]:
     """Under torchrun or srun every rank runs Hydra. Only rank 0 may make a run dir and own
-    the console; the others write nothing until they learn rank 0's run dir."""
+    the console; the others write nothing until they learn rank 0's run dir (and then only
+    their own train_rank{k}.log)."""
     import os
 
-    if "RANK" in os.environ:
-        rank = os.environ["RANK"]
-    elif int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:  # inside `srun -n N`
-        rank = os.environ.get("SLURM_PROCID", "0")
-    else:
-        return []
-    if rank == "0":
+    from bigmodel_cli.run_lock import quiet_rank
+
+    if not quiet_rank():
         return []
     import atexit
     import shutil
     import tempfile
 
     # A multirun sweep still makes its job folders: put them in scratch space, then drop it.
-    scratch = os.path.join(tempfile.gettempdir(), f"bigmodel-rank{rank}-{os.getpid()}")
+    scratch = tempfile.mkdtemp(prefix=f"bigmodel-rank{os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return ["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={scratch}",
-            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+            "hydra/job_logging=quiet_rank", "hydra/hydra_logging=disabled"]
 
 
 def shell_completion(argv: List[str]) -> int:
@@ -130,8 +128,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     module_name, _ = COMMANDS[name]
     # Hydra parses sys.argv itself; show it the command's own arguments only.
     sys.argv = [f"bigmodel {name}"] + argv[1:] + quiet_rank_overrides()
-    module = importlib.import_module(module_name)
-    module.main()
+    # A failing log handler (a full disk) must not print a traceback of its own.
+    logging.raiseExceptions = False
+    if name == "train":  # from the start, so that a stop signal during set-up is acted on
+        from bigmodel_cli.signals import SIGNALS
+
+        with SIGNALS.installed():
+            importlib.import_module(module_name).main()
+    else:
+        importlib.import_module(module_name).main()
     from bigmodel_cli.errors import EXIT_USER_ERROR, FAILED_JOBS
 
     if FAILED_JOBS:  # multirun jobs that failed; the others ran to the end

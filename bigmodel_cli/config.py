@@ -385,6 +385,9 @@ class PrepareConfig:
 @dataclass
 class GenerateConfig:
     ckpt: str = MISSING
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
     prompt: str = ""
     max_new_tokens: int = 200
     temperature: float = 0.8
@@ -407,6 +410,9 @@ class EvalConfig:
     eval_batches: Optional[int] = None
     # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
     data: Dict[str, Any] = field(default_factory=dict)
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
 
 
 SCHEMAS = {
@@ -443,6 +449,18 @@ def _require(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+# Seeds feed NumPy (32-bit) and derived seeds (seed x 1,000,003 + epoch): keep them 32-bit.
+MAX_SEED = 2**32 - 1
+# A collective that may wait longer than a week is a hang; timedelta and c10d overflow far above.
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _in_range(cfg: DictConfig, dotted: str, low: float, high: float) -> None:
+    value = OmegaConf.select(cfg, dotted)
+    if value is not None:
+        _require(low <= value <= high, f"{dotted} must be between {low:,} and {high:,} (got {value})")
+
+
 def _positive(cfg: DictConfig, dotted: str, example: str) -> None:
     value = OmegaConf.select(cfg, dotted)
     if value is not None:
@@ -474,6 +492,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.checkpoint_every", "500")
     _positive(cfg, "trainer.checkpoint_every_min", "30")
     _positive(cfg, "trainer.keep_last", "2")
+    _in_range(cfg, "trainer.seed", 0, MAX_SEED)
+    _in_range(cfg, "data.seed", 0, MAX_SEED)
+    _in_range(cfg, "trainer.dist_timeout_s", 0, MAX_DIST_TIMEOUT_S)
     t = cfg.trainer
     _require(t.max_steps is not None or t.max_epochs is not None,
              "trainer.max_steps and trainer.max_epochs are both null; set one, "

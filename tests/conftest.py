@@ -51,9 +51,13 @@ def run_cli(tmp_path):
     return run
 
 
-@pytest.fixture
-def compose():
-    """Compose the train config in-process, exactly as `bigmodel train OVERRIDES` would."""
+def outcome_lines(stderr: str) -> List[str]:
+    """The lines that tell how a command ended (the rest of stderr is the run's own log)."""
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "stopped:", "interrupted:"))]
+
+
+def compose_config(*overrides: str, config_name: str = "train"):
+    """Compose a command's config in-process, exactly as `bigmodel train OVERRIDES` would."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -61,14 +65,18 @@ def compose():
     from bigmodel_cli.config import register_configs
 
     register_configs()
-
-    def make(*overrides: str, config_name: str = "train"):
-        GlobalHydra.instance().clear()
+    GlobalHydra.instance().clear()
+    try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
 
-    yield make
-    GlobalHydra.instance().clear()
+
+@pytest.fixture
+def compose():
+    """compose_config, as a fixture."""
+    yield compose_config
 
 
 def slurm_is_up() -> bool:

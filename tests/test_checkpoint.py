@@ -7,6 +7,15 @@ from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint, 
 from bigmodel_cli.errors import UserError
 
 
+def record(**fields):
+    """What a `bigmodel train` checkpoint holds besides its weights (load_checkpoint checks it)."""
+    return {"step": 0, "epoch": 0.0, "config": {"model": {}, "data": {}, "trainer": {}}, "choices": {},
+            "data": {}, "spec": {"task": "classification", "input_kind": "vector", "input_shape": [4],
+                                 "num_outputs": 2, "vocab_size": None, "block_size": None},
+            "best": {}, "scheduler": {}, "scaler": {}, "rng": [], "world_size": 1, "data_position": {},
+            "model": {}, "optimizer": {}, **fields}
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -17,7 +26,7 @@ class RunsCode:
 
 def test_round_trip_and_no_leftovers(tmp_path):
     path = tmp_path / "ck" / "last.pt"
-    save_checkpoint({"model": {"w": torch.ones(3)}, "step": 7}, path)
+    save_checkpoint(record(model={"w": torch.ones(3)}, step=7), path)
     state = load_checkpoint(path)
     assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
@@ -25,15 +34,15 @@ def test_round_trip_and_no_leftovers(tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"step": 1}, path)
+    save_checkpoint(record(step=1), path)
 
     def broken_save(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_checkpoint({"step": 2}, path)
+    with pytest.raises(UserError, match="could not write .*last.pt: disk full"):
+        save_checkpoint(record(step=2), path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -52,7 +61,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 def test_corrupt_or_truncated(tmp_path, content):
     path = tmp_path / "bad.pt"
     if content is None:  # a real checkpoint cut short
-        save_checkpoint({"model": {"w": torch.randn(1000)}}, path)
+        save_checkpoint(record(model={"w": torch.randn(1000)}), path)
         content = path.read_bytes()[:2000]
     path.write_bytes(content)
     with pytest.raises(UserError, match="corrupt or truncated"):
@@ -68,9 +77,9 @@ def test_not_a_bigmodel_checkpoint(tmp_path):
 
 def test_resolve_run_dir_prefers_best(tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    save_checkpoint({}, tmp_path / "checkpoints" / "last.pt")
+    save_checkpoint(record(), tmp_path / "checkpoints" / "last.pt")
     assert resolve_checkpoint(str(tmp_path)).name == "last.pt"
-    save_checkpoint({}, tmp_path / "checkpoints" / "best.pt")
+    save_checkpoint(record(), tmp_path / "checkpoints" / "best.pt")
     assert resolve_checkpoint(str(tmp_path)).name == "best.pt"
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -83,10 +92,10 @@ def test_resolve_run_dir_prefers_best(tmp_path):
 def test_resolve_finds_sharded_folders(tmp_path):
     shards = tmp_path / "checkpoints" / "best.dcp"
     shards.mkdir(parents=True)
-    save_checkpoint({"step": 3}, shards / "meta.pt")
+    save_checkpoint(record(step=3), shards / "meta.pt")
     assert resolve_checkpoint(str(tmp_path)) == shards
     assert resolve_checkpoint(str(shards)) == shards
-    state = load_checkpoint(shards)
+    state = load_checkpoint(shards, verify=False)  # (no DCP shards here: the record alone)
     assert state["step"] == 3 and state["sharded_dir"] == str(shards)
 
 
@@ -95,7 +104,7 @@ def test_step_checkpoints_aliases_and_pruning_keep_the_best(tmp_path):
 
     manager = CheckpointManager(tmp_path, sharded=False, keep_last=2)
     for step, best in ((10, False), (20, True), (30, False), (40, False)):
-        manager.save(step, {"step": step}, model=None, optimizer=None, is_best=best)
+        manager.save(step, record(step=step), model=None, optimizer=None, is_best=best)
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000020.pt", "step_00000030.pt",
                                                              "step_00000040.pt"]

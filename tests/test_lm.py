@@ -61,7 +61,7 @@ def make_token_dir(folder, train_tokens: int, sparse: bool = False, meta: bool =
         with open(folder / "train.bin", "wb") as f:
             f.truncate(train_tokens * 2)
     else:
-        np.arange(train_tokens, dtype=np.uint16).tofile(folder / "train.bin")
+        (np.arange(train_tokens) % 50257).astype(np.uint16).tofile(folder / "train.bin")  # GPT-2's ids
     (np.arange(1000) % 50).astype(np.uint16).tofile(folder / "val.bin")
     if meta:
         (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50304}))

@@ -38,11 +38,13 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.build import build_data, build_model
-    from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, resolve_checkpoint
+    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
     from bigmodel_cli.engine.device import check_precision, resolve_device, use_tf32
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
+    from bigmodel_cli.engine.weights import load_weights
     from bigmodel_cli.telemetry import write_json
+    from bigmodel_cli.trust import vetted_config
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("no checkpoint given; run bigmodel eval ckpt=<checkpoint file or run dir>")
@@ -53,7 +55,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     check_precision(cfg.precision, device, key="precision")
     path = resolve_checkpoint(cfg.ckpt)
     state = load_checkpoint(path)
-    train_cfg = OmegaConf.create(state["config"])
+    train_cfg = vetted_config(state["config"], path, cfg.trusted_targets)
     changed = [k for k in SPLIT_KEYS if k in cfg.data and cfg.data[k] != train_cfg.data.get(k)]
     if changed:
         raise UserError(f"data.{changed[0]} would re-split the data, mixing training samples into the "
@@ -61,28 +63,20 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
     if cfg.batch_size is not None:
         data_cfg.batch_size = cfg.batch_size
-    data = build_data(data_cfg, state.get("data"))
-    names = state.get("choices", {})
+    data = build_data(data_cfg, state["data"])
+    names = state["choices"]
     model = build_model(train_cfg.model, data.spec, names.get("model", ""), names.get("data", ""))
-    try:
-        if "sharded_dir" in state:  # an FSDP run's checkpoint, read into one process
-            load_sharded_model(model, Path(state["sharded_dir"]))
-        else:
-            model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"the weights in {path} do not fit the model its config builds with this "
-                        f"data ({detail[:200]}); evaluate with the data settings it trained on") from None
+    load_weights(model, state, path)
     model.to(device).eval()
     data.to(device)
-    use_tf32(train_cfg.trainer.get("tf32", True), device)  # the matmul precision it trained with
+    use_tf32(bool(train_cfg.trainer.get("tf32", True)), device)  # the matmul precision it trained with
     task = task_for(data.spec.task)
     metrics = evaluate_model(model, data, task, cfg.split, cfg.precision, device, cfg.eval_batches)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_json(run_dir / "eval.json", {
-        "checkpoint": str(path.absolute()), "step": state.get("step"), "split": cfg.split,
+        "checkpoint": str(path.absolute()), "step": state["step"], "split": cfg.split,
         "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
-    print_table(f"{cfg.split} split | {path} | step {state.get('step')}", metrics)
+    print_table(f"{cfg.split} split | {path} | step {state['step']}", metrics)
     log.debug("eval.json written to %s", run_dir)
     return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import List
@@ -18,36 +19,35 @@ log = logging.getLogger("bigmodel")
 register_configs()
 
 
-def load_language_model(ckpt: str, device):
+def load_language_model(ckpt: str, device, trusted_targets=()):
     """The model and tokenizer a checkpoint was trained with (its config rebuilds it)."""
     from bigmodel_cli.build import build_model
     from bigmodel_cli.data.base import DataSpec
     from bigmodel_cli.data.tokenizers import CharTokenizer, tokenizer_from_state
-    from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, resolve_checkpoint
+    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
     from bigmodel_cli.engine.device import use_tf32
+    from bigmodel_cli.engine.weights import load_weights
+    from bigmodel_cli.trust import vetted_config
 
     path = resolve_checkpoint(ckpt)
     state = load_checkpoint(path)
-    spec_fields = dict(state.get("spec") or {})
-    if spec_fields.get("task") != "language_modeling":
-        raise UserError(f"{path} is not a language model (task {spec_fields.get('task')}); generate needs "
+    spec_fields = dict(state["spec"])
+    if spec_fields["task"] != "language_modeling":
+        raise UserError(f"{path} is not a language model (task {spec_fields['task']}); generate needs "
                         "one trained with data=text or data=tokens")
+    config = vetted_config(state["config"], path, trusted_targets, sections=("model",))
     spec_fields["input_shape"] = tuple(spec_fields["input_shape"])
-    spec = DataSpec(**spec_fields)
-    data_state = state.get("data") or {}
-    tokenizer = (CharTokenizer(data_state["vocab"]) if data_state.get("vocab")
-                 else tokenizer_from_state(data_state.get("tokenizer")))
+    spec = DataSpec(**{k: spec_fields[k] for k in DataSpec.__dataclass_fields__})
+    data_state = state["data"]
+    tokenizer = (CharTokenizer.from_vocab(data_state["vocab"], f"the vocabulary in {path}") if data_state.get("vocab")
+                 else tokenizer_from_state(data_state.get("tokenizer"), f"the tokenizer in {path}"))
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer (its token files had no meta.json); prepare the data "
                         "with bigmodel prepare to generate text")
-    names = state.get("choices", {})
-    config = OmegaConf.create(state["config"])
+    names = state["choices"]
     model = build_model(config.model, spec, names.get("model", ""), names.get("data", ""))
-    use_tf32(config.trainer.get("tf32", True), device)  # the matmul precision it trained with
-    if "sharded_dir" in state:
-        load_sharded_model(model, Path(state["sharded_dir"]))
-    else:
-        model.load_state_dict(state["model"])
+    use_tf32(bool(config.trainer.get("tf32", True)), device)  # the matmul precision it trained with
+    load_weights(model, state, path)
     return model.to(device).eval(), tokenizer, spec, path
 
 
@@ -72,8 +72,12 @@ def generate(cfg: DictConfig) -> List[str]:
             raise UserError(f"{key} must be >= 1 (got {cfg[key]})")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise UserError(f"top_k must be >= 1 or null (got {cfg.top_k})")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise UserError(f"temperature must be a number >= 0 (got {cfg.temperature}); 0 is greedy, e.g. temperature=0.8")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"seed must be between 0 and {2**63 - 1} (got {cfg.seed})")
     device = resolve_device(cfg.device, key="device")
-    model, tokenizer, spec, path = load_language_model(cfg.ckpt, device)
+    model, tokenizer, spec, path = load_language_model(cfg.ckpt, device, cfg.trusted_targets)
     prompt_ids = [int(i) for i in tokenizer.encode(cfg.prompt)] if cfg.prompt else start_token(tokenizer)
     hidden = 0 if cfg.prompt else len(prompt_ids)  # an empty prompt's start token is not shown
     log.info("sampling from %s (%s tokenizer, temperature %s, top_k %s)", path, tokenizer.kind,

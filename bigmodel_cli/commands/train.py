@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from bigmodel_cli import run_lock
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import plain_config, register_configs, validate_train_config
-from bigmodel_cli.errors import TrainingStopped, UserError, report_user_errors
+from bigmodel_cli.engine.files import WriteFailed
+from bigmodel_cli.errors import EXIT_INTERRUPTED, TrainingStopped, UserError, first_line, report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -24,7 +29,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
 def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
-    """A run dir is new, or (trainer.resume=auto) holds an unfinished run to continue."""
+    """A run dir is new, or (trainer.resume=auto) holds an unfinished run to continue.
+    The caller holds its lock, so nothing else writes into it meanwhile."""
     from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, list_step_checkpoints
 
     taken = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
@@ -42,25 +48,38 @@ def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def agree_on_run_dir(run_dir: Path, env, resume: str = "none") -> Path:
-    """Rank 0 claims its run dir and every rank adopts it (under torchrun each rank ran
-    Hydra on its own, and only rank 0's run dir is real)."""
+@contextmanager
+def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bool = False) -> Iterator[Path]:
+    """Rank 0 locks and claims its run dir for the block, and every rank adopts it (under
+    torchrun each rank ran Hydra on its own, and only rank 0's run dir is real). Workers of
+    our launcher run under their parent's lock."""
     from bigmodel_cli.engine import distributed
 
     claimed: Any = str(run_dir)
-    if env.is_main:
+    lock = env.is_main and not locked_by_parent
+    if lock:
+        try:
+            run_lock.acquire(run_dir)
+        except UserError as err:
+            claimed, lock = err, False
+    if env.is_main and not isinstance(claimed, UserError):
         try:
             claim_run_dir(run_dir, resume)
         except UserError as err:
             claimed = err
-    claimed = distributed.broadcast_from_main(claimed)
-    if isinstance(claimed, UserError):
-        raise claimed
-    return Path(claimed)
+    try:
+        claimed = distributed.broadcast_from_main(claimed)
+        if isinstance(claimed, UserError):
+            raise claimed
+        yield Path(claimed)
+    finally:
+        if lock:
+            run_lock.release(run_dir)
 
 
 def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str]) -> Dict[str, Any]:
-    """trainer.devices=N from one process: start N ranks, each running `run_worker`."""
+    """trainer.devices=N from one process: start N ranks, each running `run_worker`, while
+    this process holds the run dir's lock for them."""
     import os
 
     import torch
@@ -76,8 +95,12 @@ def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], over
         raise UserError(f"trainer.devices={t.devices} but this machine has {available} {kind}; "
                         f"use trainer.devices={available} or fewer")
     log.info("launching %d worker processes per node on %d node(s)", t.devices, t.num_nodes)
-    results = launch(run_worker, (OmegaConf.to_container(cfg), str(run_dir), choices, list(overrides)),
-                     t.devices, t.num_nodes)
+    with run_lock.holding(run_dir):
+        try:
+            results = launch(run_worker, (OmegaConf.to_container(cfg), str(run_dir), choices, list(overrides)),
+                             t.devices, t.num_nodes, timeout_s=t.dist_timeout_s)
+        except TrainingStopped as stop:  # before the workers could checkpoint
+            raise TrainingStopped(f"{stop}; {how_to_continue(run_dir)}") from None
     result = results[0] if 0 in results else next(iter(results.values()))
     if isinstance(result, dict) and "error" in result:
         raise UserError(result["error"])
@@ -86,23 +109,44 @@ def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], over
     return result
 
 
-def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overrides: Sequence[str]):
+def how_to_continue(run_dir: Path) -> str:
+    return f"continue with the same command plus hydra.run.dir={run_dir} trainer.resume=auto"
+
+
+def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overrides: Sequence[str], link):
     """Entry point of a launched worker process (rank and world come from the environment).
-    A user error comes back as {"error": message} so the parent reports it once."""
-    try:
-        return train(OmegaConf.create(cfg), Path(run_dir), choices, overrides)
-    except UserError as err:
-        log.debug("error: %s", err)
-        return {"error": str(err)}
-    except TrainingStopped as stop:
-        return {"stopped": str(stop)}
+    A user error or a stop comes back as a value, so the parent reports it once; anything
+    else is logged to this rank's log, told to the parent through `link` (a WorkerLink),
+    and ends this worker with exit code 1, without a traceback on the console."""
+    from bigmodel_cli.engine.stopping import SIGNALS
+
+    with SIGNALS.installed():
+        # After the handlers: the parent forwards SIGUSR1 once this exists. It watches the
+        # parent until this process ends (after returning, the worker still waits for the
+        # parent to collect the result).
+        watch = link.watch()
+        try:
+            return train(OmegaConf.create(cfg), Path(run_dir), choices, overrides, locked_by_parent=True)
+        except UserError as err:
+            log.debug("error: %s", err)
+            watch.failed(str(err), waiting=False)
+            return {"error": str(err)}
+        except TrainingStopped as stop:
+            return {"stopped": str(stop)}
+        except KeyboardInterrupt:
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except Exception as err:
+            log.debug("worker failed", exc_info=True)
+            watch.failed(f"{type(err).__name__}: {first_line(err)}", detail=traceback.format_exc())
+            raise SystemExit(1) from None
 
 
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
-          overrides: Sequence[str] = ()) -> Dict[str, Any]:
+          overrides: Sequence[str] = (), locked_by_parent: bool = False) -> Dict[str, Any]:
     """Train as `cfg` says, writing into `run_dir`; returns the summary (also summary.json).
 
     `choices` are the group options picked (for messages: model=gpt, data=digits).
+    `locked_by_parent`: a launched worker, whose parent holds the run dir's lock.
     """
     # torch and the engine load here, after Hydra has parsed argv (fast --help).
     from bigmodel_cli.engine import distributed
@@ -128,8 +172,28 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     # From here on a stop signal is acted on between steps (or before the first one).
     with SIGNALS.installed() as signals:
         distributed.init(env, t.backend, device, t.dist_timeout_s)
-        run_dir = agree_on_run_dir(run_dir, env, t.resume)
-        return train_in_run_dir(cfg, run_dir, choices, overrides, env, device, signals)
+        with owned_run_dir(run_dir, env, t.resume, locked_by_parent) as run_dir:
+            try:
+                return train_in_run_dir(cfg, run_dir, choices, overrides, env, device, signals)
+            except (WriteFailed, OSError) as err:
+                if isinstance(err, OSError) and err.errno not in DISK_ERRORS:
+                    raise
+                raise disk_failure(err, run_dir) from None
+
+
+# What a full, failing or read-only disk raises while the run writes its files.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+def disk_failure(err: Exception, run_dir: Path) -> UserError:
+    """One line: what could not be written and why, and the checkpoint to continue from."""
+    from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, list_step_checkpoints
+    from bigmodel_cli.errors import describe_unexpected
+
+    steps = list_step_checkpoints(run_dir / CHECKPOINT_DIR)
+    kept = f"the last good checkpoint is {steps[-1][1]}" if steps else "no checkpoint was written"
+    reason = str(err) if isinstance(err, UserError) else describe_unexpected(err)
+    return UserError(f"{reason}; {kept}; free some space, then run the same command to continue")
 
 
 def torch_cuda_count() -> int:
@@ -140,6 +204,8 @@ def torch_cuda_count() -> int:
 
 def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],
                      env, device, signals) -> Dict[str, Any]:
+    import os
+
     import torch
 
     from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
@@ -157,7 +223,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     t = cfg.trainer
     if env.is_distributed:
         attach_rank_log(run_dir, env.rank, console=env.is_main)
-        log.info("rank %d of %d (%s), device %s", env.rank, env.world_size, env.source, device)
+        log.info("rank %d of %d (%s), pid %d, device %s", env.rank, env.world_size, env.source, os.getpid(), device)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
     start_path, start_state = starting_checkpoint(t.resume, run_dir, env)
     if start_state is not None:
@@ -209,7 +275,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
             start_state = None  # the loaded copy is the trainer's now: free the checkpoint's memory
             log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
         elif t.init_from:
-            source = load_initial_weights(distributed.unwrap(model), t.init_from, trainer.sharded)
+            source = load_initial_weights(distributed.unwrap(model), t.init_from)
             log.info("weights from %s; optimizer and step start fresh", source)
         log.info("plan: %s", trainer.describe())
         result = trainer.fit()
@@ -228,7 +294,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     if stopped:
         saved = f"checkpoint {stopped['checkpoint']}" if stopped["checkpoint"] else "no new checkpoint"
         again = ("the requeued job continues from it" if "requeued" in stopped["action"] else
-                 f"continue with the same command plus hydra.run.dir={run_dir} trainer.resume=auto")
+                 how_to_continue(run_dir))
         raise TrainingStopped(f"{stopped['cause']}: {stopped['action']} at step {stopped['step']} of "
                               f"{trainer.total_steps} with {saved}; {again}")
 

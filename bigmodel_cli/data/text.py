@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
+from bigmodel_cli.data.tokenizers import vocabulary_problem
 from bigmodel_cli.errors import UserError
 
 
@@ -132,7 +133,11 @@ class CharText(DataModule):
         return {"vocab": self.vocab}
 
     def load_state_dict(self, state: dict) -> None:
-        self.vocab = state.get("vocab")
+        vocab = state.get("vocab")
+        problem = vocabulary_problem(vocab) if vocab is not None else None
+        if problem:
+            raise UserError(f"the stored vocabulary is broken ({problem}); use another checkpoint")
+        self.vocab = vocab
 
     def setup(self) -> None:
         text = builtin_corpus() if self.path is None else read_corpus(self.path)

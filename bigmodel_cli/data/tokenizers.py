@@ -6,11 +6,12 @@ Each is saved as plain JSON-able state (in meta.json, and in checkpoints), never
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.errors import UserError, first_line
 
 
 class CharTokenizer:
@@ -18,6 +19,14 @@ class CharTokenizer:
 
     def __init__(self, vocab: List[str]):
         self.vocab = list(vocab)
+
+    @classmethod
+    def from_vocab(cls, vocab: Any, where: str) -> "CharTokenizer":
+        """From a stored vocabulary (a checkpoint's): a UserError naming `where` if it is broken."""
+        problem = vocabulary_problem(vocab)
+        if problem:
+            raise UserError(f"{where} is broken ({problem}); use another checkpoint")
+        return cls(vocab)
 
     @classmethod
     def fit(cls, text: str, vocab_size: Optional[int] = None) -> "CharTokenizer":
@@ -119,14 +128,50 @@ def _chunks(text: str, size: int = 1 << 16):
 TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
 
 
-def tokenizer_from_state(state: Optional[Dict[str, Any]]):
+def tokenizer_problem(state: Any) -> Optional[str]:
+    """What makes a stored tokenizer state (meta.json, a checkpoint) unusable, or None.
+    Checked when the data is opened, so that `generate` never meets a broken one."""
+    if not isinstance(state, dict):
+        return f"it is a {type(state).__name__}, not a table"
+    kind = state.get("kind")
+    if kind not in TOKENIZERS:
+        return f"unknown tokenizer kind {str(kind)[:40]!r}; expected char, byte or bpe"
+    if kind == "char":
+        return vocabulary_problem(state.get("vocab"))
+    if kind == "bpe":
+        try:
+            parsed = json.loads(state.get("json"))
+        except (TypeError, ValueError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            return "its BPE tokenizer is not a JSON object"
+    return None
+
+
+def vocabulary_problem(vocab: Any) -> Optional[str]:
+    if not isinstance(vocab, list) or not vocab:
+        return "its character vocabulary is not a list of characters"
+    if not all(isinstance(c, str) and len(c) == 1 for c in vocab) or len(set(vocab)) != len(vocab):
+        return "its character vocabulary holds something other than distinct single characters"
+    return None
+
+
+def tokenizer_from_state(state: Optional[Dict[str, Any]], where: str = "the data's meta.json"):
+    """The tokenizer a state describes (None for none); a UserError naming `where` if it is broken."""
     if not state:
         return None
-    kind = state.get("kind")
+    problem = tokenizer_problem(state)
+    if problem:
+        raise UserError(f"{where} is broken ({problem}); run bigmodel prepare again")
+    kind = state["kind"]
     if kind == "char":
         return CharTokenizer(state["vocab"])
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "bpe":
+    try:
         return BPETokenizer.from_state(state)
-    raise UserError(f"unknown tokenizer kind {kind!r} in the data's meta.json; expected char, byte or bpe")
+    except UserError:
+        raise
+    except Exception as err:  # the tokenizers library's own parse errors
+        raise UserError(f"{where} is broken (its BPE tokenizer does not load: {first_line(err)}); "
+                        "run bigmodel prepare again") from None

@@ -18,6 +18,7 @@ import torch
 
 from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
 from bigmodel_cli.data.prefetch import Prefetched
+from bigmodel_cli.data.tokenizers import tokenizer_problem
 from bigmodel_cli.errors import UserError
 
 META = "meta.json"
@@ -34,7 +35,27 @@ def read_meta(folder: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({str(err)[:80]}); run bigmodel prepare again") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size", 0), int):
         raise UserError(f"{path} is not a bigmodel prepare meta file; run bigmodel prepare again")
+    tokenizer = meta.get("tokenizer")
+    problem = tokenizer_problem(tokenizer) if tokenizer is not None else None
+    if problem:
+        raise UserError(f"{path} has a broken tokenizer ({problem}); run bigmodel prepare again")
     return meta
+
+
+def gather_windows(tokens: np.ndarray, index: np.ndarray, vocab_size: Optional[int], source: str) -> torch.Tensor:
+    """tokens[index] as int64, refusing ids the model has no embedding for. Checked on the
+    host per batch (a max over a few thousand ids), so an unchecked id never reaches the
+    device, where it would be an opaque index error or a device-side assert."""
+    window = tokens[index]
+    if vocab_size is not None and window.size and int(window.max()) >= vocab_size:
+        raise token_out_of_range(int(window.max()), vocab_size, source)
+    return torch.from_numpy(window.astype(np.int64))
+
+
+def token_out_of_range(token: int, vocab_size: int, source: str) -> UserError:
+    return UserError(f"{source} holds token id {token:,}, but the vocabulary has {vocab_size:,} ids; set "
+                     f"data.vocab_size to at least {token + 1:,} (GPT-2 tokens: 50304), or prepare the data "
+                     "again with bigmodel prepare")
 
 
 class WindowSampler:
@@ -46,9 +67,11 @@ class WindowSampler:
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, device: torch.device = torch.device("cpu")):
+                 world_size: int = 1, device: torch.device = torch.device("cpu"),
+                 vocab_size: Optional[int] = None, source: str = "the token file"):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.vocab_size, self.source = vocab_size, source
         self.epoch, self.start = 0, 0
         self._window = np.arange(block_size + 1, dtype=np.int64)
 
@@ -64,7 +87,7 @@ class WindowSampler:
         gen = torch.Generator().manual_seed(seed % (2**63))
         high = len(self.tokens) - self.block_size - 1
         starts = torch.randint(0, high + 1, (self.batch_size,), generator=gen).numpy()
-        window = torch.from_numpy(self.tokens[starts[:, None] + self._window].astype(np.int64))
+        window = gather_windows(self.tokens, starts[:, None] + self._window, self.vocab_size, self.source)
         return window.pin_memory() if self.device.type == "cuda" else window
 
     def host_windows(self) -> Iterator[torch.Tensor]:
@@ -87,8 +110,10 @@ class SequentialTokenWindows:
     """Non-overlapping windows in order (evaluation), every world_size-th for this rank."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, device: torch.device = torch.device("cpu")):
+                 world_size: int = 1, device: torch.device = torch.device("cpu"),
+                 vocab_size: Optional[int] = None, source: str = "the token file"):
         self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+        self.vocab_size, self.source = vocab_size, source
         self.window_ids = range(rank, (len(tokens) - 1) // block_size, world_size)
         self._window = np.arange(block_size + 1, dtype=np.int64)
 
@@ -98,7 +123,8 @@ class SequentialTokenWindows:
     def __iter__(self) -> Iterator[Batch]:
         for first in range(0, len(self.window_ids), self.batch_size):
             ids = np.asarray(self.window_ids[first:first + self.batch_size], dtype=np.int64)
-            window = torch.from_numpy(self.tokens[ids[:, None] * self.block_size + self._window].astype(np.int64))
+            window = gather_windows(self.tokens, ids[:, None] * self.block_size + self._window, self.vocab_size,
+                                    self.source)
             window = window.to(self.device, non_blocking=self.device.type == "cuda")
             yield window[:, :-1], window[:, 1:]
 
@@ -152,6 +178,16 @@ class TokenFiles(DataModule):
                             "tokens; use more text or a smaller data.block_size")
         self._spec = DataSpec("language_modeling", "tokens", (self.block_size,), int(vocab),
                               vocab_size=int(vocab), block_size=self.block_size)
+        self.check_token_ids(int(vocab))
+
+    def check_token_ids(self, vocab_size: int, head: int = 1 << 24) -> None:
+        """Look at the first `head` ids of each file at once (a few milliseconds), so that
+        a vocabulary too small for the files is refused at start; batches check the rest."""
+        for split in ("train", "val", "test"):
+            if split in self.tokens and len(self.tokens[split]):
+                largest = int(self.tokens[split][:head].max())
+                if largest >= vocab_size:
+                    raise token_out_of_range(largest, vocab_size, self.source(split))
 
     @staticmethod
     def open_tokens(path: Path, dtype: str, expected: Optional[int]) -> np.ndarray:
@@ -175,7 +211,7 @@ class TokenFiles(DataModule):
 
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
         sampler = WindowSampler(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
-                                self.device)
+                                self.device, self.spec.vocab_size, self.source("train"))
         depth = self.prefetch if self.prefetch is not None else (2 if self.device.type == "cuda" else 0)
         # The sampler draws from its own seeded generators, never the global RNG: safe in a thread.
         return Prefetched(sampler, depth) if depth else sampler
@@ -183,7 +219,12 @@ class TokenFiles(DataModule):
     def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
         check_split(split, self.tokens)
         return SequentialTokenWindows(self.tokens[split], self.block_size, batch_size or self.batch_size,
-                                      rank, world_size, self.device)
+                                      rank, world_size, self.device, self.spec.vocab_size, self.source(split))
+
+    def source(self, split: str) -> str:
+        # A nanoGPT-style folder has no test.bin: its val.bin serves as the test split.
+        name = split if (self.folder / f"{split}.bin").is_file() else "val"
+        return str(self.folder / f"{name}.bin")
 
     def units_per_sample(self) -> int:
         return self.block_size

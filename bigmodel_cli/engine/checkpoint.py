@@ -6,135 +6,43 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from bigmodel_cli.engine import sharded
+from bigmodel_cli.engine.files import atomic_write, check_zip_archive, refusal_reason, replace_dir
 from bigmodel_cli.errors import UserError
 
 FORMAT = "bigmodel-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
-# A sharded (FSDP) checkpoint is a folder NAME.dcp: torch.distributed.checkpoint shards of
-# the model and optimizer, plus META with everything else (step, config, ...).
+# A sharded (FSDP) checkpoint is a folder NAME.dcp (engine/sharded.py).
 SHARDED_SUFFIX = ".dcp"
-META = "meta.pt"
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
+    torch.save records a CRC-32 per archive member, which `load_checkpoint` checks.
     """
-    _atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Atomically make `dst` a copy of `src` (cheaper than serialising the state again)."""
     with open(src, "rb") as source:
-        _atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it owner-only)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
-    """Every rank writes its shards into a temporary folder that rank 0 then renames to
-    `path` once all are done; a crash mid-write leaves no folder under that name."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from bigmodel_cli.engine import distributed
-
-    main = distributed.is_main_process()
-    tmp = path.with_name(f".{path.name}.tmp")
-    if main and tmp.exists():
-        shutil.rmtree(tmp)
-    distributed.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    distributed.barrier()  # every shard is on disk (DCP fsyncs its files)
-    if main:
-        save_checkpoint(meta, tmp / META)
-        _replace_dir(tmp, path)
-        _fsync_dir(path.parent)
-    distributed.barrier()
-
-
-def _replace_dir(new: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(new, path)
-        return
-    old = path.with_name(f".{path.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_sharded_training_state(model, optimizer, path: Path) -> None:
-    """Fill model and optimizer from a sharded checkpoint (DCP reshards to this world size)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    _dcp_load(dcp, state, path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def _dcp_load(dcp, state: Dict[str, Any], path: Path) -> None:
-    import torch.distributed as dist
-
-    try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP wraps every failure in its own exception types
-        raise UserError(f"sharded checkpoint {path} does not fit this model or is damaged "
-                        f"({type(err).__name__}: {_first_sentence(err)})") from None
-
-
-def load_sharded_model(model, path: Path) -> None:
-    """Fill `model` (sharded or not, any world size, or a single process) from a sharded checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model)}
-    _dcp_load(dcp, state, path)
-    set_model_state_dict(model, state["model"])
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / META).is_file()
+    return path.is_dir() and (path / sharded.META).is_file()
 
 
-def step_checkpoint_name(step: int, sharded: bool) -> str:
-    return f"step_{step:08d}{SHARDED_SUFFIX if sharded else '.pt'}"
+def step_checkpoint_name(step: int, is_sharded: bool) -> str:
+    return f"step_{step:08d}{SHARDED_SUFFIX if is_sharded else '.pt'}"
 
 
 STEP_PATTERN = re.compile(r"^step_(\d+)(\.pt|\.dcp)$")
@@ -161,7 +69,7 @@ def point_alias(alias: Path, target: Path) -> None:
     except OSError:
         if target.is_dir():
             shutil.copytree(target, tmp)
-            _replace_dir(tmp, alias)
+            replace_dir(tmp, alias)
         else:
             copy_checkpoint(target, alias)
         return
@@ -213,29 +121,83 @@ def _first_sentence(err: BaseException) -> str:
     return (text.split(". ")[0] if text else type(err).__name__)[:200]
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, never arbitrary code.
-
-    For a sharded folder this is its metadata, with "sharded_dir" naming the folder; the
-    weights come from `load_sharded_model`."""
+def load_checkpoint(path: Path, map_location: Any = "cpu", verify: bool = True) -> Dict[str, Any]:
+    """A checkpoint's contents, read without executing any code (weights_only=True; for a
+    sharded folder, its record with "sharded_dir" naming the folder, whose weights
+    `sharded.load_model` reads). `verify` checks every byte against the CRC-32 it was
+    written with, and, for a sharded folder, vets DCP's index. Anything damaged, refused or
+    not a complete bigmodel checkpoint is a UserError naming the problem."""
     if is_sharded_checkpoint(path):
-        return {**load_checkpoint(path / META, map_location), "sharded_dir": str(path)}
+        record = _read_archive(path / sharded.META, map_location, verify)
+        _check_record(record, path, is_sharded=True)
+        if verify:
+            sharded.check_folder(path, record)
+        return {**record, "sharded_dir": str(path)}
+    state = _read_archive(path, map_location, verify)
+    _check_record(state, path, is_sharded=False)
+    return state
+
+
+def _read_archive(path: Path, map_location: Any, verify: bool) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass a checkpoint file or run dir")
     if not zipfile.is_zipfile(path):
         raise UserError(f"checkpoint {path} is corrupt or truncated (not a torch.save archive); "
                         "use another checkpoint")
+    problem = check_zip_archive(path) if verify else None
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged ({problem}); use another checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch names the offending global in one line of its long message.
-        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
-        reason = lines[0] if lines else _first_sentence(err)
         raise UserError(f"refused to load {path}: it holds Python objects that could run code when "
-                        f"unpickled ({reason[:200]}); only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+                        f"unpickled ({refusal_reason(err)}); only load checkpoints you trust") from None
+    except Exception as err:  # a damaged archive fails in many ways; none of them is a bug here
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
                         f"{_first_sentence(err)}); use another checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a bigmodel checkpoint (no '{FORMAT}' marker)")
     return state
+
+
+# What every checkpoint of `bigmodel train` holds besides its tensors, with the type of each.
+RECORD = {"step": int, "epoch": (int, float), "config": dict, "choices": dict, "data": dict, "spec": dict,
+          "best": dict, "scheduler": dict, "scaler": dict, "rng": list, "world_size": int,
+          "data_position": dict}
+WEIGHTS = {"model": dict, "optimizer": dict}  # in the file itself, unless it is sharded
+TASKS = ("classification", "regression", "language_modeling")
+INPUT_KINDS = ("vector", "sequence", "image", "tokens")
+SPEC = {"task": str, "input_kind": str, "input_shape": (list, tuple), "num_outputs": int,
+        "vocab_size": (int, type(None)), "block_size": (int, type(None))}
+
+
+def _check_record(state: Dict[str, Any], path: Path, is_sharded: bool) -> None:
+    problem = record_problem(state, is_sharded)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged or was not written by bigmodel train ({problem}); "
+                        "use another checkpoint")
+
+
+def record_problem(state: Dict[str, Any], is_sharded: bool) -> Optional[str]:
+    """What is missing or mistyped in a checkpoint's contents, or None."""
+    fields = RECORD if is_sharded else {**RECORD, **WEIGHTS}
+    for key, kind in fields.items():
+        if key not in state:
+            return f"no '{key}'"
+        if not isinstance(state[key], kind):
+            return f"'{key}' is a {type(state[key]).__name__}"
+    if state["step"] < 0:
+        return "a negative step"
+    for section in ("model", "data", "trainer"):
+        if not isinstance(state["config"].get(section), dict):
+            return f"no config.{section} section"
+    for key, kind in SPEC.items():
+        if not isinstance(state["spec"].get(key), kind):
+            return f"spec.{key} is missing or a {type(state['spec'].get(key)).__name__}"
+    if state["spec"]["task"] not in TASKS or state["spec"]["input_kind"] not in INPUT_KINDS:
+        return f"an unknown task {str(state['spec']['task'])[:40]!r} or input kind"
+    if not all(isinstance(n, int) and n > 0 for n in state["spec"]["input_shape"]):
+        return "spec.input_shape is not a list of sizes"
+    if not is_sharded and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        return "'model' is not a table of tensors"
+    return None

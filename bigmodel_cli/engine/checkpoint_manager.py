@@ -22,8 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, SHARDED_SUFFIX, list_step_checkpoints,
                                            load_checkpoint, point_alias, remove_checkpoint,
-                                           remove_stale_temporaries, save_checkpoint, save_sharded,
-                                           step_checkpoint_name)
+                                           remove_stale_temporaries, save_checkpoint, step_checkpoint_name)
+from bigmodel_cli.engine.sharded import save_sharded
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -87,17 +87,16 @@ class CheckpointManager:
 
 
 
-def newest_valid_checkpoint(folder: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest step checkpoint in `folder` that loads, and its contents. Damaged newer ones are skipped
-    with a warning and renamed aside (hidden, not deleted), so that later saves and
-    pruning never mistake them for the newest."""
+def newest_valid_checkpoint(folder: Path, set_aside: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest step checkpoint in `folder` that loads intact, and its contents. Damaged
+    newer ones are skipped with a warning and (`set_aside`, in the run's own dir) renamed
+    aside, hidden but not deleted, so that later saves and pruning never take them for
+    the newest."""
     damaged = []
     chosen = None
     for _, path in reversed(list_step_checkpoints(folder)):
         try:
             state = load_checkpoint(path)
-            if path.is_dir() and not (path / ".metadata").is_file():
-                raise UserError("its shard index (.metadata) is missing")
         except UserError as err:
             log.warning("skipping damaged checkpoint %s: %s", path.name, err)
             damaged.append(path)
@@ -107,6 +106,6 @@ def newest_valid_checkpoint(folder: Path) -> Optional[Tuple[Path, Dict[str, Any]
     if chosen is None and damaged:
         raise UserError(f"every checkpoint in {folder} is damaged; move them away to start over in this "
                         "run dir, or pick another with trainer.resume=<checkpoint>")
-    for path in damaged:
+    for path in damaged if set_aside else ():
         os.replace(path, path.with_name(f".{path.name}.damaged"))
     return chosen

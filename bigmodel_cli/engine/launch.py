@@ -2,7 +2,9 @@
 
 The parent composes the config once and hands it to the workers; the rendezvous store
 listens on a free port that the launcher picks itself, so concurrent runs and sweeps on
-one machine never collide on a fixed port.
+one machine never collide on a fixed port. Each worker keeps a WorkerLink to the parent
+(engine/worker_link.py): a heartbeat the parent reads to explain a failure, and a watch
+that stops the worker when the parent dies.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Sequence
 
-from bigmodel_cli.engine.stopping import REPEAT_GRACE_S
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.engine.worker_link import WorkerLink, explain_failure, read_records
+from bigmodel_cli.errors import TrainingStopped, UserError
+from bigmodel_cli.signals import REPEAT_GRACE_S
 
 log = logging.getLogger("bigmodel")
 
@@ -34,67 +39,104 @@ def rendezvous_endpoint(num_nodes: int) -> str:
 
 
 def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nodes: int = 1,
-           run_id: str = "") -> Dict[int, Any]:
-    """Run `worker(*args)` in `nprocs` processes per node; returns {global rank: return value}
-    for this node's ranks. A worker that dies ends the whole job with a UserError naming it."""
+           run_id: str = "", timeout_s: float = 300.0) -> Dict[int, Any]:
+    """Run `worker(*args, link)` in `nprocs` processes per node, `link` being the worker's
+    WorkerLink to this process; returns {global rank: return value} for this node's ranks.
+    A worker that fails or hangs ends the whole job with a UserError naming it; a stop
+    signal before the workers could act on it, with TrainingStopped naming the signal."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    # The agent narrates every rendezvous step at INFO; keep the console for training.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     # As torchrun does: workers share the cores instead of each starting one thread per core.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    config = launch_config(nprocs, num_nodes, run_id)
+    link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s)
+    forwarded: Dict[int, float] = {}
+    try:
+        with forward_signals_to_workers(forwarded, link), quiet_agent():
+            return elastic_launch(config, worker)(*args, link)
+    except SignalException as err:  # the agent's own handlers (SIGHUP, SIGQUIT) stopped the workers
+        raise TrainingStopped(f"{signal_name(err.sigval)}: the launcher stopped the workers") from None
+    except ChildFailedError as err:
+        if signal.SIGINT in forwarded:  # Ctrl-C while the workers were starting or stopping
+            raise KeyboardInterrupt from None
+        stop = next((sig for sig in forwarded if sig != signal.SIGUSR1), None)
+        if stop is not None:  # told to stop, the workers ended before they could say so
+            raise TrainingStopped(f"{signal_name(stop)}: the workers stopped before writing a new checkpoint") \
+                from None
+        records = read_records(link.status_dir)
+        for rank, record in sorted(records.items()):
+            if record.get("detail"):  # into this process's log file, not the console
+                log.debug("worker rank %d failed:\n%s", rank, record["detail"])
+        raise UserError(explain_failure(err.failures, records, timeout_s)) from None
+    finally:
+        shutil.rmtree(link.status_dir, ignore_errors=True)
+
+
+def launch_config(nprocs: int, num_nodes: int, run_id: str):
+    from torch.distributed.launcher.api import LaunchConfig
+
     endpoint = rendezvous_endpoint(num_nodes)
     # Every node must name the same rendezvous; one node alone may pick a fresh id.
     default_id = f"bigmodel-{endpoint}" if num_nodes > 1 else uuid.uuid4().hex
     # The agent's own handlers would kill the workers at once; ours let them checkpoint.
     agent_signals = ({"signals_to_handle": "SIGHUP,SIGQUIT"}
                      if "signals_to_handle" in getattr(LaunchConfig, "__dataclass_fields__", {}) else {})
-    config = LaunchConfig(
+    return LaunchConfig(
         min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nprocs,
         run_id=run_id or os.environ.get("SLURM_JOB_ID") or default_id,
         rdzv_backend="c10d", rdzv_endpoint=endpoint,
         max_restarts=0, monitor_interval=0.2, start_method="spawn", **agent_signals)
-    forwarded: Dict[int, float] = {}
-    try:
-        with forward_signals_to_workers(forwarded):
-            return elastic_launch(config, worker)(*args)
-    except SignalException:  # Ctrl-C or a scheduler's SIGTERM: the agent has stopped the workers
-        raise KeyboardInterrupt from None
-    except ChildFailedError as err:
-        if any(sig != signal.SIGUSR1 for sig in forwarded):  # a worker still starting up was stopped
-            raise KeyboardInterrupt from None
-        # A rank killed by a signal is the likely cause; its peers' failures the consequence.
-        failed = sorted(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
-        rank, failure = failed[0]
-        others = "".join(f"; rank {r} {describe_exit(f.exitcode)}" for r, f in failed[1:])
-        raise UserError(f"worker rank {rank} failed ({describe_exit(failure.exitcode)}){others}, and the job "
-                        f"was stopped; see train_rank{rank}.log in the run dir") from None
 
 
 @contextmanager
-def forward_signals_to_workers(first: Dict[int, float]):
+def quiet_agent():
+    """The agent narrates every rendezvous step and logs each failure with a traceback;
+    bigmodel reports the outcome itself, in one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@contextmanager
+def forward_signals_to_workers(first: Dict[int, float], link: WorkerLink):
     """Pass SIGTERM, SIGINT and SIGUSR1 on to the workers, which checkpoint and stop (or
     requeue) on their own, instead of letting the elastic agent kill them. A second
-    SIGINT or SIGTERM, after a moment, stops everything at once. `first` records when each
-    signal first came."""
+    SIGINT or SIGTERM, after a moment, stops everything at once. SIGUSR1 ("checkpoint")
+    goes only to workers that handle it already: it would end one still starting up.
+    `first` records when each signal first came."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def forward(signum, frame):
-        if signum in first:
-            if signum != signal.SIGUSR1 and time.monotonic() - first[signum] > REPEAT_GRACE_S:
+        if signum != signal.SIGUSR1 and signum in first:
+            if time.monotonic() - first[signum] > REPEAT_GRACE_S:
                 raise KeyboardInterrupt  # asked again: the agent then stops the workers
             return  # the same signal again at once (Ctrl-C also reaches the workers directly)
-        first[signum] = time.monotonic()
+        first.setdefault(signum, time.monotonic())
+        ready = {r.get("pid") for r in read_records(link.status_dir).values()} if signum == signal.SIGUSR1 else None
         for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signum)
-            except ProcessLookupError:
-                pass
+            if ready is None or child.pid in ready:
+                try:
+                    os.kill(child.pid, signum)
+                except ProcessLookupError:
+                    pass
 
     previous = {sig: signal.signal(sig, forward) for sig in signals}
     # (What LaunchConfig.signals_to_handle sets, for torch versions without that field.)
@@ -111,9 +153,3 @@ def forward_signals_to_workers(first: Dict[int, float]):
             os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = saved
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        import signal
-
-        return f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
-    return f"exit code {code}"

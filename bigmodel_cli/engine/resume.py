@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, is_sharded_checkpoint, list_step_checkpoints,
-                                           load_checkpoint, load_sharded_model, resolve_checkpoint)
+                                           load_checkpoint, resolve_checkpoint)
+from bigmodel_cli.engine.weights import load_weights
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -54,34 +55,41 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List
 
 def starting_checkpoint(resume: str, run_dir: Path, env) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The checkpoint a run continues from (trainer.resume), and its contents; (None, None)
-    for a fresh start. Collective: rank 0 picks, every rank loads."""
+    for a fresh start. Collective: rank 0 picks and checks every byte, every rank loads."""
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.checkpoint_manager import newest_valid_checkpoint
 
     if resume == "none":
         return None, None
-    if resume == "auto":
-        found, error = None, None
-        if env.is_main:
-            try:
-                found = newest_valid_checkpoint(run_dir / CHECKPOINT_DIR)
-            except UserError as err:
-                error = str(err)
-        choice, error = distributed.broadcast_from_main((str(found[0]) if found else None, error))
-        if error:
-            raise UserError(error)
-        if choice is None:
-            return None, None
-        return Path(choice), (found[1] if env.is_main else load_checkpoint(Path(choice)))
+    found, error = None, None
+    if env.is_main:
+        try:
+            found = (newest_valid_checkpoint(run_dir / CHECKPOINT_DIR) if resume == "auto"
+                     else named_checkpoint(resume))
+        except UserError as err:
+            error = str(err)
+    choice, error = distributed.broadcast_from_main((str(found[0]) if found else None, error))
+    if error:
+        raise UserError(error)
+    if choice is None:
+        return None, None
+    return Path(choice), (found[1] if env.is_main else load_checkpoint(Path(choice), verify=False))
+
+
+def named_checkpoint(resume: str) -> Tuple[Path, Dict[str, Any]]:
+    """trainer.resume=<checkpoint or run dir>: that checkpoint, or the run dir's newest good
+    one (damaged ones are skipped, and left where they are: the run dir is not ours)."""
+    from bigmodel_cli.engine.checkpoint_manager import newest_valid_checkpoint
+
     path = Path(resume).expanduser()
-    if path.is_dir() and not is_sharded_checkpoint(path):  # a run dir: its newest checkpoint
+    if path.is_dir() and not is_sharded_checkpoint(path):
         folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-        steps = list_step_checkpoints(folder)
-        if not steps:
+        found = newest_valid_checkpoint(folder, set_aside=False)
+        if found is None:
             raise UserError(f"trainer.resume={resume}: no step_*.pt checkpoints in {folder}; "
                             "pass a checkpoint file or a run dir that wrote checkpoints")
-        path = steps[-1][1]
-    elif not path.exists():
+        return found
+    if not path.exists():
         raise UserError(f"trainer.resume={resume} does not exist; use auto, none, a checkpoint or a run dir")
     return path, load_checkpoint(path)
 
@@ -103,34 +111,9 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: 
     scheduler._last_lr = lrs
 
 
-def load_initial_weights(model: nn.Module, source: str, sharded: bool) -> Path:
+def load_initial_weights(model: nn.Module, source: str) -> Path:
     """trainer.init_from: copy another run's weights into `model` (optimizer and step stay
     fresh). Keys or shapes that differ are named in the error."""
     path = resolve_checkpoint(source)
-    state = load_checkpoint(path)
-    if "sharded_dir" in state:
-        load_sharded_model(model, Path(state["sharded_dir"]))
-        return path
-    weights = state["model"]
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        check_weights_fit(model, weights, path)
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-    else:
-        check_weights_fit(model, weights, path)
-        model.load_state_dict(weights)
+    load_weights(model, load_checkpoint(path), path)
     return path
-
-
-def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], path: Path) -> None:
-    # (An FSDP2 parameter is a DTensor whose shape is the whole tensor's, not its shard's.)
-    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    problems = [f"{k} missing from the checkpoint" for k in own if k not in weights]
-    problems += [f"{k} is not in this model" for k in weights if k not in own]
-    problems += [f"{k} has shape {tuple(weights[k].shape)} in the checkpoint but {own[k]} here"
-                 for k in own if k in weights and tuple(weights[k].shape) != own[k]]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"trainer.init_from={path} does not fit this model: {'; '.join(problems[:3])}{more}; "
-                        "use the same model settings as the run that wrote it")

@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bigmodel_cli.data.base import DataModule
-from bigmodel_cli.engine import distributed
-from bigmodel_cli.engine.checkpoint import load_checkpoint, load_sharded_model, load_sharded_training_state
+from bigmodel_cli.engine import distributed, sharded
+from bigmodel_cli.engine.checkpoint import load_checkpoint
 from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
@@ -37,7 +37,8 @@ from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals, requeue
 from bigmodel_cli.engine.tasks import Task
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.engine.weights import load_weights
+from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
 from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
@@ -217,7 +218,11 @@ class Trainer:
             self.telemetry.eval(0, "val", self.evaluate("val", cfg.eval_batches))
             last_log_time = time.perf_counter()
         if self.resumed_rng is not None:
-            restore_rng_state(self.resumed_rng)
+            try:
+                restore_rng_state(self.resumed_rng)
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+                raise UserError(f"the checkpoint's random number generator state is damaged ({type(err).__name__}: "
+                                f"{first_line(err)}); use another checkpoint") from None
         agreement = StopAgreement(self.env.is_distributed, cfg.dist_timeout_s)
         stopped: Optional[Dict[str, Any]] = None
         try:
@@ -382,10 +387,8 @@ class Trainer:
         # Rank 0 wrote it and decides; loading is then done by every rank (shared disk).
         if not distributed.broadcast_from_main(path.exists()):
             return False
-        if self.sharded:
-            load_sharded_model(self.state_model, path)
-            return True
-        self.raw_model.load_state_dict(load_checkpoint(path)["model"])
+        # Written by this run moments ago: read without re-checking every byte.
+        load_weights(self.state_model if self.sharded else self.raw_model, load_checkpoint(path, verify=False), path)
         return True
 
     # ------------------------------------------------------------------ state
@@ -409,24 +412,33 @@ class Trainer:
             **self.checkpoint_extra,
         }
 
-    def load_state_dict(self, state: Dict[str, Any], path: Path) -> None:
-        """Continue from a checkpoint read by `load_checkpoint` (collective under FSDP)."""
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        """Weights, optimizer, schedule and scaler from a checkpoint."""
         if "sharded_dir" in state:  # DCP reshards to this world size and layout
-            load_sharded_training_state(self.state_model, self.optimizer, Path(state["sharded_dir"]))
-        elif self.sharded:
-            raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
-                            f"run; resume with trainer.strategy=ddp, or start from its weights with "
-                            f"trainer.init_from={path}")
+            sharded.load_training_state(self.state_model, self.optimizer, Path(state["sharded_dir"]))
         else:
             self.raw_model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
-        reapply_hyperparameters(self.optimizer, self.scheduler, self.configured_hyperparameters)
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+
+    def load_state_dict(self, state: Dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint read by `load_checkpoint` (collective under FSDP)."""
+        if "sharded_dir" not in state and self.sharded:
+            raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
+                            f"run; resume with trainer.strategy=ddp, or start from its weights with "
+                            f"trainer.init_from={path}")
+        try:
+            self.load_training_state(state)
+            self.monitor.load_state_dict(state["best"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            # Its config matched this run's, so what does not fit is the checkpoint's content.
+            raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); "
+                            "it is damaged or was edited: use another checkpoint") from None
+        reapply_hyperparameters(self.optimizer, self.scheduler, self.configured_hyperparameters)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.step = state["step"]
-        self.monitor.load_state_dict(state["best"])
         self.checkpoints.last_saved_step = self.step
         self.finite_until = self.step
         exact = True
