@@ -473,10 +473,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(not missing, f"{', '.join(missing)} has no value (???); set it on the command line, "
                           f"e.g. {missing[0] if missing else ''}=...")
     _positive(cfg, "optim.lr", "1e-3")
-    _positive(cfg, "data.batch_size", "64")
-    _positive(cfg, "data.num_samples", "4096")
-    _positive(cfg, "data.seq_len", "32")
-    _positive(cfg, "data.block_size", "64")
+    validate_data_config(cfg.data)
     _positive(cfg, "scheduler.step_size", "500")
     _positive(cfg, "scheduler.gamma", "0.5")
     _positive(cfg, "trainer.max_steps", "1000")
@@ -493,7 +490,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.checkpoint_every_min", "30")
     _positive(cfg, "trainer.keep_last", "2")
     _in_range(cfg, "trainer.seed", 0, MAX_SEED)
-    _in_range(cfg, "data.seed", 0, MAX_SEED)
     _in_range(cfg, "trainer.dist_timeout_s", 0, MAX_DIST_TIMEOUT_S)
     t = cfg.trainer
     _require(t.max_steps is not None or t.max_epochs is not None,
@@ -508,6 +504,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         _require(value is None or value >= 0, f"{key} must be >= 0 (got {value})")
     ratio = OmegaConf.select(cfg, "scheduler.min_lr_ratio")
     _require(ratio is None or 0 <= ratio <= 1, f"scheduler.min_lr_ratio must be in [0, 1] (got {ratio})")
+
+
+def validate_data_config(data: DictConfig) -> None:
+    """The data section's values (train, and eval on a checkpoint's stored data config merged
+    with the command line's)."""
+    cfg = OmegaConf.create({"data": data})
+    for key, example in (("batch_size", "64"), ("num_samples", "4096"), ("seq_len", "32"), ("block_size", "64")):
+        _positive(cfg, f"data.{key}", example)
+    _in_range(cfg, "data.seed", 0, MAX_SEED)
     for key in ("data.val_fraction", "data.test_fraction"):
         frac = OmegaConf.select(cfg, key)
         _require(frac is None or 0 < frac < 1, f"{key} must be between 0 and 1 (got {frac})")

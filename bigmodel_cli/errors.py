@@ -56,7 +56,9 @@ def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str =
             raise
         _note("interrupted", "stopped by Ctrl-C; checkpoints already written are intact")
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as err:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # Exception, and what libraries raise outside it (a Rust panic)
         if debug_requested():
             raise
         user = isinstance(err, UserError)

@@ -8,11 +8,12 @@ launcher's parent process) holds it.
 
 The lock is `flock(2)`, which the kernel releases when its holder dies, however it dies
 (kill -9 included): a dead run never blocks `trainer.resume=auto`. The file also records
-the holder (host, pid, start) and a heartbeat, refreshed every 30 s, which covers shared
-file systems where a lost node's lock may outlive it: a holder on another host that has
-been silent for 10 minutes is taken over, with a warning. Where the file system has no
-locks at all, the record alone decides, on the same rules. See the README's "Shared file
-systems" for NFS and Lustre.
+the holder (host, pid, start, "released" once done) and a heartbeat, refreshed every 30 s,
+which covers shared file systems where a lost node's lock may outlive it: a holder on
+another host that has been silent for 10 minutes is taken over, with a warning. Where the
+file system has no locks at all, the record alone decides, on the same rules. A run dir
+inside a live sweep's dir, and a sweep dir over live run dirs, are refused too. See the
+README's "Shared file systems" for NFS and Lustre.
 
 No torch here: the lock is taken before anything heavy is imported.
 """
@@ -57,29 +58,38 @@ class _Held:
     fd: int
     count: int = 1
     stop: threading.Event = field(default_factory=threading.Event)
+    heartbeat: Optional[threading.Thread] = None
 
 
 _HELD: Dict[str, _Held] = {}
 _GUARD = threading.Lock()
+RECORD_BYTES = 1024
 
 
-def acquire(run_dir: Path) -> None:
+def acquire(run_dir: Path, sweep: bool = False) -> None:
     """Take the run dir's lock, or raise RunDirBusy naming its live holder. Re-entrant
-    within a process (the Hydra callback and the train command both take it)."""
-    key = str(Path(run_dir).resolve())
+    within a process (the Hydra callback and the train command both take it). Also refused:
+    a run dir inside a live sweep's dir, and (`sweep`) a sweep dir over live run dirs."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
     with _GUARD:
         if key in _HELD:
             _HELD[key].count += 1
             return
-        fd = _open_lock_file(Path(run_dir))
+        fd = _open_lock_file(run_dir)
         try:
-            _lock(fd, Path(run_dir))
+            holder = _take(fd, run_dir)
+            if holder is not None:
+                raise RunDirBusy(_busy_message(run_dir, holder))
             _write_record(fd)
+            _refuse_overlap(run_dir, sweep)
         except BaseException:
             os.close(fd)
             raise
         held = _HELD[key] = _Held(fd)
-    threading.Thread(target=_heartbeat, args=(fd, held.stop), name="bigmodel-run-lock", daemon=True).start()
+        held.heartbeat = threading.Thread(target=_heartbeat, args=(fd, held.stop), name="bigmodel-run-lock",
+                                          daemon=True)
+        held.heartbeat.start()
 
 
 def release(run_dir: Path) -> None:
@@ -93,8 +103,10 @@ def release(run_dir: Path) -> None:
             return
         del _HELD[key]
         held.stop.set()
+        if held.heartbeat is not None:
+            held.heartbeat.join()  # it writes to the descriptor: done before it closes
         try:
-            os.ftruncate(held.fd, 0)  # no holder any more (what lock-less file systems go by)
+            _write_record(held.fd, released=True)  # what lock-less file systems go by
         except OSError:
             pass
         os.close(held.fd)  # releases the flock
@@ -109,6 +121,42 @@ def holding(run_dir: Path) -> Iterator[None]:
         release(run_dir)
 
 
+def live_holder(folder: Path) -> Optional[Dict[str, Any]]:
+    """The record of whoever else holds `folder`'s lock now, or None (no lock file, a free
+    lock, this process's own). Never creates a lock file."""
+    if str(Path(folder).resolve()) in _HELD:
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if fcntl is None:
+            return _live(_read_record(fd))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: held for an instant, released on close
+        except BlockingIOError:
+            holder = _read_record(fd)
+            return None if _overrulable(holder) else holder
+        except OSError:
+            return _live(_read_record(fd))
+        return None
+    finally:
+        os.close(fd)
+
+
+def _refuse_overlap(run_dir: Path, sweep: bool) -> None:
+    above = live_holder(run_dir.parent)
+    if above is not None:
+        raise RunDirBusy(f"run dir {run_dir} is inside {run_dir.parent}, which another bigmodel train "
+                         f"({_describe(above)}) writes into; pick a hydra.run.dir outside it")
+    for child in sorted(p for p in run_dir.iterdir() if p.is_dir()) if sweep else ():
+        below = live_holder(child)
+        if below is not None:
+            raise RunDirBusy(f"sweep dir {run_dir} holds {child}, a run dir in use by another bigmodel train "
+                             f"({_describe(below)}); pick another hydra.sweep.dir")
+
+
 def _open_lock_file(run_dir: Path) -> int:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,43 +166,64 @@ def _open_lock_file(run_dir: Path) -> int:
                         "set hydra.run.dir=<a writable path>") from None
 
 
-def _lock(fd: int, run_dir: Path) -> None:
+def _take(fd: int, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """Take the lock: None, or the record of the live holder that keeps it."""
     if fcntl is None:
-        _check_record_only(fd, run_dir)
-        return
+        return _live(_read_record(fd))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
     except BlockingIOError:
-        holder = _read_record(fd)
-        if not _is_stale(holder):
-            raise RunDirBusy(_busy_message(run_dir, holder)) from None
-        log.warning("run dir %s: taking over the lock of %s, which has given no sign of life for %.0f s",
-                    run_dir, _describe(holder), time.time() - holder.get("heartbeat", 0))
+        holder = _settled_record(fd)
+        if not _overrulable(holder):
+            return holder
+        log.warning("run dir %s: taking over the lock of %s, which %s", run_dir, _describe(holder),
+                    "was released" if holder.get("released") else
+                    f"has given no sign of life for {time.time() - holder['heartbeat']:.0f} s")
+        return None
     except OSError as err:
         if err.errno not in NO_LOCKS:
             raise UserError(f"cannot lock run dir {run_dir} ({err.strerror})") from None
         log.debug("run dir %s: the file system has no locks (%s); going by the holder record", run_dir,
                   err.strerror)
-        _check_record_only(fd, run_dir)
+        return _live(_read_record(fd))
 
 
-def _check_record_only(fd: int, run_dir: Path) -> None:
+def _settled_record(fd: int, wait_s: float = 1.0) -> Dict[str, Any]:
+    """The holder's record; a holder that has just taken the lock may not have written it yet."""
+    deadline = time.monotonic() + wait_s
     holder = _read_record(fd)
-    if holder and not _is_stale(holder):
-        raise RunDirBusy(_busy_message(run_dir, holder))
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.05)
+        holder = _read_record(fd)
+    return holder
+
+
+def _overrulable(holder: Dict[str, Any]) -> bool:
+    """Whether a lock the kernel (or a shared file system's server) reports as held can be
+    taken anyway: its holder released it (a file system that kept a lost node's lock), or it
+    is on another host and has been silent for STALE_AFTER_S."""
+    if holder.get("released"):
+        return True
+    return bool(holder) and holder["host"] != socket.gethostname() and _is_stale(holder)
+
+
+def _live(holder: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Where the file system has no locks, the record alone says whether a holder lives."""
+    return holder if holder and not _is_stale(holder) else None
 
 
 def _is_stale(holder: Dict[str, Any]) -> bool:
     """A holder record that no live process stands behind (or none at all)."""
-    if not holder:
+    if not holder or holder.get("released"):
         return True
-    if holder.get("host") == socket.gethostname():
-        return not _pid_alive(holder.get("pid"))
-    return time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S
+    if holder["host"] == socket.gethostname():
+        return not _pid_alive(holder["pid"])
+    return time.time() - holder["heartbeat"] > STALE_AFTER_S
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -166,36 +235,40 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def _busy_message(run_dir: Path, holder: Dict[str, Any]) -> str:
-    silent = time.time() - float(holder.get("heartbeat", time.time()))
     other_host = holder.get("host") not in (None, socket.gethostname())
-    note = (f"; its last sign of life was {silent:.0f} s ago, and one silent for {STALE_AFTER_S / 60:.0f} minutes "
-            "is taken over" if other_host else "")
+    note = (f"; its last sign of life was {time.time() - holder['heartbeat']:.0f} s ago, and one silent for "
+            f"{STALE_AFTER_S / 60:.0f} minutes is taken over" if other_host else "")
     return (f"run dir {run_dir} is in use by another bigmodel train ({_describe(holder)}){note}; wait for it "
-            "to end (or stop it), then run the same command again to continue it, or pick another "
+            "to end (or stop it), then the same command continues it (trainer.resume=auto), or pick another "
             "hydra.run.dir")
 
 
 def _describe(holder: Dict[str, Any]) -> str:
     if not holder:
         return "a process that left no record"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started', '?')}"
+    return f"pid {holder['pid']} on {holder['host']}, started {holder.get('started', '?')}"
 
 
 def _read_record(fd: int) -> Dict[str, Any]:
     try:
-        raw = os.pread(fd, 4096, 0)
+        raw = os.pread(fd, RECORD_BYTES, 0)
         record = json.loads(raw.decode("utf-8")) if raw.strip() else {}
     except (OSError, ValueError):  # torn or foreign content: no usable record
         return {}
-    return record if isinstance(record, dict) else {}
+    usable = (isinstance(record, dict) and isinstance(record.get("host"), str)
+              and isinstance(record.get("pid"), int) and isinstance(record.get("heartbeat"), (int, float)))
+    return record if usable else {}
 
 
-def _write_record(fd: int, started: Optional[str] = None) -> None:
+def _write_record(fd: int, started: Optional[str] = None, released: bool = False) -> None:
+    """One write of a fixed size over the old record, so a reader never finds it empty or
+    half old, half new."""
     record = {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat": time.time(),
-              "started": started or time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
-    data = json.dumps(record).encode("utf-8")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+              "started": started or time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [a[:80] for a in sys.argv[:4]]}
+    if released:
+        record["released"] = True
+    data = json.dumps(record).encode("utf-8")[:RECORD_BYTES]
+    os.pwrite(fd, data.ljust(RECORD_BYTES), 0)
 
 
 def _heartbeat(fd: int, stop: threading.Event) -> None:
@@ -219,10 +292,10 @@ def quiet_rank() -> bool:
     return False
 
 
-def _from_hydra_callback(run_dir: Path) -> None:
+def _from_hydra_callback(run_dir: Path, sweep: bool = False) -> None:
     """Take the lock from a Hydra callback; a refusal ends the command with one line."""
     try:
-        acquire(run_dir)
+        acquire(run_dir, sweep)
     except UserError as err:
         if debug_requested():
             raise
@@ -250,7 +323,7 @@ class RunDirLock(Callback):
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         if not quiet_rank():
-            _from_hydra_callback(Path(str(config.hydra.sweep.dir)))
+            _from_hydra_callback(Path(str(config.hydra.sweep.dir)), sweep=True)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         if not quiet_rank():

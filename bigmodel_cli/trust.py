@@ -6,8 +6,10 @@ import and call, so a checkpoint from someone else could name any callable on th
 A stored `_target_` is therefore followed only when it is one of bigmodel's own classes
 (the defaults of the schemas in config.py) or one the user names on this command line
 (`trusted_targets=[mypkg.nets.MyNet]`); anything else is refused before any import.
-Stored strings are data: `${...}` in them is never resolved (resolvers read the
-environment, and bigmodel's own writes files).
+Stored strings are data: `${...}` is refused in the sections that get instantiated (Hydra's
+`instantiate` resolves a node before it builds it, so `${oc.create:{_target_: ...}}` would
+make a target no check has seen; a config `bigmodel train` stores is resolved and holds
+none) and kept as plain text everywhere else.
 
 No torch here: the check runs before anything heavy is imported.
 """
@@ -54,12 +56,32 @@ def targets_in(node: Any, where: str) -> Iterator[Tuple[str, str]]:
             yield from targets_in(value, f"{where}[{i}]")
 
 
+def strings_in(node: Any, where: str) -> Iterator[Tuple[str, str]]:
+    """(dotted key, text) of every string under `node`, keys included."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            name = f"{where}.{key}"
+            if isinstance(key, str):
+                yield name, key
+            yield from strings_in(value, name)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from strings_in(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where, node
+
+
 def vetted_config(stored: Mapping[str, Any], source: Path, trusted: Sequence[str] = (),
                   sections: Sequence[str] = ("model", "data")) -> DictConfig:
     """The stored config as a DictConfig whose `sections` name only targets that may be
     followed; a UserError naming the first other one (nothing has been imported yet)."""
     allowed = own_targets() | {str(t) for t in trusted}
     for section in sections:
+        for key, text in strings_in(stored.get(section), section):
+            if "${" in text:
+                raise UserError(f"refused to rebuild from checkpoint {source}: {key} holds an interpolation "
+                                f"({text[:60]!r}), which rebuilding would resolve and which could run code; "
+                                "a config that bigmodel train stored holds none, so this one was edited")
         for key, target in targets_in(stored.get(section), section):
             if not isinstance(target, str) or target not in allowed:
                 shown = str(target)[:120]

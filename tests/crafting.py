@@ -4,7 +4,6 @@ import pickle
 import warnings
 from pathlib import Path
 
-import torch
 
 from bigmodel_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from bigmodel_cli.engine.files import digests_of

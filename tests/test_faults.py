@@ -260,8 +260,13 @@ def test_token_ids_beyond_the_vocabulary_are_caught_in_any_batch(tmp_path):
             pass
 
 
+# A padding of 10^12 would make the tokenizers library abort the process on first use.
+HOSTILE_BPE = json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"},
+                          "decoder": {"type": "ByteLevel"}, "padding": {"strategy": {"Fixed": 10**12}}})
+
+
 @pytest.mark.parametrize("tokenizer", [{"kind": "char", "vocab": 5}, {"kind": "bpe", "json": "{not json"},
-                                       {"kind": "wordpiece"}, "char"])
+                                       {"kind": "bpe", "json": HOSTILE_BPE}, {"kind": "wordpiece"}, "char"])
 def test_a_broken_tokenizer_in_meta_json_is_refused_when_the_data_opens(run_cli, tmp_path, tokenizer):
     token_dir(tmp_path / "tok", largest=40, vocab_size=50, tokenizer=tokenizer)
     result = run_cli("train", "model=gpt", "data=tokens", "data.dir=tok", "trainer.max_steps=5")
@@ -278,3 +283,84 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_log(run_cli, 
     assert len(lines) == 1 and "unexpected ZeroDivisionError: raised on purpose" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert "Traceback" in (tmp_path / "run" / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- odd files in a sharded folder
+
+
+def test_a_link_or_pipe_in_a_sharded_folder_is_refused_without_hanging(run_cli, reference, tmp_path):
+    folder = as_sharded(reference / "checkpoints" / f"{NEWEST}.pt", tmp_path / "linked.dcp")
+    outside = tmp_path / "outside.distcp"
+    shutil.move(str(shard(folder)), outside)
+    (folder / outside.name.replace("outside", "__0_0")).symlink_to(outside)  # the shard, but elsewhere
+    result = run_cli("eval", f"ckpt={folder}")
+    assert result.returncode == 2 and "is a link or a special file" in result.stderr, result.output
+    piped = as_sharded(reference / "checkpoints" / f"{NEWEST}.pt", tmp_path / "piped.dcp")
+    (piped / ".metadata").unlink()
+    os.mkfifo(piped / ".metadata")  # a read of it would wait forever
+    result = run_cli("eval", f"ckpt={piped}", timeout=120)
+    assert result.returncode == 2 and "is a link or a special file" in result.stderr, result.output
+
+
+def test_a_compressed_archive_is_refused(run_cli, reference, tmp_path):
+    import zipfile
+
+    source = reference / "checkpoints" / f"{NEWEST}.pt"
+    packed = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info))
+    result = run_cli("eval", f"ckpt={packed}")
+    assert result.returncode == 2 and "compressed members, which torch.save never writes" in result.stderr
+
+
+def test_a_second_damaged_copy_is_set_aside_too(reference, tmp_path):
+    run = copy_of(reference, tmp_path / "run", sharded=False)
+    newest = run / "checkpoints" / f"{NEWEST}.pt"
+    (run / "checkpoints" / f".{NEWEST}.pt.damaged").write_bytes(b"set aside by an earlier run")
+    truncate(newest)
+    out = train(compose_config(*ARGS), run)
+    assert out["resumed_from"].endswith("step_00000008.pt")
+    assert (run / "checkpoints" / f".{NEWEST}.pt.damaged.1").is_file()
+
+
+def test_a_failed_sharded_write_names_the_disk(tmp_path, monkeypatch):
+    """DCP reports a failed write as a CheckpointException, a BaseException that would get
+    past every handler of ordinary errors."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from bigmodel_cli.engine.files import WriteFailed
+    from bigmodel_cli.engine.sharded import save_sharded
+
+    def full_disk(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(WriteFailed, match="could not write .*step.dcp: No space left on device"):
+        save_sharded({}, model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "step.dcp")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+data.batch_size=0"], "data.batch_size must be > 0"),
+    (["batch_size=-4"], "batch_size must be > 0"),
+    (["eval_batches=0"], "eval_batches must be > 0"),
+])
+def test_eval_values_at_the_edge(run_cli, reference, args, message):
+    result = run_cli("eval", f"ckpt={reference}", *args)
+    assert result.returncode == 2 and message in result.stderr, result.output
+
+
+def test_a_vanishing_temperature_samples_greedily():
+    from bigmodel_cli.engine.sampling import sample_tokens
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 3.0, 1.0]).expand(x.shape[0], x.shape[1], 3)
+
+    for temperature in (0.0, 1e-320, 1e-9):
+        tokens = [int(t) for t in sample_tokens(Fixed(), torch.zeros(1, 1, dtype=torch.long), 4, 8, temperature)]
+        assert tokens == [1, 1, 1, 1]

@@ -38,7 +38,7 @@ def test_a_second_writer_on_a_live_run_dir_is_refused_at_once(run_cli, tmp_path)
         assert second.returncode == 2, second.output
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and f"is in use by another bigmodel train (pid {first.pid} on " in lines[0], lines
-        assert "run the same command again to continue it" in lines[0]
+        assert "then the same command continues it (trainer.resume=auto)" in lines[0]
         # Nothing of the first run was touched: Hydra's files, the config, its log.
         assert snapshot(run, kept) == before
         assert "trainer.log_every=7" not in (run / "train.log").read_text()
@@ -105,7 +105,7 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
     run_lock.release(tmp_path)
     run_lock.acquire(tmp_path)
     run_lock.release(tmp_path)
-    assert (tmp_path / run_lock.LOCK_NAME).read_text() == ""  # no holder recorded
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["released"]  # no holder any more
 
 
 def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path):
@@ -118,6 +118,17 @@ def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path):
         holder.wait()
     run_lock.acquire(tmp_path)  # the kernel dropped the dead holder's lock
     run_lock.release(tmp_path)
+
+
+def test_a_live_holder_without_a_readable_record_still_blocks(tmp_path):
+    holder = holder_in_subprocess(tmp_path)
+    try:
+        (tmp_path / run_lock.LOCK_NAME).write_text("garbage")  # torn, or written by something else
+        with pytest.raises(run_lock.RunDirBusy, match="a process that left no record"):
+            run_lock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture
@@ -153,6 +164,40 @@ def test_a_holder_on_another_host_is_taken_over_once_silent(tmp_path, no_flock):
     write_record(tmp_path, pid=1, host="lost-node", heartbeat=time.time() - run_lock.STALE_AFTER_S - 5)
     run_lock.acquire(tmp_path)
     run_lock.release(tmp_path)
+
+
+def test_after_taking_over_a_lost_nodes_lock_the_next_run_can_too(tmp_path):
+    """A shared file system's server may keep a lost node's lock: after one run took it over
+    and ended, the next one must not be blocked by that same stale lock."""
+    holder = holder_in_subprocess(tmp_path)  # stands for the server keeping the lost node's lock
+    try:
+        write_record(tmp_path, pid=1, host="lost-node", heartbeat=time.time() - run_lock.STALE_AFTER_S - 5)
+        for _ in range(2):
+            run_lock.acquire(tmp_path)
+            run_lock.release(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_inside_a_live_sweep_and_a_sweep_over_live_runs_are_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    holder = holder_in_subprocess(sweep)
+    try:
+        with pytest.raises(run_lock.RunDirBusy, match="is inside .*sweep, which another bigmodel train"):
+            run_lock.acquire(sweep / "0")
+    finally:
+        holder.kill()
+        holder.wait()
+    job = holder_in_subprocess(sweep / "0")
+    try:
+        with pytest.raises(run_lock.RunDirBusy, match="holds .*0, a run dir in use by another bigmodel train"):
+            run_lock.acquire(sweep, sweep=True)
+        run_lock.acquire(sweep / "1")  # a run dir beside it is fine
+        run_lock.release(sweep / "1")
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_an_unwritable_run_dir_is_one_line(tmp_path, monkeypatch):

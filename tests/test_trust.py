@@ -11,6 +11,7 @@ carries digests that match its files, as a competent attacker's would, so what s
 is the restricted reading, not the integrity check.
 """
 
+import io
 import os
 import pickle
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bigmodel_cli.commands.train import train
 from bigmodel_cli.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -148,14 +150,30 @@ def test_a_nested_stored_target_is_refused_too(run_cli, runs, tmp_path):
     assert not marker.exists()
 
 
-def test_stored_interpolations_stay_text(runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key", ["model.hidden_sizes", "data.seed"])
+def test_an_interpolation_in_a_rebuilt_section_is_refused(run_cli, runs, tmp_path, key):
+    """Hydra's instantiate resolves a node before building it: `${oc.create:...}` would make a
+    `_target_` that no check has seen."""
+    marker = tmp_path / "ran"
+    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt")
+    state.pop("format")
+    section, name = key.split(".")
+    state["config"][section][name] = f"${{oc.create:{{_target_: os.mkdir, path: {marker}}}}}"
+    save_checkpoint(state, tmp_path / "evil.pt")
+    result = run_cli("eval", f"ckpt={tmp_path / 'evil.pt'}")
+    assert result.returncode == 2 and f"{key} holds an interpolation" in result.stderr, result.output
+    assert not marker.exists()
+
+
+def test_stored_interpolations_elsewhere_stay_text(runs, tmp_path, monkeypatch):
     from bigmodel_cli.trust import vetted_config
 
     monkeypatch.setenv("BIGMODEL_SECRET", "leaked")
     state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt")
-    state["config"]["data"]["note"] = "${oc.env:BIGMODEL_SECRET} and \\${x}"
+    state["config"]["trainer"]["note"] = "${oc.env:BIGMODEL_SECRET} and \\${x}"
     config = vetted_config(state["config"], tmp_path)
-    assert config.data.note == "${oc.env:BIGMODEL_SECRET} and \\${x}"
+    assert config.trainer.note == "${oc.env:BIGMODEL_SECRET} and \\${x}"
+    assert OmegaConf.to_container(config, resolve=True)["trainer"]["note"] == config.trainer.note
 
 
 def test_trusted_targets_lets_a_custom_model_be_evaluated(run_cli, tmp_path):
@@ -193,3 +211,20 @@ def test_a_genuine_sharded_checkpoint_still_loads(runs, tmp_path):
     assert read_index(folder).state_dict_metadata
     out = train(compose_config(*MLP, "trainer.max_steps=6", f"trainer.resume={folder}"), tmp_path / "resumed")
     assert out["steps"] == 6 and out["resumed_from"] == str(folder)
+
+
+@pytest.mark.parametrize("stream,reason", [
+    # BUILD applied to an allowed class itself would rewrite its attributes for the process.
+    (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n}X\x03\x00\x00\x00fooK\x01sb.", "BUILD on a type"),
+    # ... or on a shared object, an enum member, whose change would outlive the load.
+    (b"\x80\x02ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\nK\x00\x85R}X\x06\x00\x00\x00_name_X"
+     b"\x05\x00\x00\x00PWNEDsb.", "BUILD on a _MEM_FORMAT_ENCODING"),
+    (b"\x80\x02\x82\xf0.", "extension codes"),  # copyreg's registry: objects not looked up by name
+    (b"\x80\x02cposix\nsystem\n.", "posix.system"),
+    (b"\x80\x04\x95\x17\x00\x00\x00\x00\x00\x00\x00\x8c\x05torch\x8c\x0cSize.__new__\x93.", "torch.Size.__new__"),
+])
+def test_the_index_unpickler_admits_nothing_but_dcp_metadata(stream, reason):
+    from bigmodel_cli.engine.sharded import _IndexUnpickler
+
+    with pytest.raises(pickle.UnpicklingError, match=reason.replace(".", r"\.")):
+        _IndexUnpickler(io.BytesIO(stream)).load()

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs
+from bigmodel_cli.config import plain_config, register_configs, validate_data_config
 from bigmodel_cli.errors import UserError, report_user_errors
 
 log = logging.getLogger("bigmodel")
@@ -48,8 +48,9 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("no checkpoint given; run bigmodel eval ckpt=<checkpoint file or run dir>")
-    if cfg.batch_size is not None and cfg.batch_size <= 0:
-        raise UserError(f"batch_size must be > 0 (got {cfg.batch_size})")
+    for key in ("batch_size", "eval_batches"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise UserError(f"{key} must be > 0, or null for the default (got {cfg[key]})")
     cfg = plain_config(cfg)
     device = resolve_device(cfg.device, key="device")
     check_precision(cfg.precision, device, key="precision")
@@ -63,6 +64,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
     if cfg.batch_size is not None:
         data_cfg.batch_size = cfg.batch_size
+    validate_data_config(data_cfg)
     data = build_data(data_cfg, state["data"])
     names = state["choices"]
     model = build_model(train_cfg.model, data.spec, names.get("model", ""), names.get("data", ""))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from pathlib import Path
 from typing import List
 
 import hydra

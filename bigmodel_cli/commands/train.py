@@ -56,16 +56,14 @@ def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bo
     from bigmodel_cli.engine import distributed
 
     claimed: Any = str(run_dir)
-    lock = env.is_main and not locked_by_parent
-    if lock:
+    locked = False
+    if env.is_main:
         try:
-            run_lock.acquire(run_dir)
-        except UserError as err:
-            claimed, lock = err, False
-    if env.is_main and not isinstance(claimed, UserError):
-        try:
+            if not locked_by_parent:
+                run_lock.acquire(run_dir)
+                locked = True
             claim_run_dir(run_dir, resume)
-        except UserError as err:
+        except UserError as err:  # every rank learns of it, and stops
             claimed = err
     try:
         claimed = distributed.broadcast_from_main(claimed)
@@ -73,7 +71,7 @@ def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bo
             raise claimed
         yield Path(claimed)
     finally:
-        if lock:
+        if locked:
             run_lock.release(run_dir)
 
 
@@ -98,7 +96,7 @@ def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], over
     with run_lock.holding(run_dir):
         try:
             results = launch(run_worker, (OmegaConf.to_container(cfg), str(run_dir), choices, list(overrides)),
-                             t.devices, t.num_nodes, timeout_s=t.dist_timeout_s)
+                             t.devices, t.num_nodes, timeout_s=t.dist_timeout_s, run_dir=str(run_dir))
         except TrainingStopped as stop:  # before the workers could checkpoint
             raise TrainingStopped(f"{stop}; {how_to_continue(run_dir)}") from None
     result = results[0] if 0 in results else next(iter(results.values()))
@@ -135,7 +133,9 @@ def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overr
             return {"stopped": str(stop)}
         except KeyboardInterrupt:
             raise SystemExit(EXIT_INTERRUPTED) from None
-        except Exception as err:
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as err:  # Exception, and what libraries raise outside it (a Rust panic)
             log.debug("worker failed", exc_info=True)
             watch.failed(f"{type(err).__name__}: {first_line(err)}", detail=traceback.format_exc())
             raise SystemExit(1) from None

@@ -139,12 +139,26 @@ def tokenizer_problem(state: Any) -> Optional[str]:
     if kind == "char":
         return vocabulary_problem(state.get("vocab"))
     if kind == "bpe":
-        try:
-            parsed = json.loads(state.get("json"))
-        except (TypeError, ValueError):
-            parsed = None
-        if not isinstance(parsed, dict):
-            return "its BPE tokenizer is not a JSON object"
+        return bpe_problem(state.get("json"))
+    return None
+
+
+def bpe_problem(text: Any) -> Optional[str]:
+    """A BPE tokenizer must have the shape `bigmodel prepare` writes: byte-level BPE with no
+    normalizer, post-processor, padding or truncation. The tokenizers library acts on what
+    it is given (a padding of 10^12 aborts the process, some post-processors panic), so
+    nothing else is handed to it."""
+    try:
+        parsed = json.loads(text)
+    except (TypeError, ValueError):
+        return "its BPE tokenizer is not JSON"
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), dict):
+        return "its BPE tokenizer is not a JSON object with a model"
+    unexpected = [key for key in ("normalizer", "post_processor", "padding", "truncation") if parsed.get(key)]
+    shapes = {"model": "BPE", "pre_tokenizer": "ByteLevel", "decoder": "ByteLevel"}
+    wrong = [key for key, kind in shapes.items() if (parsed.get(key) or {}).get("type") != kind]
+    if unexpected or wrong or parsed.get("added_tokens"):
+        return f"its BPE tokenizer is not the byte-level kind bigmodel prepare writes ({', '.join(unexpected + wrong)})"
     return None
 
 
@@ -169,9 +183,11 @@ def tokenizer_from_state(state: Optional[Dict[str, Any]], where: str = "the data
     if kind == "byte":
         return ByteTokenizer()
     try:
-        return BPETokenizer.from_state(state)
-    except UserError:
+        tokenizer = BPETokenizer.from_state(state)
+        tokenizer.decode([int(i) for i in tokenizer.encode("a\n")])  # a trial run, before it is relied on
+        return tokenizer
+    except (UserError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as err:  # the tokenizers library's own parse errors
-        raise UserError(f"{where} is broken (its BPE tokenizer does not load: {first_line(err)}); "
+    except BaseException as err:  # the tokenizers library's errors; a Rust panic is not an Exception
+        raise UserError(f"{where} is broken (its BPE tokenizer does not work: {first_line(err)}); "
                         "run bigmodel prepare again") from None

@@ -107,5 +107,13 @@ def newest_valid_checkpoint(folder: Path, set_aside: bool = True) -> Optional[Tu
         raise UserError(f"every checkpoint in {folder} is damaged; move them away to start over in this "
                         "run dir, or pick another with trainer.resume=<checkpoint>")
     for path in damaged if set_aside else ():
-        os.replace(path, path.with_name(f".{path.name}.damaged"))
+        os.replace(path, aside_name(path))
     return chosen
+
+
+def aside_name(path: Path) -> Path:
+    """A hidden name for a damaged checkpoint that no earlier one set aside has taken."""
+    candidate, n = path.with_name(f".{path.name}.damaged"), 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate, n = path.with_name(f".{path.name}.damaged.{n}"), n + 1
+    return candidate

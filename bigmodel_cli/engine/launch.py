@@ -39,7 +39,7 @@ def rendezvous_endpoint(num_nodes: int) -> str:
 
 
 def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nodes: int = 1,
-           run_id: str = "", timeout_s: float = 300.0) -> Dict[int, Any]:
+           run_id: str = "", timeout_s: float = 300.0, run_dir: str = "") -> Dict[int, Any]:
     """Run `worker(*args, link)` in `nprocs` processes per node, `link` being the worker's
     WorkerLink to this process; returns {global rank: return value} for this node's ranks.
     A worker that fails or hangs ends the whole job with a UserError naming it; a stop
@@ -51,7 +51,7 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     # As torchrun does: workers share the cores instead of each starting one thread per core.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
     config = launch_config(nprocs, num_nodes, run_id)
-    link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s)
+    link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s, run_dir)
     forwarded: Dict[int, float] = {}
     try:
         with forward_signals_to_workers(forwarded, link), quiet_agent():

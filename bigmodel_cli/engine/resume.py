@@ -9,8 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, is_sharded_checkpoint, list_step_checkpoints,
-                                           load_checkpoint, resolve_checkpoint)
+from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, is_sharded_checkpoint, load_checkpoint, resolve_checkpoint)
 from bigmodel_cli.engine.weights import load_weights
 from bigmodel_cli.errors import UserError
 

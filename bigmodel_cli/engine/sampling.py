@@ -8,16 +8,21 @@ import torch
 from torch import nn
 
 
+# Below this the distribution is a point mass on the argmax in float32 (and dividing by
+# the temperature would overflow to inf and nan): sampling is greedy.
+GREEDY_BELOW = 1e-6
+
+
 @torch.no_grad()
 def sample_tokens(model: nn.Module, context: torch.Tensor, max_new_tokens: int, block_size: int,
                   temperature: float = 1.0, top_k: Optional[int] = None,
                   generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence in `context` (B, T), one step at a time; the
-    model sees at most its last `block_size` tokens. temperature 0 is greedy."""
+    model sees at most its last `block_size` tokens. temperature 0 (or below GREEDY_BELOW) is greedy."""
     idx = context
     for _ in range(max_new_tokens):
         logits = model(idx[:, -block_size:])[:, -1, :].float()
-        if temperature <= 0:
+        if temperature < GREEDY_BELOW:
             token = logits.argmax(dim=-1, keepdim=True)
         else:
             logits = logits / temperature

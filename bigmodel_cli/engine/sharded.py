@@ -16,15 +16,18 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import pickle
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from bigmodel_cli.engine.files import check_digests, digests_of, fsync_dir, refusal_reason, replace_dir
+from bigmodel_cli.engine.files import (WriteFailed, check_digests, digests_of, fsync_dir, os_error_behind,
+                                      refusal_reason, replace_dir)
 from bigmodel_cli.errors import UserError, first_line
 
 log = logging.getLogger("bigmodel")
@@ -45,6 +48,17 @@ _ALLOWED = {(_DCP_METADATA, name) for name in (
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _buildable() -> frozenset:
+    """The index's record types: what it may set attributes on."""
+    import torch.distributed.checkpoint.filesystem as filesystem
+    import torch.distributed.checkpoint.metadata as metadata
+
+    names = [name for module, name in _ALLOWED if module == _DCP_METADATA and name != "_MEM_FORMAT_ENCODING"]
+    return frozenset([getattr(metadata, name) for name in names if hasattr(metadata, name)]
+                     + [filesystem._StorageInfo])
+
+
 class RefusedGlobal(pickle.UnpicklingError):
     def __init__(self, name: str):
         super().__init__(name)
@@ -61,13 +75,21 @@ class _IndexUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opco
         raise pickle.UnpicklingError("persistent ids are not part of DCP's index")
 
     def _load_build(self) -> None:
-        # BUILD sets attributes; on a class (rather than an instance) it would rewrite the class.
-        if isinstance(self.stack[-2], type):
-            raise pickle.UnpicklingError("BUILD on a class")
+        # BUILD sets attributes: only on the index's own records, never on a class or a
+        # shared object (an enum member, a dtype) whose change would outlive this load.
+        if type(self.stack[-2]) not in _buildable():
+            raise pickle.UnpicklingError(f"BUILD on a {type(self.stack[-2]).__name__}")
         pickle._Unpickler.load_build(self)
+
+    def _refuse_extension(self) -> None:
+        # copyreg's extension codes could hand back an object cached by another unpickling.
+        raise pickle.UnpicklingError("extension codes are not part of DCP's index")
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
+    for _code in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_code[0]] = _refuse_extension
+    del _code
 
 
 def read_index(folder: Path):
@@ -109,19 +131,38 @@ def _index_problem(index: Any, metadata_type: type) -> Optional[str]:
 
 
 def check_folder(folder: Path, meta: Dict[str, Any]) -> None:
-    """Refuse a sharded checkpoint whose files are missing, torn or changed since they were
-    written, or whose index could run code. Reads every shard once (CRC-32)."""
+    """Refuse a sharded checkpoint whose files are missing, torn, changed since they were
+    written or not plain files in the folder (links, devices), or whose index or items
+    could run code. Reads every shard once (CRC-32)."""
+    _require_plain_file(folder, INDEX)
+    index = read_index(folder)
+    named = sorted({info.relative_path for info in index.storage_data.values()} | {INDEX})
+    for name in named:
+        _require_plain_file(folder, name)
     digests = meta.get("digests")
-    if digests is None:  # written before digests were recorded: the index is still vetted
+    if digests is None:  # written before digests were recorded: vetted, but not checked byte by byte
         log.debug("sharded checkpoint %s records no digests; its files are not checked", folder)
-    elif not _is_digest_table(digests):
-        raise UserError(f"sharded checkpoint {folder} is damaged (its {META} lists no valid digests); "
-                        "use another checkpoint")
+    elif not _is_digest_table(digests) or not set(named) <= set(digests):
+        raise UserError(f"sharded checkpoint {folder} is damaged (the digests in its {META} do not cover its "
+                        "files); use another checkpoint")
     else:
         problem = check_digests(folder, {name: (size, crc) for name, (size, crc) in digests.items()})
         if problem:
             raise UserError(f"sharded checkpoint {folder} is damaged ({problem}); use another checkpoint")
-    vet_items(folder, read_index(folder))
+    vet_items(folder, index)
+
+
+def _require_plain_file(folder: Path, name: str) -> None:
+    """A file of the folder itself: not a link (to anywhere), a pipe that would hang a read,
+    or a device."""
+    try:
+        mode = os.lstat(folder / name).st_mode
+    except FileNotFoundError:
+        raise UserError(f"sharded checkpoint {folder} is damaged ({name} is missing); use another checkpoint") \
+            from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"refused to load sharded checkpoint {folder}: {name} is a link or a special file, not a "
+                        "file of the checkpoint; only load checkpoints you trust")
 
 
 def vet_items(folder: Path, index) -> None:
@@ -168,7 +209,7 @@ def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
         shutil.rmtree(tmp)
     distributed.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    _save(dcp, {"model": model_state, "optimizer": optim_state}, tmp, path)
     distributed.barrier()  # every shard is on disk (DCP fsyncs its files)
     # Each rank digests the shards it wrote; rank 0 the index and anything left over.
     rank = distributed.rank()
@@ -182,6 +223,23 @@ def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
         replace_dir(tmp, path)
         fsync_dir(path.parent)
     distributed.barrier()
+
+
+def _save(dcp, state: Dict[str, Any], tmp: Path, path: Path) -> None:
+    """dcp.save, with a failed write (a full disk) as WriteFailed; its own exception type
+    is a BaseException that would get past every handler of ordinary errors."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except (Exception, CheckpointException) as err:
+        cause = _root_cause(err)
+        if os_error_behind(cause) is not None:
+            raise WriteFailed(path, cause) from None
+        if isinstance(err, CheckpointException):
+            raise RuntimeError(f"writing sharded checkpoint {path} failed: {type(cause).__name__}: "
+                               f"{first_line(cause)}") from cause
+        raise
 
 
 # --------------------------------------------------------------------------- reading

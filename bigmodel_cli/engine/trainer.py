@@ -382,13 +382,23 @@ class Trainer:
         return metrics
 
     def restore_best(self) -> bool:
-        """Load the best checkpoint's weights (for the final test); False if there is none."""
+        """Load the best checkpoint's weights (for the final test); False if there is none,
+        or if it is damaged (it may be from an earlier process of a resumed run)."""
         path = self.checkpoints.best_path()
-        # Rank 0 wrote it and decides; loading is then done by every rank (shared disk).
-        if not distributed.broadcast_from_main(path.exists()):
+        state, problem = None, None
+        if self.env.is_main and path.exists():  # rank 0 checks every byte; the others then read it
+            try:
+                state = load_checkpoint(path)
+            except UserError as err:
+                problem = str(err)
+        exists, problem = distributed.broadcast_from_main((path.exists(), problem))
+        if not exists:
             return False
-        # Written by this run moments ago: read without re-checking every byte.
-        load_weights(self.state_model if self.sharded else self.raw_model, load_checkpoint(path, verify=False), path)
+        if problem:
+            log.warning("the final test uses the final weights: %s", problem)
+            return False
+        load_weights(self.state_model if self.sharded else self.raw_model,
+                     state if state is not None else load_checkpoint(path, verify=False), path)
         return True
 
     # ------------------------------------------------------------------ state

@@ -6,9 +6,10 @@ once, with a one-line reason, when the worker fails. When the job fails, the lau
 them to name the rank that caused it (`explain_failure`): the one with an error of its
 own, one killed by a signal, or one that stopped answering while the others waited.
 
-The same thread watches the launcher: when it dies (kill -9, say), the worker stops as if
-told SIGTERM (checkpoint, then exit) and, should that not end it, exits hard once
-trainer.dist_timeout_s has passed, so no worker outlives its launcher for long.
+The same thread watches the launcher: when it dies (kill -9, say), rank 0 takes over the run
+dir's lock the launcher held, the worker stops as if told SIGTERM (checkpoint, then exit)
+and, should that not end it, exits hard once trainer.dist_timeout_s has passed, so no worker
+outlives its launcher for long.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional
 log = logging.getLogger("bigmodel")
 
 BEAT_S = 1.0
+WATCH_S = 0.2  # how often the launcher's death is looked for
 EXIT_ORPHANED = 70  # EX_SOFTWARE: the launcher died and the worker could not stop on its own
 # What a rank reports when it was only waiting on another one (a collective timed out, or a
 # peer's connection closed): a consequence, not the cause.
@@ -39,6 +41,7 @@ class WorkerLink:
     status_dir: str
     parent_pid: int
     timeout_s: float
+    run_dir: str = ""  # the run dir the launcher holds the lock of
 
     def status_file(self, rank: int) -> Path:
         return Path(self.status_dir) / f"rank{rank}.json"
@@ -60,18 +63,38 @@ class WorkerWatch:
 
     def _run(self) -> None:
         orphaned_at: Optional[float] = None
-        while not self._stop.wait(BEAT_S):
+        last_beat = 0.0
+        while not self._stop.wait(WATCH_S):
             if orphaned_at is None and os.getppid() != self.link.parent_pid:
                 orphaned_at = time.monotonic()
-                log.warning("the launcher (pid %d) is gone: stopping as if told SIGTERM", self.link.parent_pid)
-                os.kill(os.getpid(), signal.SIGTERM)  # the loop checkpoints and stops
+                self._orphaned()
             elif orphaned_at is not None and time.monotonic() - orphaned_at > self.link.timeout_s:
-                log.error("the launcher is gone and this worker did not stop within trainer.dist_timeout_s="
-                          "%g s; exiting", self.link.timeout_s)
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
-                os._exit(EXIT_ORPHANED)
-            self.write()
+                self._exit("the launcher is gone and this worker did not stop within trainer.dist_timeout_s="
+                           f"{self.link.timeout_s:g} s")
+            if time.monotonic() - last_beat >= BEAT_S:
+                self.write()
+                last_beat = time.monotonic()
+
+    def _orphaned(self) -> None:
+        """The launcher died, and its run dir lock with it: rank 0, the one that writes,
+        takes the lock over before the stop checkpoint (or, if another run got there
+        first, writes nothing), then the loop stops as on SIGTERM."""
+        log.warning("the launcher (pid %d) is gone: stopping as if told SIGTERM", self.link.parent_pid)
+        if self.rank == 0 and self.link.run_dir:
+            from bigmodel_cli.run_lock import acquire
+
+            try:
+                acquire(Path(self.link.run_dir))
+            except Exception as err:
+                self._exit(f"the launcher is gone and its run dir is taken ({err}); exiting without writing")
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop checkpoints and stops
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        log.error("%s", message)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_ORPHANED)
 
     def write(self) -> None:
         """Refresh the status file (atomically: the launcher never reads half of one)."""
