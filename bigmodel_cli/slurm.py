@@ -40,13 +40,19 @@ def requeued_run_dir(default: str, environ: Mapping[str, str] = os.environ) -> s
     entry = registry_entry(job_id)
     restarted = int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
     if restarted and entry.is_file():
-        recorded = entry.read_text(encoding="utf-8").strip()
+        try:
+            recorded = entry.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):  # unreadable: a fresh run dir rather than a crash
+            recorded = ""
         if recorded:
             return recorded
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(entry.name + f".{os.getpid()}.tmp")
-    tmp.write_text(os.path.abspath(default) + "\n", encoding="utf-8")
-    tmp.replace(entry)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(entry.name + f".{os.getpid()}.tmp")
+        tmp.write_text(os.path.abspath(default) + "\n", encoding="utf-8")
+        tmp.replace(entry)
+    except OSError:  # an unwritable folder: the run dir itself will say so, in one line
+        pass
     return default
 
 
