@@ -20,14 +20,14 @@ pytestmark = pytest.mark.slow
     (("model=transformer", "optim=adam"), 0.90),
 ], ids=["mlp", "cnn", "rnn", "transformer-adam"])
 def test_digits_accuracy(run_cli, args, target):
-    result = run_cli("train", *args, "trainer.progress=plain", timeout=1800)
+    result = run_cli("train", *args, "trainer.progress=plain", timeout=3000)
     assert result.returncode == 0, result.output
     accuracy = result.summary()["test"]["accuracy"]
     assert accuracy >= target, f"test accuracy {accuracy:.4f} < {target}"
 
 
 def test_gpt_char_level_text_below_two_nats(run_cli):
-    result = run_cli("train", "model=gpt", "data=text", "trainer.progress=plain", timeout=1800)
+    result = run_cli("train", "model=gpt", "data=text", "trainer.progress=plain", timeout=3000)
     assert result.returncode == 0, result.output
     summary = result.summary()
     vocab = len(json.loads((result.run_dir() / "vocab.json").read_text()))

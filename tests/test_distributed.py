@@ -378,3 +378,26 @@ def test_two_ranks_on_one_gpu_are_found():
 
     assert first_shared_gpu([("a", "GPU-0"), ("a", "GPU-1"), ("b", "GPU-0")]) is None
     assert first_shared_gpu([("a", "GPU-0"), ("a", "GPU-1"), ("a", "GPU-0")]) == (0, 2, "a")
+
+
+def test_the_failure_line_names_the_cause_not_its_victims():
+    from types import SimpleNamespace
+
+    from bigmodel_cli.engine.worker_link import WAITING, explain_failure
+
+    now = 1000.0
+    waiting = {"error": "RuntimeError: Connection closed by peer", "waiting": True, "heartbeat": now}
+    failed = {0: SimpleNamespace(exitcode=1)}
+    # A rank's own error wins over the ranks that only waited for it.
+    records = {0: waiting, 1: {"error": "UserError-like reason", "waiting": False, "heartbeat": now}}
+    assert explain_failure(failed, records, 30, now) == "worker rank 1 failed: UserError-like reason"
+    # A rank killed by a signal.
+    killed = {0: SimpleNamespace(exitcode=1), 1: SimpleNamespace(exitcode=-9)}
+    assert explain_failure(killed, {0: waiting, 1: {"heartbeat": now}}, 30, now).startswith(
+        "worker rank 1 was killed by SIGKILL")
+    # A rank that went silent (stopped) or stayed alive without taking part (stuck).
+    assert "rank 1 stopped responding: it was frozen or stopped (no sign of life for 40 s)" in explain_failure(
+        failed, {0: waiting, 1: {"heartbeat": now - 40}}, 30, now)
+    assert "rank 1 stopped responding: it was stuck" in explain_failure(failed, {0: waiting, 1: {"heartbeat": now}},
+                                                                       30, now)
+    assert WAITING.search("Timed out waiting 5000ms for recv operation to complete")
