@@ -48,15 +48,9 @@ def timed(fn) -> float:
 
 def resume_from(path: Path, model, optimizer, verify: bool) -> None:
     """What a resume does with a checkpoint: read it, put weights and optimizer state in place."""
-    from bigmodel_cli.engine import sharded
-    from bigmodel_cli.engine.checkpoint import load_checkpoint
+    from bigmodel_cli.engine.checkpoint import load_checkpoint, load_model_and_optimizer
 
-    state = load_checkpoint(path, verify=verify)
-    if "sharded_dir" in state:
-        sharded.load_training_state(model, optimizer, path)
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    load_model_and_optimizer(model, optimizer, load_checkpoint(path, verify=verify))
 
 
 def interleaved(path: Path, model, optimizer, repeats: int):

@@ -31,18 +31,17 @@ def as_sharded(checkpoint: Path, folder: Path, item_payload=None) -> Path:
     from omegaconf import OmegaConf
 
     from bigmodel_cli.build import build_model, build_optimizer
-    from bigmodel_cli.data.base import DataSpec
     from bigmodel_cli.engine.sharded import save_sharded
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: as meant
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
     state = load_checkpoint(checkpoint)
-    config = OmegaConf.create(state["config"])
-    model = build_model(config.model, DataSpec(**{**state["spec"], "input_shape": tuple(state["spec"]["input_shape"])}))
-    model.load_state_dict(state["model"])
+    config = OmegaConf.create(state.config)
+    model = build_model(config.model, state.spec)
+    model.load_state_dict(state.model)
     optimizer = build_optimizer(config.optim, model)
-    optimizer.load_state_dict(state["optimizer"])
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "format")}
+    optimizer.load_state_dict(state.optimizer)
+    meta = {k: v for k, v in state.to_state().items() if k not in ("model", "optimizer")}
     save_sharded(meta, model, optimizer, folder)
     if item_payload is not None:
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -56,9 +55,7 @@ def as_sharded(checkpoint: Path, folder: Path, item_payload=None) -> Path:
 
 def resign(folder: Path) -> None:
     """Rewrite meta.pt's digests to match the (tampered) files, as an attacker would."""
-    meta = load_checkpoint(folder, verify=False)
-    meta.pop("sharded_dir")
-    meta.pop("format")
+    meta = load_checkpoint(folder, verify=False).to_state()
     meta["digests"] = digests_of(folder, sorted(p.name for p in folder.iterdir() if p.name != "meta.pt"))
     save_checkpoint(meta, folder / "meta.pt")
 

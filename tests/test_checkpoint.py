@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from bigmodel_cli.engine.checkpoint import CheckpointRecord, load_checkpoint, save_checkpoint
+from bigmodel_cli.engine.find_checkpoint import best_in, find_checkpoint
+from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.errors import UserError
 
 
@@ -28,7 +30,7 @@ def test_round_trip_and_no_leftovers(tmp_path):
     path = tmp_path / "ck" / "last.pt"
     save_checkpoint(record(model={"w": torch.ones(3)}, step=7), path)
     state = load_checkpoint(path)
-    assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert state.step == 7 and torch.equal(state.model["w"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
 
@@ -44,7 +46,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="could not write .*last.pt: disk full"):
         save_checkpoint(record(step=2), path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path).step == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -78,39 +80,42 @@ def test_not_a_bigmodel_checkpoint(tmp_path):
 def test_resolve_run_dir_prefers_best(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     save_checkpoint(record(), tmp_path / "checkpoints" / "last.pt")
-    assert resolve_checkpoint(str(tmp_path)).name == "last.pt"
+    assert find_checkpoint(tmp_path).path.name == "last.pt"
     save_checkpoint(record(), tmp_path / "checkpoints" / "best.pt")
-    assert resolve_checkpoint(str(tmp_path)).name == "best.pt"
+    assert find_checkpoint(tmp_path).path.name == "best.pt"
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(UserError, match="no checkpoint"):
-        resolve_checkpoint(str(empty))
+        find_checkpoint(empty)
     with pytest.raises(UserError, match="does not exist"):
-        resolve_checkpoint(str(tmp_path / "nope.pt"))
+        find_checkpoint(tmp_path / "nope.pt")
 
 
 def test_resolve_finds_sharded_folders(tmp_path):
     shards = tmp_path / "checkpoints" / "best.dcp"
     shards.mkdir(parents=True)
     save_checkpoint(record(step=3), shards / "meta.pt")
-    assert resolve_checkpoint(str(tmp_path)) == shards
-    assert resolve_checkpoint(str(shards)) == shards
+    assert best_in(tmp_path, "ckpt") == shards
     state = load_checkpoint(shards, verify=False)  # (no DCP shards here: the record alone)
-    assert state["step"] == 3 and state["sharded_dir"] == str(shards)
+    assert state.step == 3 and state.is_sharded and state.sharded_dir == shards
 
 
 def test_step_checkpoints_aliases_and_pruning_keep_the_best(tmp_path):
     from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
 
     manager = CheckpointManager(tmp_path, sharded=False, keep_last=2)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, best in ((10, False), (20, True), (30, False), (40, False)):
-        manager.save(step, record(step=step), model=None, optimizer=None, is_best=best)
+        typed = {**record(step=step), "spec": DataSpec("classification", "vector", (4,), 2)}
+        typed = CheckpointRecord(**{k: v for k, v in typed.items() if k not in ("model", "optimizer")})
+        manager.save(step, typed, model, optimizer, is_best=best)
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000020.pt", "step_00000030.pt",
                                                              "step_00000040.pt"]
-    assert load_checkpoint(folder / "last.pt")["step"] == 40
-    assert load_checkpoint(folder / "best.pt")["step"] == 20
-    assert resolve_checkpoint(str(tmp_path)).name == "best.pt"
+    assert load_checkpoint(folder / "last.pt").step == 40
+    assert load_checkpoint(folder / "best.pt").step == 20
+    assert find_checkpoint(tmp_path).path.name == "best.pt"
     # A hidden temporary left by a killed write is removed by the next run's manager.
     (folder / ".step_00000050.pt.abc.tmp").write_bytes(b"torn")
     CheckpointManager(tmp_path, sharded=False)

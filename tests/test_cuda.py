@@ -41,9 +41,9 @@ def test_gpt_trains_in_each_precision_and_logs_gpu_figures(compose, tmp_path, pr
     if peak_flops(torch.device("cuda"), precision):  # a GPU of the peak table
         assert all(0 < r["mfu"] < 1 for r in logged), logged
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert all(t.device.type == "cpu" for t in state["model"].values())  # loads anywhere
+    assert all(t.device.type == "cpu" for t in state.model.values())  # loads anywhere
     if precision == "fp16":
-        assert state["scaler"]["scale"] > 0  # the loss scale continues on resume
+        assert state.scaler["scale"] > 0  # the loss scale continues on resume
     if precision == "fp32":
         assert torch.get_float32_matmul_precision() == "high"  # trainer.tf32=true (default)
 
@@ -89,7 +89,7 @@ def test_compiled_bf16_training_saves_the_plain_model(compose, tmp_path):
     train(compose(*GPT, "trainer.precision=bf16", "trainer.compile=true", "trainer.max_steps=30"), tmp_path)
     logged = train_records(tmp_path)
     assert logged[-1]["loss"] < logged[0]["loss"]
-    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt").model
     assert weights and not any(k.startswith("_orig_mod") for k in weights)
 
 

@@ -28,9 +28,9 @@ def test_training_lowers_the_loss_and_writes_the_run_dir(compose, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "config.yaml").is_file()
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 40
-    assert {"model", "optimizer", "scheduler", "scaler", "config", "best", "spec"} <= ckpt.keys()
-    assert ckpt["config"]["model"]["hidden_sizes"] == [32]
+    assert ckpt.step == 40
+    assert ckpt.model and ckpt.optimizer and ckpt.scheduler and ckpt.best and ckpt.spec.task == "classification"
+    assert ckpt.config["model"]["hidden_sizes"] == [32]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
@@ -41,7 +41,7 @@ def test_best_checkpoint_follows_the_monitor(compose, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accs = {r["step"]: r["val/accuracy"] for r in records if "val/accuracy" in r and r["step"] > 0}
     best_step = max(accs, key=lambda s: (accs[s], -s))
-    assert best["step"] == summary["best_step"] == best_step
+    assert best.step == summary["best_step"] == best_step
     assert summary["best_value"] == pytest.approx(accs[best_step])
 
 
@@ -50,7 +50,7 @@ def final_weights(compose, tmp_path, *overrides):
                   "scheduler=constant", *overrides)
     torch.manual_seed(0)
     train(cfg, tmp_path)
-    return load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    return load_checkpoint(tmp_path / "checkpoints" / "last.pt").model
 
 
 def test_gradient_accumulation_matches_a_larger_batch(compose, tmp_path):

@@ -138,7 +138,7 @@ def test_the_integrity_check_costs_one_read(reference, tmp_path):
     gpt2-sized checkpoint); here only that verify=False skips it and both agree."""
     path = reference / "checkpoints" / f"{NEWEST}.pt"
     checked, unchecked = load_checkpoint(path), load_checkpoint(path, verify=False)
-    assert all(torch.equal(checked["model"][k], unchecked["model"][k]) for k in checked["model"])
+    assert all(torch.equal(checked.model[k], unchecked.model[k]) for k in checked.model)
 
 
 # ---------------------------------------------------------------- the disk
@@ -171,7 +171,7 @@ def test_a_full_disk_is_one_line_naming_the_free_space_and_the_last_checkpoint(r
     assert "No space left on device" in lines[0] and "MiB free on that file system" in lines[0]
     assert "the last good checkpoint is" in lines[0]
     kept = sorted((small_disk / "run" / "checkpoints").glob("step_*.pt"))
-    assert kept and all(load_checkpoint(path)["step"] > 0 for path in kept)  # intact, every one
+    assert kept and all(load_checkpoint(path).step > 0 for path in kept)  # intact, every one
     assert str(kept[-1]) in lines[0]
 
 

@@ -128,7 +128,7 @@ def test_compiled_training_saves_the_plain_model(compose, tmp_path):
     train(compose("model=gpt", "data=text", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                   "data.block_size=16", "trainer.max_steps=6", "trainer.val_every=3", "trainer.eval_batches=2",
                   "trainer.compile=true", "trainer.progress=plain"), tmp_path)
-    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt").model
     assert weights and not any(k.startswith("_orig_mod") for k in weights)
 
 

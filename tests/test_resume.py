@@ -180,8 +180,8 @@ def test_kill_9_while_writing_a_checkpoint_never_replaces_the_previous_one(run_c
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000010.pt", "step_00000020.pt"]
-    assert load_checkpoint(folder / "step_00000020.pt")["step"] == 20
-    assert load_checkpoint(folder / "last.pt")["step"] == 20
+    assert load_checkpoint(folder / "step_00000020.pt").step == 20
+    assert load_checkpoint(folder / "last.pt").step == 20
     assert [p.name for p in folder.glob(".*.tmp")], "the torn write should be a hidden temporary"
     resumed = run_cli("train", *args)
     assert resumed.returncode == 0, resumed.output
@@ -265,7 +265,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     assert proc.returncode == 75, stderr
     assert "SIGUSR1: requeued the Slurm job" in stderr
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
-    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").step
     assert 300 <= stopped_at < 3000
     requeued = subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=tmp_path,
                               env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
@@ -312,7 +312,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoint(compose, 
     monkeypatch.syspath_prepend(str(HELPERS))
     with pytest.raises(UserError, match="non-finite between steps 11 and 15; the checkpoint of step 10 is kept"):
         train(flaky(compose), tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 10
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt").step == 10
     assert not list((tmp_path / "checkpoints").glob("step_00000015*"))
 
 
@@ -320,7 +320,7 @@ def test_on_nonfinite_skip_drops_the_step_and_goes_on(compose, tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(HELPERS))
     out = train(flaky(compose, "trainer.on_nonfinite=skip"), tmp_path)
     assert out["skipped_steps"] == 1 and out["steps"] == 30
-    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt").model
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 

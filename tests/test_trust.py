@@ -59,8 +59,7 @@ def crafted(kind: str, runs: Path, tmp_path: Path, marker: Path, lm: bool = Fals
         return evil_index(as_sharded(source, tmp_path / "evil.dcp"), marker)
     if kind == "item":
         return as_sharded(source, tmp_path / "evil.dcp", item_payload=RunsCode(touch(marker), torch.zeros(1)))
-    state = load_checkpoint(source)
-    state.pop("format")
+    state = load_checkpoint(source).to_state()
     # Another importable callable where the model class belongs: instantiate would call it.
     state["config"]["model"] = {"_target_": "os.mkdir", "path": str(marker)}
     save_checkpoint(state, tmp_path / "evil.pt")
@@ -141,8 +140,7 @@ def test_resume_auto_skips_a_crafted_newest_checkpoint(run_cli, runs, tmp_path, 
 
 def test_a_nested_stored_target_is_refused_too(run_cli, runs, tmp_path):
     marker = tmp_path / "ran"
-    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt")
-    state.pop("format")
+    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt").to_state()
     state["config"]["data"]["extra"] = {"_target_": "os.mkdir", "_args_": [str(marker)]}
     save_checkpoint(state, tmp_path / "evil.pt")
     result = run_cli("eval", f"ckpt={tmp_path / 'evil.pt'}")
@@ -155,8 +153,7 @@ def test_an_interpolation_in_a_rebuilt_section_is_refused(run_cli, runs, tmp_pat
     """Hydra's instantiate resolves a node before building it: `${oc.create:...}` would make a
     `_target_` that no check has seen."""
     marker = tmp_path / "ran"
-    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt")
-    state.pop("format")
+    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt").to_state()
     section, name = key.split(".")
     state["config"][section][name] = f"${{oc.create:{{_target_: os.mkdir, path: {marker}}}}}"
     save_checkpoint(state, tmp_path / "evil.pt")
@@ -169,7 +166,7 @@ def test_stored_interpolations_elsewhere_stay_text(runs, tmp_path, monkeypatch):
     from bigmodel_cli.trust import vetted_config
 
     monkeypatch.setenv("BIGMODEL_SECRET", "leaked")
-    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt")
+    state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt").to_state()
     state["config"]["trainer"]["note"] = "${oc.env:BIGMODEL_SECRET} and \\${x}"
     config = vetted_config(state["config"], tmp_path)
     assert config.trainer.note == "${oc.env:BIGMODEL_SECRET} and \\${x}"
@@ -203,11 +200,10 @@ def test_a_crafted_index_cannot_point_outside_its_folder(runs, tmp_path):
 
 def test_a_genuine_sharded_checkpoint_still_loads(runs, tmp_path):
     """The restricted reading admits what DCP itself writes (eval and a resume from it)."""
-    from bigmodel_cli.engine.sharded import check_folder, read_index
+    from bigmodel_cli.engine.sharded import read_index
 
     folder = as_sharded(runs / "mlp" / "checkpoints" / "last.pt", tmp_path / "good.dcp")
-    state = load_checkpoint(folder)
-    check_folder(folder, state)
+    assert load_checkpoint(folder).is_sharded  # checked: index, items and digests (check_folder)
     assert read_index(folder).state_dict_metadata
     out = train(compose_config(*MLP, "trainer.max_steps=6", f"trainer.resume={folder}"), tmp_path / "resumed")
     assert out["steps"] == 6 and out["resumed_from"] == str(folder)

@@ -37,14 +37,11 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
-    from bigmodel_cli.build import build_data, build_model
-    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
-    from bigmodel_cli.engine.device import check_precision, resolve_device, use_tf32
+    from bigmodel_cli.engine.device import check_precision, resolve_device
+    from bigmodel_cli.engine.inference import open_trained, ready_model
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
-    from bigmodel_cli.engine.weights import load_weights
     from bigmodel_cli.telemetry import write_json
-    from bigmodel_cli.trust import vetted_config
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("no checkpoint given; run bigmodel eval ckpt=<checkpoint file or run dir>")
@@ -54,33 +51,36 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     cfg = plain_config(cfg)
     device = resolve_device(cfg.device, key="device")
     check_precision(cfg.precision, device, key="precision")
-    path = resolve_checkpoint(cfg.ckpt)
-    state = load_checkpoint(path)
-    train_cfg = vetted_config(state["config"], path, cfg.trusted_targets)
-    changed = [k for k in SPLIT_KEYS if k in cfg.data and cfg.data[k] != train_cfg.data.get(k)]
+    trained = open_trained(cfg.ckpt, cfg.trusted_targets, sections=("model", "data"))
+    data, data_cfg = eval_data(cfg, trained)
+    model = ready_model(trained, device, data.spec)
+    data.to(device)
+    metrics = evaluate_model(model, data, task_for(data.spec.task), cfg.split, cfg.precision, device,
+                             cfg.eval_batches)
+    path, step = trained.checkpoint.path, trained.checkpoint.step
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_json(run_dir / "eval.json", {
+        "checkpoint": str(path.absolute()), "step": step, "split": cfg.split,
+        "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
+    print_table(f"{cfg.split} split | {path} | step {step}", metrics)
+    log.debug("eval.json written to %s", run_dir)
+    return metrics
+
+
+def eval_data(cfg: DictConfig, trained):
+    """The checkpoint's data, with this command's data overrides (never ones that re-split it)."""
+    from bigmodel_cli.build import build_data
+
+    stored = trained.config.data
+    changed = [k for k in SPLIT_KEYS if k in cfg.data and cfg.data[k] != stored.get(k)]
     if changed:
         raise UserError(f"data.{changed[0]} would re-split the data, mixing training samples into the "
                         f"{cfg.split} split; evaluate with the checkpoint's own split settings")
-    data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
+    data_cfg = OmegaConf.merge(stored, cfg.data)
     if cfg.batch_size is not None:
         data_cfg.batch_size = cfg.batch_size
     validate_data_config(data_cfg)
-    data = build_data(data_cfg, state["data"])
-    names = state["choices"]
-    model = build_model(train_cfg.model, data.spec, names.get("model", ""), names.get("data", ""))
-    load_weights(model, state, path)
-    model.to(device).eval()
-    data.to(device)
-    use_tf32(bool(train_cfg.trainer.get("tf32", True)), device)  # the matmul precision it trained with
-    task = task_for(data.spec.task)
-    metrics = evaluate_model(model, data, task, cfg.split, cfg.precision, device, cfg.eval_batches)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_json(run_dir / "eval.json", {
-        "checkpoint": str(path.absolute()), "step": state["step"], "split": cfg.split,
-        "metrics": metrics, "data": OmegaConf.to_container(data_cfg, resolve=True)})
-    print_table(f"{cfg.split} split | {path} | step {state['step']}", metrics)
-    log.debug("eval.json written to %s", run_dir)
-    return metrics
+    return build_data(data_cfg, trained.checkpoint.data), data_cfg
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -20,34 +20,21 @@ register_configs()
 
 def load_language_model(ckpt: str, device, trusted_targets=()):
     """The model and tokenizer a checkpoint was trained with (its config rebuilds it)."""
-    from bigmodel_cli.build import build_model
-    from bigmodel_cli.data.base import DataSpec
     from bigmodel_cli.data.tokenizers import CharTokenizer, tokenizer_from_state
-    from bigmodel_cli.engine.checkpoint import load_checkpoint, resolve_checkpoint
-    from bigmodel_cli.engine.device import use_tf32
-    from bigmodel_cli.engine.weights import load_weights
-    from bigmodel_cli.trust import vetted_config
+    from bigmodel_cli.engine.inference import open_trained, ready_model
 
-    path = resolve_checkpoint(ckpt)
-    state = load_checkpoint(path)
-    spec_fields = dict(state["spec"])
-    if spec_fields["task"] != "language_modeling":
-        raise UserError(f"{path} is not a language model (task {spec_fields['task']}); generate needs "
+    trained = open_trained(ckpt, trusted_targets)
+    path, spec = trained.checkpoint.path, trained.checkpoint.spec
+    if spec.task != "language_modeling":
+        raise UserError(f"{path} is not a language model (task {spec.task}); generate needs "
                         "one trained with data=text or data=tokens")
-    config = vetted_config(state["config"], path, trusted_targets, sections=("model",))
-    spec_fields["input_shape"] = tuple(spec_fields["input_shape"])
-    spec = DataSpec(**{k: spec_fields[k] for k in DataSpec.__dataclass_fields__})
-    data_state = state["data"]
+    data_state = trained.checkpoint.data
     tokenizer = (CharTokenizer.from_vocab(data_state["vocab"], f"the vocabulary in {path}") if data_state.get("vocab")
                  else tokenizer_from_state(data_state.get("tokenizer"), f"the tokenizer in {path}"))
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer (its token files had no meta.json); prepare the data "
                         "with bigmodel prepare to generate text")
-    names = state["choices"]
-    model = build_model(config.model, spec, names.get("model", ""), names.get("data", ""))
-    use_tf32(bool(config.trainer.get("tf32", True)), device)  # the matmul precision it trained with
-    load_weights(model, state, path)
-    return model.to(device).eval(), tokenizer, spec, path
+    return ready_model(trained, device), tokenizer, spec, path
 
 
 def start_token(tokenizer) -> List[int]:

@@ -6,7 +6,6 @@ import errno
 import logging
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
@@ -31,7 +30,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints")
 def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
     """A run dir is new, or (trainer.resume=auto) holds an unfinished run to continue.
     The caller holds its lock, so nothing else writes into it meanwhile."""
-    from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, list_step_checkpoints
+    from bigmodel_cli.engine.checkpoint_folder import CHECKPOINT_DIR, list_step_checkpoints
 
     taken = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if taken and resume == "auto":
@@ -187,7 +186,7 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 
 def disk_failure(err: Exception, run_dir: Path) -> UserError:
     """One line: what could not be written and why, and the checkpoint to continue from."""
-    from bigmodel_cli.engine.checkpoint import CHECKPOINT_DIR, list_step_checkpoints
+    from bigmodel_cli.engine.checkpoint_folder import CHECKPOINT_DIR, list_step_checkpoints
     from bigmodel_cli.errors import describe_unexpected
 
     steps = list_step_checkpoints(run_dir / CHECKPOINT_DIR)
@@ -214,6 +213,7 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     from bigmodel_cli.engine.device import seed_everything, use_tf32
     from bigmodel_cli.engine.resume import config_changes, flatten, load_initial_weights, starting_checkpoint
     from bigmodel_cli.engine.tasks import task_for
+    from bigmodel_cli.engine.checkpoint import Provenance
     from bigmodel_cli.engine.trainer import Trainer
     from bigmodel_cli.telemetry import Telemetry, write_json
     from bigmodel_cli.telemetry.efficiency import model_flops_per_token
@@ -225,9 +225,10 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
         attach_rank_log(run_dir, env.rank, console=env.is_main)
         log.info("rank %d of %d (%s), pid %d, device %s", env.rank, env.world_size, env.source, os.getpid(), device)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
-    start_path, start_state = starting_checkpoint(t.resume, run_dir, env)
-    if start_state is not None:
-        changes = config_changes(start_state.get("config", {}), OmegaConf.to_container(cfg))
+    start = starting_checkpoint(t.resume, run_dir, env)
+    start_path = start.path if start is not None else None
+    if start is not None:
+        changes = config_changes(start.config, OmegaConf.to_container(cfg))
         if changes:
             log.info("resuming with changed settings: %s", "; ".join(changes))
     if env.is_main:
@@ -259,20 +260,15 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], ov
     schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
     # Records past the checkpoint are about to be redone (a fresh start redoes them all).
     telemetry = Telemetry(run_dir, t.progress, active=env.is_main, loggers=cfg.get("logger"),
-                          resume_step=start_state["step"] if start_state else 0)
+                          resume_step=start.step if start is not None else 0)
     try:
         trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir,
-                          telemetry, checkpoint_extra={
-                              "config": OmegaConf.to_container(cfg),
-                              "choices": names,
-                              "data": data_state,
-                              "spec": asdict(spec),
-                          }, env=env, signals=signals,
+                          telemetry, Provenance(OmegaConf.to_container(cfg), names, data_state, spec), env=env, signals=signals,
                           flops_per_unit=model_flops_per_token(model, cfg.model, spec.task, spec.block_size,
                                                                n_params))
-        if start_state is not None:
-            trainer.load_state_dict(start_state, start_path)
-            start_state = None  # the loaded copy is the trainer's now: free the checkpoint's memory
+        if start is not None:
+            trainer.load_checkpoint(start)
+            start = None  # the loaded copy is the trainer's now: free the checkpoint's memory
             log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
         elif t.init_from:
             source = load_initial_weights(distributed.unwrap(model), t.init_from)

@@ -1,141 +1,166 @@
-"""Checkpoint files: written atomically, read without executing any code."""
+"""A checkpoint: what it holds, how it is written and read (never running code), and how
+its weights get into a model.
+
+On disk a checkpoint is a torch.save archive of one dict, marked with FORMAT: the record
+(`CheckpointRecord`: step, config, data state, spec, ...) plus "model" and "optimizer"
+state dicts; or, for a sharded (FSDP) run, a NAME.dcp folder whose meta.pt holds the
+record and whose DCP files hold the tensors (engine/sharded.py). In memory it is a
+`Checkpoint`: the record, where it came from, and its tensors or its shards' folder.
+"""
 
 from __future__ import annotations
 
-import os
 import pickle
-import re
-import shutil
 import zipfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+from torch import nn
 
-from bigmodel_cli.engine import sharded
-from bigmodel_cli.engine.files import atomic_write, check_zip_archive, refusal_reason, replace_dir
+from bigmodel_cli.data.base import DataSpec
+from bigmodel_cli.engine import distributed, sharded
+from bigmodel_cli.engine.files import atomic_write, check_zip_archive, refusal_reason
 from bigmodel_cli.errors import UserError
 
 FORMAT = "bigmodel-checkpoint/1"
-CHECKPOINT_DIR = "checkpoints"
-# A sharded (FSDP) checkpoint is a folder NAME.dcp (engine/sharded.py).
-SHARDED_SUFFIX = ".dcp"
 
 
-def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+@dataclass
+class Provenance:
+    """What a run was built from. Its checkpoints store it, so that eval and generate
+    rebuild the same model and data (the data module's state holds e.g. its vocabulary)."""
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    torch.save records a CRC-32 per archive member, which `load_checkpoint` checks.
-    """
+    config: Dict[str, Any]  # the run's whole config, as a plain tree
+    choices: Dict[str, str]  # the config group options picked: {"model": "gpt", "data": "text"}
+    data: Dict[str, Any]
+    spec: DataSpec
+
+
+@dataclass
+class CheckpointRecord:
+    """What a checkpoint of `bigmodel train` holds besides its tensors."""
+
+    step: int
+    epoch: float
+    config: Dict[str, Any]  # the run's whole config, as a plain tree
+    choices: Dict[str, str]  # the config group options picked: {"model": "gpt", "data": "text"}
+    data: Dict[str, Any]  # the data module's state (vocabulary, tokenizer)
+    spec: DataSpec
+    best: Dict[str, Any]  # the monitor: {"metric", "value", "step"}
+    scheduler: Dict[str, Any]
+    scaler: Dict[str, Any]
+    rng: List[Any]  # every rank's generator states
+    world_size: int
+    data_position: Dict[str, int]
+
+    def to_state(self) -> Dict[str, Any]:
+        """The record as saved: plain containers only (weights_only loading admits nothing else)."""
+        state = {f.name: getattr(self, f.name) for f in fields(CheckpointRecord)}
+        state["spec"] = {**asdict(self.spec), "input_shape": list(self.spec.input_shape)}
+        return state
+
+
+@dataclass
+class Checkpoint(CheckpointRecord):
+    """A checkpoint as read: its record, where it is, and its tensors (or its shards' folder)."""
+
+    path: Path = Path()
+    model: Optional[Dict[str, torch.Tensor]] = None  # None for a sharded checkpoint
+    optimizer: Optional[Dict[str, Any]] = None
+    sharded_dir: Optional[Path] = None  # the DCP folder holding model and optimizer state
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.sharded_dir is not None
+
+    def to_state(self) -> Dict[str, Any]:
+        tensors = {} if self.is_sharded else {"model": self.model, "optimizer": self.optimizer}
+        return {**super().to_state(), **tensors}
+
+
+def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """Write a checkpoint's dict to a temporary file in the same folder, fsync, then rename
+    over `path`: a crash at any moment leaves either the old file or the new one, never a
+    torn one. torch.save records a CRC-32 per archive member, which `load_checkpoint` checks."""
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
-
-
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    """Atomically make `dst` a copy of `src` (cheaper than serialising the state again)."""
-    with open(src, "rb") as source:
-        atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / sharded.META).is_file()
 
 
-def step_checkpoint_name(step: int, is_sharded: bool) -> str:
-    return f"step_{step:08d}{SHARDED_SUFFIX if is_sharded else '.pt'}"
+def load_checkpoint(path: Path, map_location: Any = "cpu", verify: bool = True) -> Checkpoint:
+    """A checkpoint file or sharded folder, read without executing any code
+    (weights_only=True; a sharded folder's tensors stay on disk for `load_weights`).
+    `verify` checks every byte against the CRC-32 it was written with and, for a sharded
+    folder, vets DCP's index. Anything damaged, refused or not a complete bigmodel
+    checkpoint is a UserError naming the problem."""
+    is_sharded = is_sharded_checkpoint(path)
+    state = _read_archive(path / sharded.META if is_sharded else path, map_location, verify)
+    problem = record_problem(state, is_sharded)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged or was not written by bigmodel train ({problem}); "
+                        "use another checkpoint")
+    if is_sharded and verify:
+        sharded.check_folder(path, state)
+    record = {f.name: state[f.name] for f in fields(CheckpointRecord)}
+    spec = state["spec"]
+    record["spec"] = DataSpec(**{**{k: spec[k] for k in SPEC}, "input_shape": tuple(spec["input_shape"])})
+    if is_sharded:
+        return Checkpoint(**record, path=path, sharded_dir=path)
+    return Checkpoint(**record, path=path, model=state["model"], optimizer=state["optimizer"])
 
 
-STEP_PATTERN = re.compile(r"^step_(\d+)(\.pt|\.dcp)$")
+# ------------------------------------------------------------------ weights into a model
 
 
-def list_step_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
-    """Complete step checkpoints in `folder`, oldest first (temporaries start with a dot)."""
-    found = []
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            match = STEP_PATTERN.match(entry.name)
-            if match and not entry.is_symlink():
-                found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def point_alias(alias: Path, target: Path) -> None:
-    """Make `alias` (e.g. last.pt) refer to `target`, atomically: a relative symlink
-    swapped in by rename. Where links are unsupported, a copy instead."""
-    tmp = alias.with_name(f".{alias.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(target.name, tmp)
-    except OSError:
-        if target.is_dir():
-            shutil.copytree(target, tmp)
-            replace_dir(tmp, alias)
-        else:
-            copy_checkpoint(target, alias)
+def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Fill `model` (sharded by FSDP or not) with a checkpoint's weights: the one way weights
+    get into a model for eval, generate, init_from and the final test. Keys or shapes that
+    differ are named in one line."""
+    if checkpoint.is_sharded:  # DCP reads into any layout, sharded or not
+        sharded.load_model(model, checkpoint.sharded_dir)
         return
-    if alias.is_dir() and not alias.is_symlink():  # a copy from a link-less filesystem
-        shutil.rmtree(alias)
-    os.replace(tmp, alias)
+    check_weights_fit(model, checkpoint.model, checkpoint.path)
+    if distributed.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-
-def remove_checkpoint(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        set_model_state_dict(model, checkpoint.model, options=StateDictOptions(full_state_dict=True))
     else:
-        path.unlink(missing_ok=True)
+        model.load_state_dict(checkpoint.model)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Drop what writes killed midway left behind (hidden .tmp files and folders)."""
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            if entry.name.startswith(".") and (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
-                remove_checkpoint(entry)
+def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Weights and optimizer state, to continue training (DCP reshards a sharded checkpoint
+    to this run's world size and layout)."""
+    if checkpoint.is_sharded:
+        sharded.load_training_state(model, optimizer, checkpoint.sharded_dir)
+    else:
+        model.load_state_dict(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
 
 
-def resolve_checkpoint(path_like: str) -> Path:
-    """A checkpoint file or sharded folder, or a run dir (its best checkpoint, else its
-    newest)."""
-    path = Path(path_like).expanduser()
-    if is_sharded_checkpoint(path):
-        return path
-    if path.is_dir():
-        for folder in (path / CHECKPOINT_DIR, path):
-            for name in ("best", "last"):
-                for suffix in (".pt", SHARDED_SUFFIX):
-                    candidate = folder / f"{name}{suffix}"
-                    if candidate.is_file() or is_sharded_checkpoint(candidate):
-                        return candidate
-            steps = list_step_checkpoints(folder)
-            if steps:
-                return steps[-1][1]
-        raise UserError(f"no checkpoint in {path} (looked for {CHECKPOINT_DIR}/best.pt, last.pt and step_*.pt); "
-                        "pass ckpt=<a .pt file> or a run dir trained with trainer.save_checkpoints=true")
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint file or run dir")
-    return path
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    # (An FSDP2 parameter is a DTensor whose shape is the whole tensor's, not its shard's.)
+    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = [f"{k} missing from the checkpoint" for k in own if k not in weights]
+    problems += [f"{k} is not in this model" for k in weights if k not in own]
+    problems += [f"{k} has shape {tuple(weights[k].shape)} in the checkpoint but {own[k]} here"
+                 for k in own if k in weights and tuple(weights[k].shape) != own[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"checkpoint {path} does not fit this model: {'; '.join(problems[:3])}{more}; "
+                        "use the model settings of the run that wrote it")
+
+
+# ------------------------------------------------------------------ reading and checking
 
 
 def _first_sentence(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return (text.split(". ")[0] if text else type(err).__name__)[:200]
-
-
-def load_checkpoint(path: Path, map_location: Any = "cpu", verify: bool = True) -> Dict[str, Any]:
-    """A checkpoint's contents, read without executing any code (weights_only=True; for a
-    sharded folder, its record with "sharded_dir" naming the folder, whose weights
-    `sharded.load_model` reads). `verify` checks every byte against the CRC-32 it was
-    written with, and, for a sharded folder, vets DCP's index. Anything damaged, refused or
-    not a complete bigmodel checkpoint is a UserError naming the problem."""
-    if is_sharded_checkpoint(path):
-        record = _read_archive(path / sharded.META, map_location, verify)
-        _check_record(record, path, is_sharded=True)
-        if verify:
-            sharded.check_folder(path, record)
-        return {**record, "sharded_dir": str(path)}
-    state = _read_archive(path, map_location, verify)
-    _check_record(state, path, is_sharded=False)
-    return state
 
 
 def _read_archive(path: Path, map_location: Any, verify: bool) -> Dict[str, Any]:
@@ -169,13 +194,6 @@ TASKS = ("classification", "regression", "language_modeling")
 INPUT_KINDS = ("vector", "sequence", "image", "tokens")
 SPEC = {"task": str, "input_kind": str, "input_shape": (list, tuple), "num_outputs": int,
         "vocab_size": (int, type(None)), "block_size": (int, type(None))}
-
-
-def _check_record(state: Dict[str, Any], path: Path, is_sharded: bool) -> None:
-    problem = record_problem(state, is_sharded)
-    if problem:
-        raise UserError(f"checkpoint {path} is damaged or was not written by bigmodel train ({problem}); "
-                        "use another checkpoint")
 
 
 def record_problem(state: Dict[str, Any], is_sharded: bool) -> Optional[str]:

@@ -1,32 +1,23 @@
-"""When to write checkpoints, which to keep, and which one a resumed run continues from.
+"""When to write checkpoints, and which to keep.
 
-A run's `checkpoints/` folder holds one entry per saved step plus two aliases:
-
-    step_00000250.pt   step_00000500.pt   (FSDP: step_00000500.dcp/ folders)
-    last.pt -> step_00000500.pt           the newest
-    best.pt -> step_00000250.pt           the best by trainer.monitor
-
-Each step entry appears under its name only once it is complete (written to a hidden
-temporary, fsynced, renamed), so a crash never leaves a torn entry in place of a good
-one. The newest `keep_last` entries are kept, and always the best one.
+A run's `checkpoints/` folder (engine/checkpoint_folder.py) holds one entry per saved
+step plus the aliases last and best. Each step entry appears under its name only once it
+is complete (written to a hidden temporary, fsynced, renamed), so a crash never leaves a
+torn entry in place of a good one. The newest `keep_last` entries are kept, and always the best one.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional
 
 from bigmodel_cli.engine import distributed
-from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, SHARDED_SUFFIX, list_step_checkpoints,
-                                           load_checkpoint, point_alias, remove_checkpoint,
-                                           remove_stale_temporaries, save_checkpoint, step_checkpoint_name)
+from bigmodel_cli.engine.checkpoint import CheckpointRecord, save_checkpoint
+from bigmodel_cli.engine.checkpoint_folder import (CHECKPOINT_DIR, SHARDED_SUFFIX, list_step_checkpoints,
+                                                  point_alias, remove_checkpoint, remove_stale_temporaries,
+                                                  step_checkpoint_name)
 from bigmodel_cli.engine.sharded import save_sharded
-from bigmodel_cli.errors import UserError
-
-log = logging.getLogger("bigmodel")
 
 
 class CheckpointManager:
@@ -57,17 +48,20 @@ class CheckpointManager:
         return self.folder / f"best{self.suffix}"
 
     # ------------------------------------------------------------------ writing
-    def save(self, step: int, meta: Dict[str, Any], model, optimizer, is_best: bool = False) -> Optional[Path]:
-        """Write the checkpoint of `step` (every rank calls this; rank 0 writes files)."""
+    def save(self, step: int, record: CheckpointRecord, model, optimizer, is_best: bool = False) -> Optional[Path]:
+        """Write the checkpoint of `step` (every rank calls this; rank 0 writes files): the
+        record, and the state of `model` (the plain model, or the FSDP-sharded one) and
+        `optimizer`."""
         if not self.enabled:
             return None
         path = self.folder / step_checkpoint_name(step, self.sharded)
         main = distributed.is_main_process()
         if step != self.last_saved_step:
             if self.sharded:
-                save_sharded(meta, model, optimizer, path)
+                save_sharded(record.to_state(), model, optimizer, path)
             elif main:
-                save_checkpoint(meta, path)
+                save_checkpoint({**record.to_state(), "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict()}, path)
             self.last_saved_step, self.last_saved_time = step, time.monotonic()
         if main:
             point_alias(self.folder / f"last{self.suffix}", path)
@@ -84,36 +78,3 @@ class CheckpointManager:
         for _, path in entries[:-self.keep_last]:
             if path.resolve() != keep_best:
                 remove_checkpoint(path)
-
-
-
-def newest_valid_checkpoint(folder: Path, set_aside: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest step checkpoint in `folder` that loads intact, and its contents. Damaged
-    newer ones are skipped with a warning and (`set_aside`, in the run's own dir) renamed
-    aside, hidden but not deleted, so that later saves and pruning never take them for
-    the newest."""
-    damaged = []
-    chosen = None
-    for _, path in reversed(list_step_checkpoints(folder)):
-        try:
-            state = load_checkpoint(path)
-        except UserError as err:
-            log.warning("skipping damaged checkpoint %s: %s", path.name, err)
-            damaged.append(path)
-            continue
-        chosen = (path, state)
-        break
-    if chosen is None and damaged:
-        raise UserError(f"every checkpoint in {folder} is damaged; move them away to start over in this "
-                        "run dir, or pick another with trainer.resume=<checkpoint>")
-    for path in damaged if set_aside else ():
-        os.replace(path, aside_name(path))
-    return chosen
-
-
-def aside_name(path: Path) -> Path:
-    """A hidden name for a damaged checkpoint that no earlier one set aside has taken."""
-    candidate, n = path.with_name(f".{path.name}.damaged"), 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate, n = path.with_name(f".{path.name}.damaged.{n}"), n + 1
-    return candidate

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.checkpoint import (CHECKPOINT_DIR, is_sharded_checkpoint, load_checkpoint, resolve_checkpoint)
-from bigmodel_cli.engine.weights import load_weights
+from bigmodel_cli.engine.checkpoint import Checkpoint, load_checkpoint, load_weights
+from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -52,45 +52,26 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def starting_checkpoint(resume: str, run_dir: Path, env) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """The checkpoint a run continues from (trainer.resume), and its contents; (None, None)
-    for a fresh start. Collective: rank 0 picks and checks every byte, every rank loads."""
+def starting_checkpoint(resume: str, run_dir: Path, env) -> Optional[Checkpoint]:
+    """The checkpoint a run continues from (trainer.resume), or None for a fresh start.
+    Collective: rank 0 finds it and checks every byte, then every rank loads it."""
     from bigmodel_cli.engine import distributed
-    from bigmodel_cli.engine.checkpoint_manager import newest_valid_checkpoint
 
     if resume == "none":
-        return None, None
+        return None
     found, error = None, None
     if env.is_main:
         try:
-            found = (newest_valid_checkpoint(run_dir / CHECKPOINT_DIR) if resume == "auto"
-                     else named_checkpoint(resume))
+            found = (find_checkpoint(run_dir, Pick.NEWEST_VALID, own_run=True) if resume == "auto" else
+                     find_checkpoint(Path(resume), Pick.NEWEST_VALID, setting="trainer.resume"))
         except UserError as err:
             error = str(err)
-    choice, error = distributed.broadcast_from_main((str(found[0]) if found else None, error))
+    choice, error = distributed.broadcast_from_main((str(found.path) if found else None, error))
     if error:
         raise UserError(error)
-    if choice is None:
-        return None, None
-    return Path(choice), (found[1] if env.is_main else load_checkpoint(Path(choice), verify=False))
-
-
-def named_checkpoint(resume: str) -> Tuple[Path, Dict[str, Any]]:
-    """trainer.resume=<checkpoint or run dir>: that checkpoint, or the run dir's newest good
-    one (damaged ones are skipped, and left where they are: the run dir is not ours)."""
-    from bigmodel_cli.engine.checkpoint_manager import newest_valid_checkpoint
-
-    path = Path(resume).expanduser()
-    if path.is_dir() and not is_sharded_checkpoint(path):
-        folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-        found = newest_valid_checkpoint(folder, set_aside=False)
-        if found is None:
-            raise UserError(f"trainer.resume={resume}: no step_*.pt checkpoints in {folder}; "
-                            "pass a checkpoint file or a run dir that wrote checkpoints")
+    if choice is None or env.is_main:
         return found
-    if not path.exists():
-        raise UserError(f"trainer.resume={resume} does not exist; use auto, none, a checkpoint or a run dir")
-    return path, load_checkpoint(path)
+    return load_checkpoint(Path(choice), verify=False)
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
@@ -113,6 +94,6 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: 
 def load_initial_weights(model: nn.Module, source: str) -> Path:
     """trainer.init_from: copy another run's weights into `model` (optimizer and step stay
     fresh). Keys or shapes that differ are named in the error."""
-    path = resolve_checkpoint(source)
-    load_weights(model, load_checkpoint(path), path)
-    return path
+    checkpoint = find_checkpoint(Path(source), Pick.BEST, setting="trainer.init_from")
+    load_weights(model, checkpoint)
+    return checkpoint.path

@@ -28,8 +28,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bigmodel_cli.data.base import DataModule
-from bigmodel_cli.engine import distributed, sharded
-from bigmodel_cli.engine.checkpoint import load_checkpoint
+from bigmodel_cli.engine import distributed
+from bigmodel_cli.engine.checkpoint import (Checkpoint, CheckpointRecord, Provenance, load_checkpoint,
+                                           load_model_and_optimizer, load_weights)
 from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
@@ -37,7 +38,6 @@ from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals, requeue
 from bigmodel_cli.engine.tasks import Task
-from bigmodel_cli.engine.weights import load_weights
 from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
                  task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
-                 telemetry: Telemetry, checkpoint_extra: Optional[Dict[str, Any]] = None,
+                 telemetry: Telemetry, provenance: Optional[Provenance] = None,
                  env: DistEnv = DistEnv(), signals: Optional[StopSignals] = None,
                  flops_per_unit: Optional[float] = None):
         self.model = model
@@ -97,7 +97,8 @@ class Trainer:
         self.device = device
         self.precision = cfg.precision
         self.telemetry = telemetry
-        self.checkpoint_extra = checkpoint_extra or {}
+        # What built this run, stored in its checkpoints (eval and generate rebuild it from there).
+        self.provenance = provenance or Provenance({}, {}, {}, data.spec)
         self.checkpoints = CheckpointManager(run_dir, self.sharded, cfg.keep_last, cfg.checkpoint_every,
                                              cfg.checkpoint_every_min, enabled=cfg.save_checkpoints)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -366,7 +367,8 @@ class Trainer:
         if not self.checkpoints.enabled:
             return None
         self.check_finite()
-        return self.checkpoints.save(self.step, self.state_dict(), self.state_model, self.optimizer, is_best)
+        return self.checkpoints.save(self.step, self.checkpoint_record(),
+                                     self.state_model if self.sharded else self.raw_model, self.optimizer, is_best)
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -385,10 +387,10 @@ class Trainer:
         """Load the best checkpoint's weights (for the final test); False if there is none,
         or if it is damaged (it may be from an earlier process of a resumed run)."""
         path = self.checkpoints.best_path()
-        state, problem = None, None
+        checkpoint, problem = None, None
         if self.env.is_main and path.exists():  # rank 0 checks every byte; the others then read it
             try:
-                state = load_checkpoint(path)
+                checkpoint = load_checkpoint(path)
             except UserError as err:
                 problem = str(err)
         exists, problem = distributed.broadcast_from_main((path.exists(), problem))
@@ -398,72 +400,57 @@ class Trainer:
             log.warning("the final test uses the final weights: %s", problem)
             return False
         load_weights(self.state_model if self.sharded else self.raw_model,
-                     state if state is not None else load_checkpoint(path, verify=False), path)
+                     checkpoint if checkpoint is not None else load_checkpoint(path, verify=False))
         return True
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything the next step depends on (collective: every rank calls it)."""
-        # Sharded runs keep model and optimizer in the DCP shards, not here.
-        weights = {} if self.sharded else {"model": self.raw_model.state_dict(),
-                                           "optimizer": self.optimizer.state_dict()}
+    def checkpoint_record(self) -> CheckpointRecord:
+        """Everything the next step depends on besides model and optimizer state (collective:
+        every rank calls it)."""
         scheduler = self.scheduler.state_dict()
         scheduler.pop("lr_lambdas", None)  # the schedule comes from the config on resume
-        return {
-            **weights,
-            "scheduler": scheduler,
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 3),
-            "data_position": self.data_position(),
-            "rng": distributed.all_gather_objects(capture_rng_state()),
-            "world_size": self.env.world_size,
-            "best": self.monitor.state_dict(),
-            **self.checkpoint_extra,
-        }
+        origin = self.provenance
+        return CheckpointRecord(
+            step=self.step, epoch=round(self.step / self.steps_per_epoch, 3),
+            config=origin.config, choices=origin.choices, data=origin.data, spec=origin.spec,
+            best=self.monitor.state_dict(), scheduler=scheduler, scaler=self.scaler.state_dict(),
+            rng=distributed.all_gather_objects(capture_rng_state()), world_size=self.env.world_size,
+            data_position=self.data_position())
 
-    def load_training_state(self, state: Dict[str, Any]) -> None:
+    def load_training_state(self, checkpoint: Checkpoint) -> None:
         """Weights, optimizer, schedule and scaler from a checkpoint."""
-        if "sharded_dir" in state:  # DCP reshards to this world size and layout
-            sharded.load_training_state(self.state_model, self.optimizer, Path(state["sharded_dir"]))
-        else:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
-        if state["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+        load_model_and_optimizer(self.state_model if checkpoint.is_sharded else self.raw_model, self.optimizer,
+                                 checkpoint)
+        lambdas = [None] * len(self.scheduler.lr_lambdas)
+        self.scheduler.load_state_dict({**checkpoint.scheduler, "lr_lambdas": lambdas})
+        if checkpoint.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint.scaler)
 
-    def load_state_dict(self, state: Dict[str, Any], path: Path) -> None:
-        """Continue from a checkpoint read by `load_checkpoint` (collective under FSDP)."""
-        if "sharded_dir" not in state and self.sharded:
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Continue from a checkpoint (collective under FSDP)."""
+        path = checkpoint.path
+        if not checkpoint.is_sharded and self.sharded:
             raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
                             f"run; resume with trainer.strategy=ddp, or start from its weights with "
                             f"trainer.init_from={path}")
         try:
-            self.load_training_state(state)
-            self.monitor.load_state_dict(state["best"])
+            self.load_training_state(checkpoint)
+            self.monitor.load_state_dict(checkpoint.best)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
             # Its config matched this run's, so what does not fit is the checkpoint's content.
             raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); "
                             "it is damaged or was edited: use another checkpoint") from None
         reapply_hyperparameters(self.optimizer, self.scheduler, self.configured_hyperparameters)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        self.step = state["step"]
+        self.step = checkpoint.step
         self.checkpoints.last_saved_step = self.step
         self.finite_until = self.step
-        exact = True
-        rng = state.get("rng") or []
-        if len(rng) == self.env.world_size:
-            self.resumed_rng = rng[self.env.rank]
-        else:
-            exact = False
-        if state.get("data_position", {}).get("batches_per_epoch") != len(self.train_loader):
-            exact = False
-        if not exact:
+        self.resumed_rng = checkpoint.rng[self.env.rank] if len(checkpoint.rng) == self.env.world_size else None
+        batches_then = checkpoint.data_position.get("batches_per_epoch")
+        if self.resumed_rng is None or batches_then != len(self.train_loader):
             log.warning("resuming with %d ranks and %d batches per epoch, the checkpoint had %s ranks and %s: "
                         "training continues, but not bit for bit as an uninterrupted run would",
-                        self.env.world_size, len(self.train_loader), state.get("world_size"),
-                        state.get("data_position", {}).get("batches_per_epoch"))
+                        self.env.world_size, len(self.train_loader), checkpoint.world_size, batches_then)
 
 
 def human_duration(seconds: float) -> str:

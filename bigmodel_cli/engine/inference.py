@@ -1,0 +1,60 @@
+"""A trained model, ready for inference, from a checkpoint: what eval, generate and every
+later command that reads weights start from.
+
+The checkpoint's stored config rebuilds the model, but only after `trust.vetted_config`
+has checked that it names nothing but bigmodel's own classes (or `trusted_targets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bigmodel_cli.data.base import DataSpec
+from bigmodel_cli.engine.checkpoint import Checkpoint, load_weights
+from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
+
+
+@dataclass
+class TrainedModel:
+    checkpoint: Checkpoint
+    config: DictConfig  # its stored config, vetted
+    model: Optional[nn.Module] = None  # on the device, in eval mode, once `ready_model` ran
+
+
+def open_trained(ckpt: str, trusted_targets: Sequence[str] = (), sections: Sequence[str] = ("model",)
+                 ) -> TrainedModel:
+    """The checkpoint `ckpt` names (file, sharded folder or run dir: its best), checked byte
+    for byte, with its stored config vetted in `sections` (those that will be instantiated)."""
+    from bigmodel_cli.trust import vetted_config
+
+    checkpoint = find_checkpoint(Path(ckpt), Pick.BEST)
+    return TrainedModel(checkpoint, vetted_config(checkpoint.config, checkpoint.path, trusted_targets, sections))
+
+
+def ready_model(trained: TrainedModel, device: torch.device, spec: Optional[DataSpec] = None) -> nn.Module:
+    """Build the model the checkpoint was trained as (for `spec`, by default its own data's),
+    fill it with the checkpoint's weights, and put it on `device` in eval mode, with the
+    matmul precision it trained with."""
+    from bigmodel_cli.build import build_model
+    from bigmodel_cli.engine.device import use_tf32
+
+    checkpoint = trained.checkpoint
+    names = checkpoint.choices
+    model = build_model(trained.config.model, spec or checkpoint.spec, names.get("model", ""), names.get("data", ""))
+    load_weights(model, checkpoint)
+    use_tf32(bool(trained.config.trainer.get("tf32", True)), device)
+    trained.model = model.to(device).eval()
+    return trained.model
+
+
+def load_trained_model(ckpt: str, device: torch.device, trusted_targets: Sequence[str] = ()) -> TrainedModel:
+    """`open_trained` and `ready_model` in one: the model on `device`, and where it came from."""
+    trained = open_trained(ckpt, trusted_targets)
+    ready_model(trained, device)
+    return trained
