@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
@@ -90,6 +90,17 @@ def accepted_kwargs(target: Any, offered: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in offered.items() if k in params}
 
 
+# Keys of the model group that say how to run the model rather than what it is:
+# engine/parallelize.py applies them, the model's constructor never sees them.
+HOW_TO_RUN_KEYS = ("activation_checkpointing",)
+
+
+def model_description(cfg: DictConfig) -> DictConfig:
+    if not any(key in cfg for key in HOW_TO_RUN_KEYS):
+        return cfg
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key not in HOW_TO_RUN_KEYS])
+
+
 def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name: str = "") -> nn.Module:
     target_path = cfg.get("_target_")
     try:
@@ -106,7 +117,7 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
             f"model={model_name} cannot train on data={data_name}: it reads "
             f"{' or '.join(KIND_WORDS[k] for k in kinds)}, but {data_name} gives "
             f"{KIND_WORDS[spec.input_kind]} {spec.input_shape}; models for this data: {fits}")
-    model = instantiate_or_explain(cfg, "model", **accepted_kwargs(target, spec.model_kwargs()))
+    model = instantiate_or_explain(model_description(cfg), "model", **accepted_kwargs(target, spec.model_kwargs()))
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={target_path} built a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -18,52 +18,62 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from bigmodel_cli.errors import UserError
 
 
-class Precision(str, Enum):
+class Choice(str, Enum):
+    """One of a key's allowed values: equal to, and printed as, its string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class MonitorMode(str, Enum):
+class MonitorMode(Choice):
     auto = "auto"  # max for accuracy-like metrics, min for everything else
     min = "min"
     max = "max"
 
 
-class ProgressMode(str, Enum):
+class ProgressMode(Choice):
     auto = "auto"  # a rich bar on a terminal, one plain line per interval otherwise
     bar = "bar"
     plain = "plain"
 
 
-class Strategy(str, Enum):
+class Strategy(Choice):
     ddp = "ddp"  # DistributedDataParallel: a full replica per rank
     fsdp = "fsdp"  # FSDP2 fully_shard per repeated block and at the root; sharded checkpoints
 
 
-class Backend(str, Enum):
+class Backend(Choice):
     auto = "auto"  # nccl on CUDA, gloo on CPU
     nccl = "nccl"
     gloo = "gloo"
 
 
-class NonFinite(str, Enum):
+class NonFinite(Choice):
     stop = "stop"  # end the run with a message; the last good checkpoint stays as it is
     skip = "skip"  # drop that step's update and go on (one host sync per step)
 
 
-class RNNCell(str, Enum):
+class RNNCell(Choice):
     rnn = "rnn"
     lstm = "lstm"
     gru = "gru"
 
 
-class Positional(str, Enum):
+class Positional(Choice):
     learned = "learned"
     sinusoidal = "sinusoidal"
 
 
-class SyntheticTask(str, Enum):
+class SyntheticTask(Choice):
     classification = "classification"
     regression = "regression"
 
@@ -495,6 +505,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(t.max_steps is not None or t.max_epochs is not None,
              "trainer.max_steps and trainer.max_epochs are both null; set one, "
              "e.g. trainer.max_steps=1000")
+    _require(not (t.precision == "fp16" and t.strategy == "fsdp"),
+             "trainer.precision=fp16 with trainer.strategy=fsdp is not supported (per-shard loss scaling "
+             "would let ranks diverge); use trainer.precision=bf16")
     resume = str(t.resume)
     _require(resume != "", "trainer.resume is empty; use auto, none or a checkpoint path")
     _require(t.init_from is None or resume in ("auto", "none"),
@@ -516,6 +529,11 @@ def validate_data_config(data: DictConfig) -> None:
     for key in ("data.val_fraction", "data.test_fraction"):
         frac = OmegaConf.select(cfg, key)
         _require(frac is None or 0 < frac < 1, f"{key} must be between 0 and 1 (got {frac})")
+
+
+def trainer_settings(cfg: DictConfig) -> "TrainerConfig":
+    """cfg.trainer as a typed TrainerConfig (enums as enums), what the engine receives."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer))
 
 
 def plain_config(cfg: DictConfig) -> DictConfig:

@@ -6,9 +6,9 @@ import errno
 import logging
 import traceback
 from contextlib import contextmanager
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli import run_lock
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs, validate_train_config
+from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, trainer_settings, validate_train_config
 from bigmodel_cli.engine.files import WriteFailed
 from bigmodel_cli.errors import EXIT_INTERRUPTED, TrainingStopped, UserError, first_line, report_user_errors
 
@@ -74,47 +74,82 @@ def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bo
             run_lock.release(run_dir)
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str]) -> Dict[str, Any]:
+@dataclass
+class RankJob:
+    """What every rank of a training run runs: the config, validated once by the process
+    the user started (and handed to launched workers as it is)."""
+
+    config: Dict[str, Any]  # plain (enums as strings): config.yaml and the checkpoints hold this
+    settings: TrainerConfig  # config["trainer"], typed
+    run_dir: Path
+    choices: Dict[str, str] = field(default_factory=dict)
+    overrides: List[str] = field(default_factory=list)
+    locked_by_parent: bool = False  # a launched worker, whose parent holds the run dir's lock
+
+
+def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
+          overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Train as `cfg` says, writing into `run_dir`; returns the summary (also summary.json).
+    `choices` are the group options picked (for messages: model=gpt, data=digits)."""
+    from bigmodel_cli.engine import distributed  # torch loads here, after Hydra parsed argv (fast --help)
+
+    validate_train_config(cfg)
+    job = RankJob(OmegaConf.to_container(plain_config(cfg)), trainer_settings(cfg), Path(run_dir),
+                  dict(choices or {}), list(overrides))
+    env = distributed.detect()
+    if job.settings.devices > 1 and not env.is_distributed:
+        return launch_workers(job)
+    return run_rank(job, env)
+
+
+def launch_workers(job: RankJob) -> Dict[str, Any]:
     """trainer.devices=N from one process: start N ranks, each running `run_worker`, while
     this process holds the run dir's lock for them."""
+    from bigmodel_cli.engine.launch import launch
+
+    t = job.settings
+    check_devices(t)
+    log.info("launching %d worker processes per node on %d node(s)", t.devices, t.num_nodes)
+    with run_lock.holding(job.run_dir):
+        try:
+            results = launch(run_worker, (replace(job, locked_by_parent=True),), t.devices, t.num_nodes,
+                             timeout_s=t.dist_timeout_s, run_dir=str(job.run_dir))
+        except TrainingStopped as stop:  # before the workers could checkpoint
+            raise TrainingStopped(f"{stop}; {how_to_continue(job.run_dir)}") from None
+    result = results[0] if 0 in results else next(iter(results.values()))
+    if result.error is not None:
+        raise UserError(result.error)
+    if result.stopped is not None:
+        raise TrainingStopped(result.stopped)
+    return result.summary
+
+
+def check_devices(settings: TrainerConfig) -> None:
     import os
 
     import torch
 
     from bigmodel_cli.engine.device import resolve_device
-    from bigmodel_cli.engine.launch import launch
 
-    t = cfg.trainer
-    device = resolve_device(t.device)
+    device = resolve_device(settings.device)
     available = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
-    if t.devices > available:
+    if settings.devices > available:
         kind = "CUDA devices" if device.type == "cuda" else "CPU cores"
-        raise UserError(f"trainer.devices={t.devices} but this machine has {available} {kind}; "
+        raise UserError(f"trainer.devices={settings.devices} but this machine has {available} {kind}; "
                         f"use trainer.devices={available} or fewer")
-    log.info("launching %d worker processes per node on %d node(s)", t.devices, t.num_nodes)
-    with run_lock.holding(run_dir):
-        try:
-            results = launch(run_worker, (OmegaConf.to_container(cfg), str(run_dir), choices, list(overrides)),
-                             t.devices, t.num_nodes, timeout_s=t.dist_timeout_s, run_dir=str(run_dir))
-        except TrainingStopped as stop:  # before the workers could checkpoint
-            raise TrainingStopped(f"{stop}; {how_to_continue(run_dir)}") from None
-    result = results[0] if 0 in results else next(iter(results.values()))
-    if isinstance(result, dict) and "error" in result:
-        raise UserError(result["error"])
-    if isinstance(result, dict) and "stopped" in result:
-        raise TrainingStopped(result["stopped"])
-    return result
 
 
 def how_to_continue(run_dir: Path) -> str:
     return f"continue with the same command plus hydra.run.dir={run_dir} trainer.resume=auto"
 
 
-def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overrides: Sequence[str], link):
+def run_worker(job: RankJob, link):
     """Entry point of a launched worker process (rank and world come from the environment).
-    A user error or a stop comes back as a value, so the parent reports it once; anything
-    else is logged to this rank's log, told to the parent through `link` (a WorkerLink),
-    and ends this worker with exit code 1, without a traceback on the console."""
+    A user error or a stop comes back as a WorkerResult, so the parent reports it once;
+    anything else is logged to this rank's log, told to the parent through `link` (a
+    WorkerLink), and ends this worker with exit code 1, without a traceback on the console."""
+    from bigmodel_cli.engine import distributed
+    from bigmodel_cli.engine.outcomes import WorkerResult
     from bigmodel_cli.engine.stopping import SIGNALS
 
     with SIGNALS.installed():
@@ -123,13 +158,13 @@ def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overr
         # parent to collect the result).
         watch = link.watch()
         try:
-            return train(OmegaConf.create(cfg), Path(run_dir), choices, overrides, locked_by_parent=True)
+            return WorkerResult(summary=run_rank(job, distributed.detect()))
         except UserError as err:
             log.debug("error: %s", err)
             watch.failed(str(err), waiting=False)
-            return {"error": str(err)}
+            return WorkerResult(error=str(err))
         except TrainingStopped as stop:
-            return {"stopped": str(stop)}
+            return WorkerResult(stopped=str(stop))
         except KeyboardInterrupt:
             raise SystemExit(EXIT_INTERRUPTED) from None
         except (SystemExit, GeneratorExit):
@@ -140,40 +175,25 @@ def run_worker(cfg: Dict[str, Any], run_dir: str, choices: Dict[str, str], overr
             raise SystemExit(1) from None
 
 
-def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
-          overrides: Sequence[str] = (), locked_by_parent: bool = False) -> Dict[str, Any]:
-    """Train as `cfg` says, writing into `run_dir`; returns the summary (also summary.json).
-
-    `choices` are the group options picked (for messages: model=gpt, data=digits).
-    `locked_by_parent`: a launched worker, whose parent holds the run dir's lock.
-    """
-    # torch and the engine load here, after Hydra has parsed argv (fast --help).
+def run_rank(job: RankJob, env) -> Dict[str, Any]:
+    """This process's part of the run: one rank of many, or the only one."""
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.device import check_precision, resolve_device
+    from bigmodel_cli.engine.stopping import SIGNALS
+    from bigmodel_cli.run import Placement
 
-    validate_train_config(cfg)
-    cfg = plain_config(cfg)
-    choices = choices or {}
-    t = cfg.trainer
-    env = distributed.detect()
-    if t.devices > 1 and not env.is_distributed:
-        return launch_workers(cfg, run_dir, choices, overrides)
+    t = job.settings
     device = resolve_device(t.device)
     if env.is_distributed and device.type == "cuda":
         # One visible GPU per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank): cuda:0.
         device = resolve_device("cuda:0" if torch_cuda_count() == 1 else f"cuda:{env.local_rank}")
     check_precision(t.precision, device)
-    if t.precision == "fp16" and t.strategy == "fsdp":
-        raise UserError("trainer.precision=fp16 with trainer.strategy=fsdp is not supported (per-shard loss "
-                        "scaling would let ranks diverge); use trainer.precision=bf16")
-    from bigmodel_cli.engine.stopping import SIGNALS
-
     # From here on a stop signal is acted on between steps (or before the first one).
     with SIGNALS.installed() as signals:
         distributed.init(env, t.backend, device, t.dist_timeout_s)
-        with owned_run_dir(run_dir, env, t.resume, locked_by_parent) as run_dir:
+        with owned_run_dir(job.run_dir, env, t.resume, job.locked_by_parent) as run_dir:
             try:
-                return train_in_run_dir(cfg, run_dir, choices, overrides, env, device, signals)
+                return train_in_run_dir(replace(job, run_dir=run_dir), Placement(device, env, signals))
             except (WriteFailed, OSError) as err:
                 if isinstance(err, OSError) and err.errno not in DISK_ERRORS:
                     raise
@@ -201,116 +221,84 @@ def torch_cuda_count() -> int:
     return torch.cuda.device_count()
 
 
-def train_in_run_dir(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str],
-                     env, device, signals) -> Dict[str, Any]:
-    import os
+def train_in_run_dir(job: RankJob, place) -> Dict[str, Any]:
+    """Build the run, fit, then test the best weights and report (or say how it stopped)."""
+    from bigmodel_cli.run import build_run, rank_log
 
-    import torch
-
-    from bigmodel_cli.build import (build_data, build_model, build_optimizer, check_model_fits,
-                                    count_parameters, human_count, instantiate_or_explain)
-    from bigmodel_cli.engine import distributed
-    from bigmodel_cli.engine.device import seed_everything, use_tf32
-    from bigmodel_cli.engine.resume import config_changes, flatten, load_initial_weights, starting_checkpoint
-    from bigmodel_cli.engine.tasks import task_for
-    from bigmodel_cli.engine.checkpoint import Provenance
-    from bigmodel_cli.engine.trainer import Trainer
-    from bigmodel_cli.telemetry import Telemetry, write_json
-    from bigmodel_cli.telemetry.efficiency import model_flops_per_token
-    from bigmodel_cli.telemetry.report import write_report
-    from bigmodel_cli.telemetry.console import attach_rank_log
-
-    t = cfg.trainer
-    if env.is_distributed:
-        attach_rank_log(run_dir, env.rank, console=env.is_main)
-        log.info("rank %d of %d (%s), pid %d, device %s", env.rank, env.world_size, env.source, os.getpid(), device)
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
-    start = starting_checkpoint(t.resume, run_dir, env)
-    start_path = start.path if start is not None else None
-    if start is not None:
-        changes = config_changes(start.config, OmegaConf.to_container(cfg))
-        if changes:
-            log.info("resuming with changed settings: %s", "; ".join(changes))
-    if env.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-    seed_everything(t.seed, t.deterministic)
-    use_tf32(t.tf32, device)
-
-    data = build_data(cfg.data)
-    log.info("data: %s", data.describe())
-    data_state = data.state_dict()
-    if data_state.get("vocab") is not None and env.is_main:
-        write_json(run_dir / "vocab.json", data_state["vocab"])
-    spec = data.spec
-    names = {k: choices.get(k, "") for k in ("model", "data")}
-    model = build_model(cfg.model, spec, names["model"], names["data"])
-    check_model_fits(model, data, spec.task)
-    n_params = count_parameters(model)
-    log.info("model: %s with %s parameters (%s)", type(model).__name__, f"{n_params:,}", human_count(n_params))
-
-    model.to(device)
-    data.to(device)
-    # Parallelize before the optimizer sees the parameters: FSDP replaces them with shards.
-    model = distributed.parallelize(model, t.strategy, env, device, t.precision)
-    if env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
-        torch.manual_seed(t.seed + 1_000_003 * env.rank)
-    optimizer = build_optimizer(cfg.optim, model)
-    if t.compile:  # after the optimizer: it must see the real parameters, not the wrapper's
-        model = torch.compile(model)
-    schedule_factory = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
-    # Records past the checkpoint are about to be redone (a fresh start redoes them all).
-    telemetry = Telemetry(run_dir, t.progress, active=env.is_main, loggers=cfg.get("logger"),
-                          resume_step=start.step if start is not None else 0)
+    rank_log(job.run_dir, place.env, place.device)
+    run = build_run(OmegaConf.create(job.config), job.run_dir, job.choices, place, job.settings)
     try:
-        trainer = Trainer(model, optimizer, schedule_factory, data, task_for(spec.task), t, device, run_dir,
-                          telemetry, Provenance(OmegaConf.to_container(cfg), names, data_state, spec), env=env, signals=signals,
-                          flops_per_unit=model_flops_per_token(model, cfg.model, spec.task, spec.block_size,
-                                                               n_params))
-        if start is not None:
-            trainer.load_checkpoint(start)
-            start = None  # the loaded copy is the trainer's now: free the checkpoint's memory
-            log.info("resuming from %s at step %d of %d", start_path, trainer.step, trainer.total_steps)
-        elif t.init_from:
-            source = load_initial_weights(distributed.unwrap(model), t.init_from)
-            log.info("weights from %s; optimizer and step start fresh", source)
-        log.info("plan: %s", trainer.describe())
-        result = trainer.fit()
-        stopped = result["stopped"]
-        if not stopped:
-            restored = trainer.restore_best()
-            test = trainer.evaluate("test", t.eval_batches)
-            telemetry.eval(trainer.step, "test", test)
-            best = result["best"]
-            final = {f"test/{k}": v for k, v in test.items()}
-            if best["value"] is not None:
-                final[f"best_{best['metric']}"] = best["value"]
-            telemetry.finish(flatten(OmegaConf.to_container(cfg)), final)
+        result = run.trainer.fit()
+        if result.stopped is not None:
+            requeue_if_asked(result.stopped, job.settings, place.env)
+            raise TrainingStopped(stop_line(result.stopped, run.trainer.total_steps, job.run_dir))
+        test, restored = final_test(run)
     finally:
-        telemetry.close()
-    if stopped:
-        saved = f"checkpoint {stopped['checkpoint']}" if stopped["checkpoint"] else "no new checkpoint"
-        again = ("the requeued job continues from it" if "requeued" in stopped["action"] else
-                 how_to_continue(run_dir))
-        raise TrainingStopped(f"{stopped['cause']}: {stopped['action']} at step {stopped['step']} of "
-                              f"{trainer.total_steps} with {saved}; {again}")
+        run.telemetry.close()
+    return report(run, result, test, restored, job)
 
-    best = result["best"]
+
+def requeue_if_asked(stopped, settings: TrainerConfig, env) -> None:
+    """SIGUSR1 inside a Slurm job: the checkpoint is written; rank 0 asks Slurm to requeue."""
+    from bigmodel_cli.engine.outcomes import StopAction
+    from bigmodel_cli.engine.stopping import requeue
+    from bigmodel_cli.slurm import slurm_job_id
+
+    if stopped.action != StopAction.REQUEUE or not env.is_main:
+        return
+    try:
+        requeue(settings.requeue_command, slurm_job_id())
+    except UserError as err:  # the checkpoint is safe; say so and stop anyway
+        log.error("error: %s", err)
+
+
+def stop_line(stopped, total_steps: int, run_dir: Path) -> str:
+    from bigmodel_cli.engine.outcomes import StopAction
+
+    saved = f"checkpoint {stopped.checkpoint}" if stopped.checkpoint else "no new checkpoint"
+    again = "the requeued job continues from it" if stopped.action == StopAction.REQUEUE else how_to_continue(run_dir)
+    return f"{stopped.cause}: {stopped.action} at step {stopped.step} of {total_steps} with {saved}; {again}"
+
+
+def final_test(run):
+    """The test split on the best checkpoint's weights (else the final ones), logged and
+    handed to the loggers with the hyperparameters."""
+    from bigmodel_cli.engine.resume import flatten
+
+    trainer = run.trainer
+    restored = trainer.restore_best()
+    test = trainer.evaluate("test", trainer.settings.eval_batches)
+    run.telemetry.eval(trainer.step, "test", test)
+    best = trainer.monitor.state_dict()
+    final = {f"test/{k}": v for k, v in test.items()}
+    if best["value"] is not None:
+        final[f"best_{best['metric']}"] = best["value"]
+    run.telemetry.finish(flatten(OmegaConf.to_container(run.config)), final)
+    return test, restored
+
+
+def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) -> Dict[str, Any]:
+    """summary.json and report.md (rank 0), and the closing line."""
+    from bigmodel_cli.telemetry import write_json
+    from bigmodel_cli.telemetry.report import write_report
+
+    best = result.best
     summary: Dict[str, Any] = {
         "monitor": best["metric"], "best_value": best["value"], "best_step": best["step"],
         "test_uses": "best checkpoint" if restored else "final weights",
-        "test": test, "final_val": result["val"],
-        "steps": result["steps"], "epochs": result["epochs"], "parameters": n_params,
-        "elapsed_s": round(telemetry.elapsed(), 2), "run_dir": str(run_dir),
-        "resumed_from": str(start_path) if start_path else None, "skipped_steps": result["skipped_steps"],
-        "overrides": list(overrides),
+        "test": test, "final_val": result.val,
+        "steps": result.steps, "epochs": result.epochs, "parameters": run.parameters,
+        "elapsed_s": round(run.telemetry.elapsed(), 2), "run_dir": str(job.run_dir),
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "skipped_steps": result.skipped_steps, "overrides": list(job.overrides),
     }
-    if env.is_main:
-        write_json(run_dir / "summary.json", summary)
-        write_report(run_dir, OmegaConf.to_container(cfg), names, summary)
+    if run.trainer.env.is_main:
+        write_json(job.run_dir / "summary.json", summary)
+        write_report(job.run_dir, job.config, run.choices, summary)
     shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
     best_value = f"{best['value']:.4f}" if best["value"] is not None else "n/a"
-    log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", telemetry.elapsed(), shown,
-             best["metric"], best_value, best["step"], run_dir)
+    log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", run.telemetry.elapsed(), shown,
+             best["metric"], best_value, best["step"], job.run_dir)
     return summary
 
 

@@ -144,9 +144,10 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
-                precision: str = "fp32") -> nn.Module:
-    """Apply the parallelism strategy; model files never do this themselves."""
+def wrap(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
+         precision: str = "fp32") -> nn.Module:
+    """DDP or FSDP2 as trainer.strategy says, under several processes (step 2 of
+    engine/parallelize.py)."""
     if not env.is_distributed:
         return model
     if strategy == "ddp":
@@ -158,7 +159,9 @@ def parallelize(model: nn.Module, strategy: str, env: DistEnv, device: torch.dev
 
 
 def repeated_blocks(model: nn.Module) -> list:
-    """The members of the model's top-level ModuleLists: transformer blocks, stacked layers."""
+    """What a model is made of, repeated: the members of its top-level ModuleLists
+    (transformer blocks, stacked layers). Sharding and activation checkpointing work block
+    by block."""
     return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
 

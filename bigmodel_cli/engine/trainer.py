@@ -21,12 +21,13 @@ import logging
 import math
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from bigmodel_cli.config import NonFinite, Precision, TrainerConfig
 from bigmodel_cli.data.base import DataModule
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.checkpoint import (Checkpoint, CheckpointRecord, Provenance, load_checkpoint,
@@ -36,7 +37,8 @@ from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
-from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals, requeue
+from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
+from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.slurm import slurm_job_id
@@ -78,76 +80,93 @@ class Monitor:
             self.best, self.best_step = state["value"], state["step"]
 
 
-class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule_factory: Callable[..., Callable[[int], float]], data: DataModule,
-                 task: Task, cfg: DictConfig, device: torch.device, run_dir: Path,
-                 telemetry: Telemetry, provenance: Optional[Provenance] = None,
-                 env: DistEnv = DistEnv(), signals: Optional[StopSignals] = None,
-                 flops_per_unit: Optional[float] = None):
-        self.model = model
-        self.raw_model = distributed.unwrap(model)  # what checkpoints hold
-        self.state_model = distributed.uncompiled(model)  # what sharded (DCP) checkpoints hold
-        self.sharded = distributed.is_sharded(model) if env.is_distributed else False
-        self.env = env
-        self.optimizer = optimizer
-        self.data = data
-        self.task = task
-        self.cfg = cfg
-        self.device = device
-        self.precision = cfg.precision
-        self.telemetry = telemetry
-        # What built this run, stored in its checkpoints (eval and generate rebuild it from there).
-        self.provenance = provenance or Provenance({}, {}, {}, data.spec)
-        self.checkpoints = CheckpointManager(run_dir, self.sharded, cfg.keep_last, cfg.checkpoint_every,
-                                             cfg.checkpoint_every_min, enabled=cfg.save_checkpoints)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.monitor = Monitor(cfg.monitor, cfg.monitor_mode, task)
+@dataclass
+class TrainingParts:
+    """What a Trainer trains: made by `bigmodel_cli.run.build_run`, or by hand in a test."""
 
-        self.accum = cfg.grad_accum_steps
-        # Read per step: plain attributes (an OmegaConf lookup costs tens of microseconds).
-        self.grad_clip: Optional[float] = cfg.grad_clip
-        self.log_every: int = cfg.log_every
-        self.val_every: int = cfg.val_every
-        self.train_loader = data.train_batches(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
-        for split in ("val", "test"):  # the last rank's share is the smallest; all ranks agree
-            if len(data.eval_batches(split, rank=env.world_size - 1, world_size=env.world_size)) == 0:
-                raise UserError(f"the {split} split is too small to share across {env.world_size} ranks; "
-                                "use more data or fewer trainer.devices")
-        # Optimizer steps per pass over the training data (fractional when accumulation
-        # spans more micro-batches than an epoch has).
-        self.steps_per_epoch = len(self.train_loader) / self.accum
+    model: nn.Module  # already through `engine.parallelize`
+    optimizer: torch.optim.Optimizer
+    schedule: Callable[..., Callable[[int], float]]  # schedule(total_steps=N) -> lr multiplier per step
+    data: DataModule
+    task: Task
+
+
+@dataclass
+class RunContext:
+    """Where a run happens and what watches it."""
+
+    run_dir: Path
+    telemetry: Telemetry
+    device: torch.device = torch.device("cpu")
+    env: DistEnv = field(default_factory=DistEnv)
+    signals: Optional[StopSignals] = None  # installed by the caller for the whole run
+    provenance: Optional[Provenance] = None  # what built the run, stored in its checkpoints
+    flops_per_unit: Optional[float] = None  # the model's FLOPs per token (for MFU), where known
+
+
+class Trainer:
+    def __init__(self, parts: TrainingParts, settings: TrainerConfig, context: RunContext):
+        self.settings, self.data, self.task = settings, parts.data, parts.task
+        self.env, self.device, self.telemetry = context.env, context.device, context.telemetry
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.raw_model = distributed.unwrap(parts.model)  # what checkpoints hold
+        self.state_model = distributed.uncompiled(parts.model)  # what sharded (DCP) checkpoints hold
+        self.sharded = distributed.is_sharded(parts.model) if self.env.is_distributed else False
+        self.precision = settings.precision
+        self.provenance = context.provenance or Provenance({}, {}, {}, parts.data.spec)
+        self.checkpoints = CheckpointManager(context.run_dir, self.sharded, settings.keep_last,
+                                             settings.checkpoint_every, settings.checkpoint_every_min,
+                                             enabled=settings.save_checkpoints)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == Precision.fp16)
+        self.monitor = Monitor(settings.monitor, settings.monitor_mode, parts.task)
+        # Read per step: plain attributes.
+        self.accum: int = settings.grad_accum_steps
+        self.grad_clip: Optional[float] = settings.grad_clip
+        self.log_every: int = settings.log_every
+        self.val_every: int = settings.val_every
+        self.skip_nonfinite = settings.on_nonfinite == NonFinite.skip
+        self.train_loader = self.plan_data()
         self.total_steps = self.plan_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, schedule_factory(total_steps=self.total_steps))
-        self.configured_hyperparameters = hyperparameters(optimizer)
-        # Across all ranks: the effective global batch.
-        self.units_per_step = self.train_loader.batch_size * data.units_per_sample() * self.accum * env.world_size
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, parts.schedule(total_steps=self.total_steps))
+        self.configured_hyperparameters = hyperparameters(self.optimizer)
         self.step = 0
-        self.last_lr = optimizer.param_groups[0]["lr"]
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.skip_nonfinite = cfg.on_nonfinite == "skip"
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         # The losses summed since the last log step, on the device: a non-finite step makes
         # the sum non-finite, so reading it at log steps (and before saves) finds it.
-        self.loss_sum = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=self.device)
         self.finite_until = 0  # last step known to be finite
         self.skipped_steps = 0
         self.resumed_rng: Optional[Dict[str, Any]] = None
-        # Installed by the caller for the whole run (`with signals.installed():`).
-        self.signals = signals or StopSignals()
+        self.signals = context.signals or StopSignals()
         # Efficiency figures: MFU only where both the model's FLOPs and the device's peak are known.
-        self.flops_per_unit = flops_per_unit
-        self.peak_flops = peak_flops(device, self.precision)
+        self.flops_per_unit = context.flops_per_unit
+        self.peak_flops = peak_flops(self.device, self.precision)
         self.data_wait_s = 0.0  # host time spent fetching batches in this log interval
         self.rate_probe: Optional[tuple] = None  # (step, time) after the first, warm-up step
 
     # ------------------------------------------------------------------ planning
+    def plan_data(self):
+        """This rank's training batches, after checking every rank gets evaluation batches."""
+        env = self.env
+        loader = self.data.train_batches(seed=self.settings.seed, rank=env.rank, world_size=env.world_size)
+        for split in ("val", "test"):  # the last rank's share is the smallest; all ranks agree
+            if len(self.data.eval_batches(split, rank=env.world_size - 1, world_size=env.world_size)) == 0:
+                raise UserError(f"the {split} split is too small to share across {env.world_size} ranks; "
+                                "use more data or fewer trainer.devices")
+        # Optimizer steps per pass over the training data (fractional when accumulation
+        # spans more micro-batches than an epoch has).
+        self.steps_per_epoch = len(loader) / self.accum
+        # Across all ranks: the effective global batch.
+        self.units_per_step = loader.batch_size * self.data.units_per_sample() * self.accum * env.world_size
+        return loader
+
     def plan_steps(self) -> int:
         limits = []
-        if self.cfg.max_steps is not None:
-            limits.append(self.cfg.max_steps)
-        if self.cfg.max_epochs is not None:
-            limits.append(max(1, math.ceil(self.cfg.max_epochs * self.steps_per_epoch)))
+        if self.settings.max_steps is not None:
+            limits.append(self.settings.max_steps)
+        if self.settings.max_epochs is not None:
+            limits.append(max(1, math.ceil(self.settings.max_epochs * self.steps_per_epoch)))
         return min(limits)
 
     def describe(self) -> str:
@@ -207,8 +226,8 @@ class Trainer:
         self.scheduler.step()
         return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
 
-    def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
+    def fit(self) -> FitResult:
+        cfg = self.settings
         self.model.train()
         batches = self.micro_batches()
         self.telemetry.start(self.total_steps, self.step)
@@ -225,10 +244,10 @@ class Trainer:
                 raise UserError(f"the checkpoint's random number generator state is damaged ({type(err).__name__}: "
                                 f"{first_line(err)}); use another checkpoint") from None
         agreement = StopAgreement(self.env.is_distributed, cfg.dist_timeout_s)
-        stopped: Optional[Dict[str, Any]] = None
+        stopped: Optional[Stopped] = None
         try:
             if agreement.now(self.signals.request) == STOP:  # it came while setting up
-                return self.fit_result({}, self.stop_record("stopped before the first step", None))
+                return self.fit_result({}, self.stopped(StopAction.STOP, None))
             while self.step < self.total_steps:
                 is_log_step = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
@@ -275,36 +294,29 @@ class Trainer:
             log.info("speed: %.3g steps/s after the first %d steps; about %s for the remaining %d "
                      "(evaluation aside)", rate, self.step, human_duration(left / rate), left)
 
-    def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
-                "val": val_metrics, "best": self.monitor.state_dict(), "stopped": stopped,
-                "skipped_steps": self.skipped_steps}
+    def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Stopped]) -> FitResult:
+        return FitResult(steps=self.step, epochs=round(self.step / self.steps_per_epoch, 3), val=val_metrics,
+                         best=self.monitor.state_dict(), skipped_steps=self.skipped_steps, stopped=stopped)
 
-    def stop_record(self, action: str, checkpoint: Optional[Path]) -> Dict[str, Any]:
-        cause = self.signals.signal_name or "a signal to another rank"
-        return {"cause": cause, "action": action, "step": self.step,
-                "checkpoint": str(checkpoint) if checkpoint else None}
+    def stopped(self, action: StopAction, checkpoint: Optional[Path]) -> Stopped:
+        return Stopped(StopCause.of(self.signals.signal_name), action, self.step, checkpoint)
 
-    def act_on(self, request: int) -> Optional[Dict[str, Any]]:
-        """Carry out an agreed stop or checkpoint request; a dict when the loop must end."""
+    def act_on(self, request: int) -> Optional[Stopped]:
+        """Carry out an agreed stop or checkpoint request; a Stopped when the loop must end
+        (to requeue a Slurm job is the command's part, once the loop is over)."""
         if request == NOTHING:
             return None
         path = self.save()
         if request == SAVE:  # trainer.checkpoint_every_min: saved, and training goes on
             return None
         job_id = slurm_job_id()
-        if request == CHECKPOINT and not (job_id and self.cfg.requeue_command):
+        if request == CHECKPOINT and not (job_id and self.settings.requeue_command):
             if self.signals.signal_name:  # this rank got the signal: say what happened
                 where = f"checkpoint {path}" if path else "no checkpoint (trainer.save_checkpoints=false)"
                 log.info("step %d: %s wrote %s; training goes on", self.step, self.signals.signal_name, where)
             self.signals.signal_name = None
             return None
-        if request == CHECKPOINT and self.env.is_main:
-            try:
-                requeue(self.cfg.requeue_command, job_id)
-            except UserError as err:  # the checkpoint is safe; say so and stop anyway
-                log.error("error: %s", err)
-        return self.stop_record("requeued the Slurm job" if request == CHECKPOINT else "stopped", path)
+        return self.stopped(StopAction.REQUEUE if request == CHECKPOINT else StopAction.STOP, path)
 
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
@@ -354,7 +366,7 @@ class Trainer:
                         "or use trainer.on_nonfinite=skip to drop such steps")
 
     def validate(self) -> Dict[str, float]:
-        metrics = self.evaluate("val", self.cfg.eval_batches)
+        metrics = self.evaluate("val", self.settings.eval_batches)
         self.telemetry.eval(self.step, "val", metrics)
         if not math.isfinite(metrics["loss"]):  # never checkpoint diverged weights
             raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "

@@ -4,7 +4,6 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bigmodel_cli.models.attention import Block
 
@@ -20,11 +19,9 @@ class GPT(nn.Module):
     input_kinds = ("tokens",)
 
     def __init__(self, vocab_size: int, block_size: int, n_layer: int = 4, n_head: int = 4,
-                 n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                 activation_checkpointing: bool = False):
+                 n_embd: int = 128, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         self.block_size = block_size
-        self.activation_checkpointing = activation_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.dropout = nn.Dropout(dropout)
@@ -55,8 +52,5 @@ class GPT(nn.Module):
         pos = torch.arange(t, device=idx.device)
         x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         return self.lm_head(self.ln_f(x))

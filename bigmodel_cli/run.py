@@ -1,0 +1,166 @@
+"""Building a run: data, model, optimizer, schedule, telemetry and Trainer from a config.
+
+`build_run` is what `bigmodel train` does before its first step, and what any command that
+trains (or a test) calls to get a ready Trainer. It writes the run's config.yaml and
+vocabulary, and resumes or seeds the weights as trainer.resume / trainer.init_from say;
+the caller runs `run.trainer.fit()` and closes `run.telemetry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bigmodel_cli.config import TrainerConfig, plain_config, trainer_settings
+from bigmodel_cli.data.base import DataModule
+from bigmodel_cli.engine.checkpoint import Checkpoint, Provenance
+from bigmodel_cli.engine.distributed import DistEnv
+from bigmodel_cli.engine.stopping import StopSignals
+from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts
+from bigmodel_cli.telemetry import Telemetry
+
+log = logging.getLogger("bigmodel")
+
+
+@dataclass
+class Run:
+    trainer: Trainer
+    telemetry: Telemetry
+    config: DictConfig  # plain (enums as strings): what config.yaml and the checkpoints hold
+    choices: Dict[str, str]  # {"model": ..., "data": ...}: the group options picked
+    parameters: int
+    resumed_from: Optional[Path] = None
+
+
+@dataclass
+class Placement:
+    """Where a run's processes are: the device and the distributed world (one process by default)."""
+
+    device: torch.device = torch.device("cpu")
+    env: DistEnv = field(default_factory=DistEnv)
+    signals: Optional[StopSignals] = None
+
+
+def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = None,
+              place: Optional[Placement] = None, settings: Optional[TrainerConfig] = None) -> Run:
+    """A ready Trainer for `cfg` (a validated config), writing into `run_dir` (which must
+    exist). `settings` is cfg.trainer, typed (made from cfg when not given)."""
+    from bigmodel_cli.engine.device import seed_everything, use_tf32
+    from bigmodel_cli.engine.resume import starting_checkpoint
+
+    place = place or Placement()
+    settings = settings or trainer_settings(cfg)
+    cfg = plain_config(cfg)  # enums as strings: the stored config must load with weights_only
+    choices = {k: (choices or {}).get(k, "") for k in ("model", "data")}
+    env = place.env
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
+    start = starting_checkpoint(settings.resume, run_dir, env)
+    if start is not None:
+        log_config_changes(start, cfg)
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    seed_everything(settings.seed, settings.deterministic)
+    use_tf32(settings.tf32, place.device)
+    data = build_run_data(cfg, run_dir, env)
+    model, parameters = build_run_model(cfg, data, choices)
+    parts = training_parts(cfg, settings, model, data, place)
+    telemetry = Telemetry(run_dir, settings.progress, active=env.is_main, loggers=cfg.get("logger"),
+                          resume_step=start.step if start is not None else 0)
+    try:
+        context = RunContext(run_dir, telemetry, place.device, env, place.signals,
+                             Provenance(OmegaConf.to_container(cfg), choices, data.state_dict(), data.spec),
+                             flops_per_unit(model, cfg, data, parameters))
+        trainer = Trainer(parts, settings, context)
+        start_from(trainer, start, settings)
+    except BaseException:
+        telemetry.close()
+        raise
+    return Run(trainer, telemetry, cfg, choices, parameters, start.path if start is not None else None)
+
+
+def log_config_changes(start: Checkpoint, cfg: DictConfig) -> None:
+    """Refuses changes a resumed run cannot take; logs the others."""
+    from bigmodel_cli.engine.resume import config_changes
+
+    changes = config_changes(start.config, OmegaConf.to_container(cfg))
+    if changes:
+        log.info("resuming with changed settings: %s", "; ".join(changes))
+
+
+def build_run_data(cfg: DictConfig, run_dir: Path, env: DistEnv) -> DataModule:
+    from bigmodel_cli.build import build_data
+    from bigmodel_cli.telemetry import write_json
+
+    data = build_data(cfg.data)
+    log.info("data: %s", data.describe())
+    vocab = data.state_dict().get("vocab")
+    if vocab is not None and env.is_main:
+        write_json(run_dir / "vocab.json", vocab)
+    return data
+
+
+def build_run_model(cfg: DictConfig, data: DataModule, choices: Dict[str, str]):
+    """The model for this data, checked to fit it; and its parameter count."""
+    from bigmodel_cli.build import build_model, check_model_fits, count_parameters, human_count
+
+    model = build_model(cfg.model, data.spec, choices["model"], choices["data"])
+    check_model_fits(model, data, data.spec.task)
+    n_params = count_parameters(model)
+    log.info("model: %s with %s parameters (%s)", type(model).__name__, f"{n_params:,}", human_count(n_params))
+    return model, n_params
+
+
+def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, data: DataModule,
+                   place: Placement) -> TrainingParts:
+    """Model and data on the device, the model parallelized, and the optimizer over its
+    (possibly sharded) parameters."""
+    from bigmodel_cli.build import build_optimizer, instantiate_or_explain
+    from bigmodel_cli.engine.parallelize import parallelize
+    from bigmodel_cli.engine.tasks import task_for
+
+    model.to(place.device)
+    data.to(place.device)
+    model = parallelize(model, settings, place.env, place.device,
+                        checkpoint_blocks=bool(cfg.model.get("activation_checkpointing", False)))
+    if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
+        torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
+    optimizer = build_optimizer(cfg.optim, model)
+    schedule = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
+    return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task))
+
+
+def flops_per_unit(model: nn.Module, cfg: DictConfig, data: DataModule, parameters: int) -> Optional[float]:
+    from bigmodel_cli.engine.distributed import unwrap
+    from bigmodel_cli.telemetry.efficiency import model_flops_per_token
+
+    return model_flops_per_token(unwrap(model), cfg.model, data.spec.task, data.spec.block_size, parameters)
+
+
+def start_from(trainer: Trainer, start: Optional[Checkpoint], settings: TrainerConfig) -> None:
+    """Continue from `start` (trainer.resume), or take trainer.init_from's weights."""
+    from bigmodel_cli.engine.resume import load_initial_weights
+
+    if start is not None:
+        trainer.load_checkpoint(start)
+        log.info("resuming from %s at step %d of %d", start.path, trainer.step, trainer.total_steps)
+    elif settings.init_from:
+        source = load_initial_weights(trainer.raw_model, settings.init_from)
+        log.info("weights from %s; optimizer and step start fresh", source)
+    log.info("plan: %s", trainer.describe())
+
+
+def rank_log(run_dir: Path, env: DistEnv, device: torch.device) -> None:
+    """Under several processes, each rank logs to its own file (rank 0 also to the console)."""
+    from bigmodel_cli.telemetry.console import attach_rank_log
+
+    if env.is_distributed:
+        attach_rank_log(run_dir, env.rank, console=env.is_main)
+        log.info("rank %d of %d (%s), pid %d, device %s", env.rank, env.world_size, env.source, os.getpid(), device)
