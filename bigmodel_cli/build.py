@@ -54,11 +54,7 @@ def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:
     data = instantiate_or_explain(cfg, "data")
     if state:
         data.load_state_dict(state)
-    try:
-        data.setup()
-    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as err:
-        raise UserError(f"could not prepare data {type(data).__name__} ({type(err).__name__}: "
-                        f"{first_line(err)}); check the data.* settings") from None
+    data.setup()  # says what a user can fix as a UserError; anything else is a bug, reported as one
     return data
 
 

@@ -241,15 +241,22 @@ class DataConfig:
 
 
 @dataclass
-class DigitsConfig(DataConfig):
+class SplitDataConfig(DataConfig):
+    """Data that bigmodel splits itself: the shares of validation and test samples."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class DigitsConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.digits.Digits"
     seed: int = 0  # draws the fixed train/val/test split
-    val_fraction: float = 0.1
     test_fraction: float = 0.2
 
 
 @dataclass
-class SyntheticConfig(DataConfig):
+class SyntheticConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.synthetic.Synthetic"
     seed: int = 0  # draws the data, hence also the split
     task: SyntheticTask = SyntheticTask.classification
@@ -258,23 +265,19 @@ class SyntheticConfig(DataConfig):
     input_shape: List[int] = field(default_factory=lambda: [32])
     num_classes: int = 4
     noise: float = 1.0
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
 
 
 @dataclass
-class SineConfig(DataConfig):
+class SineConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.sine.Sine"
     seed: int = 0  # draws the waves, hence also the split
     num_samples: int = 4096
     seq_len: int = 32
     noise: float = 0.05
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
 
 
 @dataclass
-class TextConfig(DataConfig):
+class TextConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.text.CharText"
     # A UTF-8 file or a folder of them; None uses the Python docs that ship with Python.
     path: Optional[str] = None
@@ -478,27 +481,38 @@ def _positive(cfg: DictConfig, dotted: str, example: str) -> None:
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Checks that types alone cannot express; each failure names the key and a fix."""
+    """Checks that types alone cannot express, one validator per config group; each
+    failure names the key and a fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, f"{', '.join(missing)} has no value (???); set it on the command line, "
                           f"e.g. {missing[0] if missing else ''}=...")
-    _positive(cfg, "optim.lr", "1e-3")
+    validate_optim(cfg)
+    validate_scheduler(cfg)
     validate_data_config(cfg.data)
+    validate_trainer(cfg)
+
+
+def validate_optim(cfg: DictConfig) -> None:
+    _positive(cfg, "optim.lr", "1e-3")
+    decay = OmegaConf.select(cfg, "optim.weight_decay")
+    _require(decay is None or decay >= 0, f"optim.weight_decay must be >= 0 (got {decay})")
+
+
+def validate_scheduler(cfg: DictConfig) -> None:
     _positive(cfg, "scheduler.step_size", "500")
     _positive(cfg, "scheduler.gamma", "0.5")
-    _positive(cfg, "trainer.max_steps", "1000")
-    _positive(cfg, "trainer.max_epochs", "10")
-    _positive(cfg, "trainer.grad_accum_steps", "1")
-    _positive(cfg, "trainer.grad_clip", "1.0")
-    _positive(cfg, "trainer.log_every", "50")
-    _positive(cfg, "trainer.val_every", "250")
-    _positive(cfg, "trainer.eval_batches", "50")
-    _positive(cfg, "trainer.devices", "2")
-    _positive(cfg, "trainer.num_nodes", "1")
-    _positive(cfg, "trainer.dist_timeout_s", "300")
-    _positive(cfg, "trainer.checkpoint_every", "500")
-    _positive(cfg, "trainer.checkpoint_every_min", "30")
-    _positive(cfg, "trainer.keep_last", "2")
+    warmup = OmegaConf.select(cfg, "scheduler.warmup_steps")
+    _require(warmup is None or warmup >= 0, f"scheduler.warmup_steps must be >= 0 (got {warmup})")
+    ratio = OmegaConf.select(cfg, "scheduler.min_lr_ratio")
+    _require(ratio is None or 0 <= ratio <= 1, f"scheduler.min_lr_ratio must be in [0, 1] (got {ratio})")
+
+
+def validate_trainer(cfg: DictConfig) -> None:
+    for key, example in (("max_steps", "1000"), ("max_epochs", "10"), ("grad_accum_steps", "1"),
+                         ("grad_clip", "1.0"), ("log_every", "50"), ("val_every", "250"), ("eval_batches", "50"),
+                         ("devices", "2"), ("num_nodes", "1"), ("dist_timeout_s", "300"),
+                         ("checkpoint_every", "500"), ("checkpoint_every_min", "30"), ("keep_last", "2")):
+        _positive(cfg, f"trainer.{key}", example)
     _in_range(cfg, "trainer.seed", 0, MAX_SEED)
     _in_range(cfg, "trainer.dist_timeout_s", 0, MAX_DIST_TIMEOUT_S)
     t = cfg.trainer
@@ -512,11 +526,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     _require(resume != "", "trainer.resume is empty; use auto, none or a checkpoint path")
     _require(t.init_from is None or resume in ("auto", "none"),
              "trainer.init_from and trainer.resume=<path> both name a starting point; use one of them")
-    for key in ("optim.weight_decay", "scheduler.warmup_steps"):
-        value = OmegaConf.select(cfg, key)
-        _require(value is None or value >= 0, f"{key} must be >= 0 (got {value})")
-    ratio = OmegaConf.select(cfg, "scheduler.min_lr_ratio")
-    _require(ratio is None or 0 <= ratio <= 1, f"scheduler.min_lr_ratio must be in [0, 1] (got {ratio})")
 
 
 def validate_data_config(data: DictConfig) -> None:

@@ -53,8 +53,7 @@ class Schedule:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then `decay`."""
 
     def __init__(self, warmup_steps: int = 0, total_steps: Optional[int] = None):
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps})")
+        # (Values are checked with their schema: config.validate_scheduler.)
         self.total_steps = total_steps
         if total_steps is not None and warmup_steps >= total_steps:
             # A warmup as long as the run would never reach optim.lr.
@@ -82,8 +81,6 @@ class StepDecay(Schedule):
 
     def __init__(self, step_size: int = 500, gamma: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1 (got {step_size})")
         self.step_size, self.gamma = step_size, gamma
 
     def decay(self, step: int) -> float:
@@ -106,8 +103,6 @@ class Cosine(Schedule):
 
     def __init__(self, min_lr_ratio: float = 0.1, **kwargs):
         super().__init__(**kwargs)
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")
         self.min_lr_ratio = min_lr_ratio
 
     def decay(self, step: int) -> float:

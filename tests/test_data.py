@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -5,7 +6,8 @@ from bigmodel_cli.data.base import SequentialBatches, ShuffledBatches
 from bigmodel_cli.data.digits import Digits
 from bigmodel_cli.data.sine import Sine
 from bigmodel_cli.data.synthetic import Synthetic
-from bigmodel_cli.data.text import CharText, RandomWindows, SequentialWindows
+from bigmodel_cli.data.text import CharText
+from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.errors import UserError
 
 
@@ -126,7 +128,7 @@ def test_char_text_errors(tmp_path):
 
 
 def test_random_windows_are_shifted_by_one_and_seeded():
-    tokens = torch.arange(1000)
+    tokens = np.arange(1000)
     loader = RandomWindows(tokens, block_size=8, batch_size=4, seed=1)
     x, y = next(iter(loader))
     assert x.shape == y.shape == (4, 8)
@@ -137,6 +139,6 @@ def test_random_windows_are_shifted_by_one_and_seeded():
 
 
 def test_sequential_windows_cover_the_split_once():
-    tokens = torch.arange(101)
+    tokens = np.arange(101)
     xs = torch.cat([x.flatten() for x, _ in SequentialWindows(tokens, block_size=10, batch_size=3)])
     assert xs.tolist() == list(range(100))

@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bigmodel_cli.data.base import SequentialBatches
-from bigmodel_cli.data.text import SequentialWindows
+from bigmodel_cli.data.windows import SequentialWindows
 from bigmodel_cli.engine.distributed import detect, first_slurm_host
 from conftest import slurm_is_up
 
@@ -87,7 +88,7 @@ def test_eval_shards_cover_every_sample_once():
     x, y = torch.arange(101).float()[:, None], torch.arange(101)
     seen = [y_ for r in range(3) for _, y_ in SequentialBatches(x, y, 7, rank=r, world_size=3)]
     assert sorted(torch.cat(seen).tolist()) == list(range(101))
-    tokens = torch.arange(1001)
+    tokens = np.arange(1001)
     windows = [x_[:, 0] for r in range(2) for x_, _ in SequentialWindows(tokens, 10, 4, rank=r, world_size=2)]
     assert sorted(torch.cat(windows).tolist()) == list(range(0, 1000, 10))
 

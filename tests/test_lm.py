@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bigmodel_cli.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
-from bigmodel_cli.data.tokens import TokenFiles, WindowSampler
+from bigmodel_cli.data.tokens import TokenFiles
+from bigmodel_cli.data.windows import RandomWindows
 from bigmodel_cli.errors import UserError
 
 CORPUS = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! é\n" * 300
@@ -93,7 +94,7 @@ def test_window_sampler_is_deterministic_and_resumable(tmp_path):
     assert torch.equal(next(iter(resumed))[0], first[5][0])
     x, y = first[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-    other_rank = WindowSampler(data.tokens["train"], 16, 4, seed=3, rank=1, world_size=2)
+    other_rank = RandomWindows(data.tokens["train"], 16, 4, seed=3, rank=1, world_size=2)
     assert not torch.equal(next(iter(other_rank))[0], first[0][0])
 
 
@@ -150,7 +151,7 @@ def test_prefetched_batches_are_the_loaders_own(tmp_path):
         return host_window(i)
 
     loader.loader.host_window = recorded
-    plain = WindowSampler(data.tokens["train"], 16, 4, seed=1)
+    plain = RandomWindows(data.tokens["train"], 16, 4, seed=1)
     loader.set_epoch(2, start=3)
     plain.set_epoch(2, start=3)
     got, want = list(loader), list(plain)

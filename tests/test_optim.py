@@ -102,7 +102,14 @@ def test_schedule_configs_drive_lambdalr_and_round_trip(compose, name):
 
 
 def test_bad_schedule_values():
-    with pytest.raises(ValueError):
-        Cosine(min_lr_ratio=2.0)
-    with pytest.raises(ValueError):
-        StepDecay(step_size=0)
+    from omegaconf import OmegaConf
+
+    from bigmodel_cli.config import validate_scheduler
+    from bigmodel_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"scheduler.min_lr_ratio must be in \[0, 1\] \(got 2.0\)"):
+        validate_scheduler(OmegaConf.create({"scheduler": {"min_lr_ratio": 2.0}}))
+    with pytest.raises(UserError, match="scheduler.step_size must be > 0"):
+        validate_scheduler(OmegaConf.create({"scheduler": {"step_size": 0}}))
+    with pytest.raises(UserError, match="scheduler.warmup_steps must be >= 0"):
+        validate_scheduler(OmegaConf.create({"scheduler": {"warmup_steps": -1}}))

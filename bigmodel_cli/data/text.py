@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from bigmodel_cli.data.base import Batch, DataModule, DataSpec, check_split
+from bigmodel_cli.data.base import DataModule, DataSpec, check_split
 from bigmodel_cli.data.tokenizers import vocabulary_problem
+from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.errors import UserError
 
 
@@ -40,7 +41,7 @@ def read_corpus(path: str) -> str:
     return "\n".join(texts)
 
 
-def encode(text: str, vocab: List[str]) -> torch.Tensor:
+def encode(text: str, vocab: List[str]) -> np.ndarray:
     """Characters -> vocabulary ids, vectorised (no Python loop over the characters)."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     points = np.array([ord(ch) for ch in vocab], dtype=np.uint32)
@@ -52,60 +53,7 @@ def encode(text: str, vocab: List[str]) -> torch.Tensor:
         raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
                         f"({''.join(unknown[:20])!r}); use text in the alphabet the model was trained on")
     ids = order[pos]
-    return torch.from_numpy(ids.astype(np.int64))
-
-
-class RandomWindows:
-    """`batch_size` random windows of block_size + 1 tokens per batch (x, and y shifted by one).
-
-    Offsets come from a generator seeded by (seed, epoch, rank); an "epoch" is as many
-    batches as it takes to cover this rank's share of the tokens once.
-    """
-
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start = 0, 0
-        self._window = torch.arange(block_size + 1, device=tokens.device)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """The next iteration yields epoch `epoch` from its batch `start` (to resume mid-epoch)."""
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return max(1, len(self.tokens) // (self.block_size * self.batch_size * self.world_size))
-
-    def __iter__(self) -> Iterator[Batch]:
-        seed = (self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank
-        gen = torch.Generator().manual_seed(seed)
-        high = len(self.tokens) - self.block_size - 1
-        # All of the epoch's offsets in one host-to-device copy, not one copy per step.
-        starts = torch.randint(0, high + 1, (len(self), self.batch_size), generator=gen)
-        starts = starts.to(self.tokens.device)
-        for i in range(self.start, len(self)):
-            window = self.tokens[starts[i, :, None] + self._window]
-            yield window[:, :-1], window[:, 1:]
-
-
-class SequentialWindows:
-    """Non-overlapping windows covering the split once, in order (for evaluation); with
-    `world_size` > 1 each rank takes every world_size-th window, without padding."""
-
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1):
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.window_ids = torch.arange((len(tokens) - 1) // block_size, device=tokens.device)[rank::world_size]
-
-    def __len__(self) -> int:
-        return -(-len(self.window_ids) // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        window = torch.arange(self.block_size + 1, device=self.tokens.device)
-        for first in range(0, len(self.window_ids), self.batch_size):
-            starts = self.window_ids[first:first + self.batch_size] * self.block_size
-            w = self.tokens[starts[:, None] + window]
-            yield w[:, :-1], w[:, 1:]
+    return ids.astype(np.int64)
 
 
 class CharText(DataModule):
@@ -127,7 +75,8 @@ class CharText(DataModule):
         self.path, self.block_size = path, block_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.vocab: Optional[List[str]] = None
-        self.tokens: Dict[str, torch.Tensor] = {}
+        self.tokens: Dict[str, np.ndarray] = {}  # on the host; batches go to `device`
+        self.device = torch.device("cpu")
 
     def state_dict(self) -> dict:
         return {"vocab": self.vocab}
@@ -157,16 +106,17 @@ class CharText(DataModule):
                               vocab_size=len(self.vocab), block_size=self.block_size)
 
     def to(self, device: torch.device) -> "CharText":
-        self.tokens = {k: t.to(device) for k, t in self.tokens.items()}
+        self.device = device  # the tokens stay on the host; each batch is copied over on its own
         return self
 
     def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
-        return RandomWindows(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size)
+        return RandomWindows(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
+                             self.device)
 
     def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
         check_split(split, self.tokens)
         return SequentialWindows(self.tokens[split], self.block_size, batch_size or self.batch_size,
-                                 rank, world_size)
+                                 rank, world_size, self.device)
 
     def units_per_sample(self) -> int:
         return self.block_size

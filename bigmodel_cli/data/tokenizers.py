@@ -39,7 +39,7 @@ class CharTokenizer:
     def encode(self, text: str) -> np.ndarray:
         from bigmodel_cli.data.text import encode
 
-        return encode(text, self.vocab).numpy()
+        return encode(text, self.vocab)
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.vocab[i] if 0 <= i < len(self.vocab) else "\ufffd" for i in ids)

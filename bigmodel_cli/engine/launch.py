@@ -54,7 +54,7 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s, run_dir)
     forwarded: Dict[int, float] = {}
     try:
-        with forward_signals_to_workers(forwarded, link), quiet_agent():
+        with forward_signals_to_workers(forwarded, link), quiet_agent(), ending_silent_workers(link):
             return elastic_launch(config, worker)(*args, link)
     except SignalException as err:  # the agent's own handlers (SIGHUP, SIGQUIT) stopped the workers
         raise TrainingStopped(f"{signal_name(err.sigval)}: the launcher stopped the workers") from None
@@ -88,6 +88,47 @@ def launch_config(nprocs: int, num_nodes: int, run_id: str):
         run_id=run_id or os.environ.get("SLURM_JOB_ID") or default_id,
         rdzv_backend="c10d", rdzv_endpoint=endpoint,
         max_restarts=0, monitor_interval=0.2, start_method="spawn", **agent_signals)
+
+
+# Once a worker has failed, the others have this long to fail on their own (and say why)
+# before the launcher ends those that stay silent: a rank stuck in a collective, or frozen
+# (SIGSTOP), would otherwise hold the job until trainer.dist_timeout_s, and then for the
+# elastic agent's 30 s SIGTERM grace, which a frozen process cannot act on.
+SILENT_GRACE_S = 5.0
+
+
+@contextmanager
+def ending_silent_workers(link: WorkerLink):
+    """For the block: when a worker reports a failure, SIGKILL the workers that have not
+    reported one SILENT_GRACE_S later. The job is over either way (every collective now
+    fails), and checkpoints are written so that a kill at any moment loses nothing."""
+    done = threading.Event()
+
+    def watch() -> None:
+        failed_at = None
+        while not done.wait(0.2):
+            records = read_records(link.status_dir)
+            if failed_at is None and any(r.get("error") for r in records.values()):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at >= SILENT_GRACE_S:
+                reporting = {r.get("pid") for r in records.values() if r.get("error")}
+                for child in multiprocessing.active_children():
+                    if child.pid not in reporting:
+                        log.debug("ending worker pid %d: silent %.0f s after another failed", child.pid,
+                                  SILENT_GRACE_S)
+                        try:
+                            os.kill(child.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                return
+
+    thread = threading.Thread(target=watch, name="bigmodel-end-silent-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @contextmanager
