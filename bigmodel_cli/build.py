@@ -91,10 +91,18 @@ def accepted_kwargs(target: Any, offered: Dict[str, Any]) -> Dict[str, Any]:
 HOW_TO_RUN_KEYS = ("activation_checkpointing",)
 
 
-def model_description(cfg: DictConfig) -> DictConfig:
-    if not any(key in cfg for key in HOW_TO_RUN_KEYS):
+def model_description(cfg: DictConfig, target: Any) -> DictConfig:
+    """The model config without the how-to-run keys its constructor does not take itself."""
+    dropped = [key for key in HOW_TO_RUN_KEYS if key in cfg and not takes_key(target, key)]
+    if not dropped:
         return cfg
-    return OmegaConf.masked_copy(cfg, [key for key in cfg if key not in HOW_TO_RUN_KEYS])
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key not in dropped])
+
+
+def takes_key(target: Any, key: str) -> bool:
+    """Whether a model class (or its instance) handles `key` itself, in its constructor."""
+    return key in accepted_kwargs(target if callable(target) and not isinstance(target, nn.Module) else
+                                  type(target), {key: None})
 
 
 def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name: str = "") -> nn.Module:
@@ -113,7 +121,8 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
             f"model={model_name} cannot train on data={data_name}: it reads "
             f"{' or '.join(KIND_WORDS[k] for k in kinds)}, but {data_name} gives "
             f"{KIND_WORDS[spec.input_kind]} {spec.input_shape}; models for this data: {fits}")
-    model = instantiate_or_explain(model_description(cfg), "model", **accepted_kwargs(target, spec.model_kwargs()))
+    model = instantiate_or_explain(model_description(cfg, target), "model",
+                                   **accepted_kwargs(target, spec.model_kwargs()))
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={target_path} built a {type(model).__name__}, not a torch.nn.Module")
     return model

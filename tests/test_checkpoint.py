@@ -34,6 +34,13 @@ def test_round_trip_and_no_leftovers(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
 
+def test_a_spec_without_the_optional_sizes_loads(tmp_path):
+    spec = {"task": "classification", "input_kind": "vector", "input_shape": [4], "num_outputs": 2}
+    save_checkpoint(record(spec=spec), tmp_path / "old.pt")  # vocab_size and block_size absent
+    loaded = load_checkpoint(tmp_path / "old.pt").spec
+    assert loaded.vocab_size is None and loaded.block_size is None and loaded.input_shape == (4,)
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(record(step=1), path)

@@ -57,7 +57,7 @@ def test_a_stop_request_ends_the_fit_with_a_typed_outcome(tmp_path):
     result = trainer.fit()
     trainer.telemetry.close()
     assert result.stopped is not None and result.steps == 0
-    assert result.stopped.cause == StopCause.SIGTERM and result.stopped.action == StopAction.STOP
+    assert result.stopped.cause == StopCause.SIGTERM and result.stopped.action == StopAction.STOP_AT_START
 
 
 def test_build_run_gives_a_trainer_from_a_config(compose, tmp_path):

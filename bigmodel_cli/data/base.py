@@ -116,6 +116,9 @@ class DataModule:
 
     #: what one sample counts for in throughput figures ("samples" or "tokens")
     unit = "samples"
+    #: bumped when the same seed starts drawing different training batches: a checkpoint
+    #: of another version resumes, but not bit for bit (the resume says so)
+    sampler_version = 1
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size

@@ -65,6 +65,7 @@ class CharText(DataModule):
     """
 
     unit = "tokens"
+    sampler_version = 2  # 2: windows drawn per batch (data/windows.py), as for token files
 
     def __init__(self, batch_size: int = 12, path: Optional[str] = None, block_size: int = 64,
                  val_fraction: float = 0.05, test_fraction: float = 0.05):

@@ -107,7 +107,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", verify: bool = True) 
         sharded.check_folder(path, state)
     record = {f.name: state[f.name] for f in fields(CheckpointRecord)}
     spec = state["spec"]
-    record["spec"] = DataSpec(**{**{k: spec[k] for k in SPEC}, "input_shape": tuple(spec["input_shape"])})
+    record["spec"] = DataSpec(**{**{k: spec.get(k) for k in SPEC}, "input_shape": tuple(spec["input_shape"])})
     if is_sharded:
         return Checkpoint(**record, path=path, sharded_dir=path)
     return Checkpoint(**record, path=path, model=state["model"], optimizer=state["optimizer"])

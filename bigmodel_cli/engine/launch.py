@@ -99,27 +99,27 @@ SILENT_GRACE_S = 5.0
 
 @contextmanager
 def ending_silent_workers(link: WorkerLink):
-    """For the block: when a worker reports a failure, SIGKILL the workers that have not
-    reported one SILENT_GRACE_S later. The job is over either way (every collective now
-    fails), and checkpoints are written so that a kill at any moment loses nothing."""
+    """For the block: once a worker has reported a failure and exited, SIGKILL the workers
+    that have reported nothing SILENT_GRACE_S later. The job is over either way (every
+    collective now fails), and checkpoints are written so that a kill at any moment loses
+    nothing. Only this launch's workers are touched: children named in its status files."""
     done = threading.Event()
 
     def watch() -> None:
         failed_at = None
         while not done.wait(0.2):
             records = read_records(link.status_dir)
-            if failed_at is None and any(r.get("error") for r in records.values()):
+            alive = {child.pid for child in multiprocessing.active_children()}
+            if failed_at is None and any(r.get("error") and r.get("pid") not in alive for r in records.values()):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at >= SILENT_GRACE_S:
-                reporting = {r.get("pid") for r in records.values() if r.get("error")}
-                for child in multiprocessing.active_children():
-                    if child.pid not in reporting:
-                        log.debug("ending worker pid %d: silent %.0f s after another failed", child.pid,
-                                  SILENT_GRACE_S)
-                        try:
-                            os.kill(child.pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                silent = [r["pid"] for r in records.values() if not r.get("error") and r.get("pid") in alive]
+                for pid in silent:
+                    log.debug("ending worker pid %d: silent %.0f s after another failed", pid, SILENT_GRACE_S)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 return
 
     thread = threading.Thread(target=watch, name="bigmodel-end-silent-workers", daemon=True)

@@ -24,6 +24,7 @@ class StopCause(str, Enum):
 
 class StopAction(str, Enum):
     STOP = "stopped"  # checkpoint written (where enabled); continue with trainer.resume=auto
+    STOP_AT_START = "stopped before the first step"  # the signal came while the run was set up
     REQUEUE = "requeued the Slurm job"  # checkpoint written; the command asks Slurm to requeue the job
 
     def __str__(self) -> str:

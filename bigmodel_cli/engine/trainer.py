@@ -1,7 +1,7 @@
 """The training loop: a plain loop over optimizer steps, with evaluation and checkpoints.
 
 The Trainer knows nothing of which model it trains or where its numbers are shown:
-it gets a model (already wrapped by `distributed.parallelize`), an optimizer and
+it gets a model (already through `engine.parallelize`), an optimizer and
 schedule, a data module and a task (loss + metrics), and reports to a Telemetry object.
 Under several processes every rank runs this loop on its own share of the data; only
 rank 0 writes files.
@@ -180,7 +180,8 @@ class Trainer:
         """Where in the training stream the next step starts: every step consumes `accum`
         micro-batches and every epoch has the same number, so the step alone fixes it."""
         epoch, batch = divmod(self.step * self.accum, len(self.train_loader))
-        return {"epoch": epoch, "batch": batch, "batches_per_epoch": len(self.train_loader)}
+        return {"epoch": epoch, "batch": batch, "batches_per_epoch": len(self.train_loader),
+                "sampler": self.data.sampler_version}
 
     # ------------------------------------------------------------------ the loop
     def micro_batches(self) -> Iterator:
@@ -247,7 +248,7 @@ class Trainer:
         stopped: Optional[Stopped] = None
         try:
             if agreement.now(self.signals.request) == STOP:  # it came while setting up
-                return self.fit_result({}, self.stopped(StopAction.STOP, None))
+                return self.fit_result({}, self.stopped(StopAction.STOP_AT_START, None))
             while self.step < self.total_steps:
                 is_log_step = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 loss, grad_norm = self.train_step(batches, want_grad_norm=is_log_step)
@@ -459,7 +460,12 @@ class Trainer:
         self.finite_until = self.step
         self.resumed_rng = checkpoint.rng[self.env.rank] if len(checkpoint.rng) == self.env.world_size else None
         batches_then = checkpoint.data_position.get("batches_per_epoch")
-        if self.resumed_rng is None or batches_then != len(self.train_loader):
+        sampler_then = checkpoint.data_position.get("sampler", 1)
+        if sampler_then != self.data.sampler_version:
+            log.warning("the checkpoint's training batches were drawn by sampler version %s, this bigmodel's by "
+                        "version %s: training continues, but not bit for bit as an uninterrupted run would",
+                        sampler_then, self.data.sampler_version)
+        elif self.resumed_rng is None or batches_then != len(self.train_loader):
             log.warning("resuming with %d ranks and %d batches per epoch, the checkpoint had %s ranks and %s: "
                         "training continues, but not bit for bit as an uninterrupted run would",
                         self.env.world_size, len(self.train_loader), checkpoint.world_size, batches_then)
