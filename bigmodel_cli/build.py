@@ -101,8 +101,8 @@ def model_description(cfg: DictConfig, target: Any) -> DictConfig:
 
 def takes_key(target: Any, key: str) -> bool:
     """Whether a model class (or its instance) handles `key` itself, in its constructor."""
-    return key in accepted_kwargs(target if callable(target) and not isinstance(target, nn.Module) else
-                                  type(target), {key: None})
+    constructor = type(target) if isinstance(target, nn.Module) else target
+    return key in accepted_kwargs(constructor, {key: None})
 
 
 def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name: str = "") -> nn.Module:

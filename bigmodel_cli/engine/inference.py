@@ -51,10 +51,3 @@ def ready_model(trained: TrainedModel, device: torch.device, spec: Optional[Data
     use_tf32(bool(trained.config.trainer.get("tf32", True)), device)
     trained.model = model.to(device).eval()
     return trained.model
-
-
-def load_trained_model(ckpt: str, device: torch.device, trusted_targets: Sequence[str] = ()) -> TrainedModel:
-    """`open_trained` and `ready_model` in one: the model on `device`, and where it came from."""
-    trained = open_trained(ckpt, trusted_targets)
-    ready_model(trained, device)
-    return trained
