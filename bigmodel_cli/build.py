@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import sys
 from typing import Any, Dict, Optional
 
 from hydra.errors import InstantiationException
@@ -23,6 +25,13 @@ KIND_WORDS = {"vector": "feature vectors", "sequence": "sequences", "image": "im
 
 def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, with the constructor's own complaint as a UserError."""
+    target = node.get("_target_")
+    if isinstance(target, str) and "." in target:
+        try:
+            import_object(target)  # a user's class in the working directory is found (see below)
+        except Exception as err:  # a missing name, or the user's module failing as it is imported
+            raise UserError(f"{what}._target_={target} cannot be imported ({type(err).__name__}: "
+                            f"{first_line(err)}); give the full dotted path of a class") from None
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -35,6 +44,28 @@ def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
 
 
 def import_object(path: str) -> Any:
+    """'pkg.module.Name' -> the object. A user's `_target_` is found as `python -m` would find
+    it: on sys.path, and else in the working directory (added to the end of sys.path only
+    then, so it never shadows an installed module)."""
+    here = os.getcwd()
+    try:
+        return _import_longest_prefix(path)
+    except NoSuchModule as err:
+        if here in sys.path or "" in sys.path:
+            raise NoSuchModule(f"{err}, neither on sys.path nor in the working directory {here}") from None
+    sys.path.append(here)
+    importlib.invalidate_caches()
+    try:
+        return _import_longest_prefix(path)
+    except NoSuchModule as err:
+        raise NoSuchModule(f"{err}, neither on sys.path nor in the working directory {here}") from None
+
+
+class NoSuchModule(ImportError):
+    """No prefix of a dotted path names an importable module."""
+
+
+def _import_longest_prefix(path: str) -> Any:
     """'pkg.module.Name' -> the object, importing the longest importable module prefix."""
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
@@ -47,7 +78,7 @@ def import_object(path: str) -> Any:
         for attr in parts[cut:]:
             obj = getattr(obj, attr)
         return obj
-    raise ImportError(f"no module named '{parts[0]}'")
+    raise NoSuchModule(f"no module named '{parts[0]}'")
 
 
 def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:

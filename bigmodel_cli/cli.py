@@ -22,6 +22,9 @@ COMMANDS = {
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
 }
 
+#: the commands that are Hydra apps (plot takes plain arguments)
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate")
+
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
 Commands:
@@ -34,7 +37,7 @@ All but plot are Hydra apps, each with its own config (conf/<command>.yaml):
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
-  bigmodel <command> --help                      # config groups and options
+  bigmodel <command> --help                      # groups, options and what each key means
   bigmodel <command> --cfg job                   # print the composed config
   eval "$(bigmodel -sc install=bash)"            # tab completion of commands and overrides
 """
@@ -126,8 +129,21 @@ def main(argv: Optional[List[str]] = None) -> int:
               "(see bigmodel --help)", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[name]
+    args = argv[1:]
+    if name in HYDRA_COMMANDS:
+        from bigmodel_cli import preflight
+
+        args = preflight.expand_home(args)
+        if "--help" in args or "-h" in args:
+            from bigmodel_cli.help import print_help
+
+            return print_help(name, args)
+        problem = preflight.check(name, args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     # Hydra parses sys.argv itself; show it the command's own arguments only.
-    sys.argv = [f"bigmodel {name}"] + argv[1:] + quiet_rank_overrides()
+    sys.argv = [f"bigmodel {name}"] + args + quiet_rank_overrides()
     # A failing log handler (a full disk) must not print a traceback of its own.
     logging.raiseExceptions = False
     if name == "train":  # from the start, so that a stop signal during set-up is acted on

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bigmodel_cli.engine.threads import parse_threads
 from bigmodel_cli.errors import UserError
 
 
@@ -86,40 +87,41 @@ class SyntheticTask(Choice):
 @dataclass
 class MLPConfig:
     _target_: str = "bigmodel_cli.models.mlp.MLP"
-    hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])
-    activation: str = "relu"
-    dropout: float = 0.1
+    hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])  # widths of the hidden layers, input to output
+    activation: str = "relu"  # relu | gelu | tanh | silu | sigmoid
+    dropout: float = 0.1  # dropout probability after each hidden layer
 
 
 @dataclass
 class CNNConfig:
     _target_: str = "bigmodel_cli.models.cnn.CNN"
+    # output channels of each conv block (conv, norm, activation, 2x2 pooling)
     channels: List[int] = field(default_factory=lambda: [32, 64])
-    kernel_size: int = 3
-    batch_norm: bool = True
-    hidden_size: int = 128
-    dropout: float = 0.2
+    kernel_size: int = 3  # side of the square convolution kernels
+    batch_norm: bool = True  # batch norm after each convolution
+    hidden_size: int = 128  # width of the fully connected layer before the output
+    dropout: float = 0.2  # dropout probability before the output layers
 
 
 @dataclass
 class RNNConfig:
     _target_: str = "bigmodel_cli.models.rnn.RNN"
-    cell: RNNCell = RNNCell.lstm
-    hidden_size: int = 128
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0
+    cell: RNNCell = RNNCell.lstm  # the recurrent cell
+    hidden_size: int = 128  # width of the hidden state
+    num_layers: int = 1  # stacked recurrent layers
+    bidirectional: bool = False  # read the sequence both ways (classification)
+    dropout: float = 0.0  # dropout between stacked layers
 
 
 @dataclass
 class TransformerConfig:
     _target_: str = "bigmodel_cli.models.transformer.TransformerEncoder"
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    mlp_ratio: int = 4
-    dropout: float = 0.1
-    positional: Positional = Positional.learned
+    d_model: int = 64  # width of the token vectors
+    n_heads: int = 4  # attention heads per layer (must divide d_model)
+    n_layers: int = 2  # encoder layers
+    mlp_ratio: int = 4  # MLP width as a multiple of d_model
+    dropout: float = 0.1  # dropout probability in attention and MLP
+    positional: Positional = Positional.learned  # position encoding
     # None feeds an image as a sequence of rows; an int cuts it into square patches.
     patch_size: Optional[int] = None
 
@@ -127,11 +129,11 @@ class TransformerConfig:
 @dataclass
 class GPTConfig:
     _target_: str = "bigmodel_cli.models.gpt.GPT"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block (must divide n_embd)
+    n_embd: int = 128  # width of the token vectors
+    dropout: float = 0.0  # dropout probability (0 for short runs, 0.1-0.2 against overfitting)
+    bias: bool = True  # biases in the linear layers and layer norms
     # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
     activation_checkpointing: bool = False
 
@@ -146,17 +148,17 @@ class OptimConfig:
     _target_: str = MISSING
     _partial_: bool = True
     _convert_: str = "all"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # peak learning rate (the scheduler scales it per step)
+    weight_decay: float = 0.0  # L2 penalty (adamw: decoupled, on matrices and embeddings only)
 
 
 @dataclass
 class SGDConfig(OptimConfig):
     _target_: str = "torch.optim.SGD"
     lr: float = 0.1
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
+    momentum: float = 0.0  # momentum factor (0: plain SGD)
+    dampening: float = 0.0  # dampening of the momentum
+    nesterov: bool = False  # Nesterov momentum
 
 
 @dataclass
@@ -168,8 +170,9 @@ class MomentumConfig(SGDConfig):
 @dataclass
 class AdamConfig(OptimConfig):
     _target_: str = "torch.optim.Adam"
+    # decay rates of the first and second moment estimates
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    eps: float = 1e-8  # added to the denominator for stability
 
 
 @dataclass
@@ -183,16 +186,16 @@ class AdamWConfig(AdamConfig):
 class AdagradConfig(OptimConfig):
     _target_: str = "torch.optim.Adagrad"
     lr: float = 0.01
-    lr_decay: float = 0.0
-    eps: float = 1e-10
+    lr_decay: float = 0.0  # learning-rate decay per step
+    eps: float = 1e-10  # added to the denominator for stability
 
 
 @dataclass
 class RMSpropConfig(OptimConfig):
     _target_: str = "torch.optim.RMSprop"
-    alpha: float = 0.99
-    eps: float = 1e-8
-    momentum: float = 0.0
+    alpha: float = 0.99  # smoothing constant of the squared-gradient average
+    eps: float = 1e-8  # added to the denominator for stability
+    momentum: float = 0.0  # momentum factor
 
 
 # -------------------------------------------------------------------- LR schedules
@@ -201,7 +204,7 @@ class RMSpropConfig(OptimConfig):
 @dataclass
 class ScheduleConfig:
     _target_: str = MISSING
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
 
 
 @dataclass
@@ -212,21 +215,21 @@ class ConstantScheduleConfig(ScheduleConfig):
 @dataclass
 class StepScheduleConfig(ScheduleConfig):
     _target_: str = "bigmodel_cli.optim.StepDecay"
-    step_size: int = 500
-    gamma: float = 0.5
+    step_size: int = 500  # optimizer steps between decays
+    gamma: float = 0.5  # learning-rate factor at each decay
 
 
 @dataclass
 class ExponentialScheduleConfig(ScheduleConfig):
     _target_: str = "bigmodel_cli.optim.Exponential"
-    gamma: float = 0.999
+    gamma: float = 0.999  # learning-rate factor per optimizer step
 
 
 @dataclass
 class CosineScheduleConfig(ScheduleConfig):
     _target_: str = "bigmodel_cli.optim.Cosine"
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100  # linear warmup from 0 over this many optimizer steps
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of optim.lr
 
 
 # ---------------------------------------------------------------------------- data
@@ -244,36 +247,36 @@ class DataConfig:
 class SplitDataConfig(DataConfig):
     """Data that bigmodel splits itself: the shares of validation and test samples."""
 
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = 0.1  # share of samples held out for validation
+    test_fraction: float = 0.1  # share of samples held out for the final test
 
 
 @dataclass
 class DigitsConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.digits.Digits"
     seed: int = 0  # draws the fixed train/val/test split
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # share of samples held out for the final test
 
 
 @dataclass
 class SyntheticConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.synthetic.Synthetic"
     seed: int = 0  # draws the data, hence also the split
-    task: SyntheticTask = SyntheticTask.classification
-    num_samples: int = 4096
+    task: SyntheticTask = SyntheticTask.classification  # classification or regression targets
+    num_samples: int = 4096  # samples drawn in all (before the split)
     # [features] for vectors, [steps, features] for sequences, [C, H, W] for images.
     input_shape: List[int] = field(default_factory=lambda: [32])
-    num_classes: int = 4
-    noise: float = 1.0
+    num_classes: int = 4  # classes (classification) or outputs (regression)
+    noise: float = 1.0  # standard deviation of the noise added to the inputs
 
 
 @dataclass
 class SineConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.sine.Sine"
     seed: int = 0  # draws the waves, hence also the split
-    num_samples: int = 4096
-    seq_len: int = 32
-    noise: float = 0.05
+    num_samples: int = 4096  # windows drawn in all (before the split)
+    seq_len: int = 32  # time steps per window; the target is the next value
+    noise: float = 0.05  # standard deviation of the noise added to the waves
 
 
 @dataclass
@@ -281,10 +284,10 @@ class TextConfig(SplitDataConfig):
     _target_: str = "bigmodel_cli.data.text.CharText"
     # A UTF-8 file or a folder of them; None uses the Python docs that ship with Python.
     path: Optional[str] = None
-    block_size: int = 64
-    batch_size: int = 12
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
+    block_size: int = 64  # characters of context per sample
+    batch_size: int = 12  # windows per optimizer micro-step
+    val_fraction: float = 0.05  # share of the text held out for validation (its end)
+    test_fraction: float = 0.05  # share of the text held out for the final test
 
 
 @dataclass
@@ -292,8 +295,8 @@ class TokensConfig(DataConfig):
     _target_: str = "bigmodel_cli.data.tokens.TokenFiles"
     # A folder with train.bin and val.bin (and test.bin), e.g. from bigmodel prepare.
     dir: Optional[str] = None
-    block_size: int = 64
-    batch_size: int = 12
+    block_size: int = 64  # tokens of context per sample
+    batch_size: int = 12  # windows per optimizer micro-step
     dtype: Optional[str] = None  # uint16 | uint32; null: from meta.json, else uint16
     vocab_size: Optional[int] = None  # null: from meta.json
     # Training batches built this many ahead in a background thread (0: off); null: 2 on
@@ -313,43 +316,45 @@ class TrainerConfig:
     tf32: bool = True
     # Training stops at whichever limit comes first; null disables a limit.
     max_steps: Optional[int] = 2000
-    max_epochs: Optional[int] = None
-    grad_accum_steps: int = 1
-    grad_clip: Optional[float] = 1.0
-    log_every: int = 50
-    val_every: int = 250
-    val_at_start: bool = True
+    max_epochs: Optional[int] = None  # epoch limit (null: none)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the effective batch is batch x devices x this)
+    grad_clip: Optional[float] = 1.0  # clip the gradient norm to this (null: off)
+    log_every: int = 50  # optimizer steps between log lines and metric records
+    val_every: int = 250  # optimizer steps between validations (each also writes a checkpoint)
+    val_at_start: bool = True  # validate once before the first step
     # Cap on batches per evaluation (null: the whole split).
     eval_batches: Optional[int] = None
-    seed: int = 42
-    deterministic: bool = False
-    monitor: str = "val/loss"
-    monitor_mode: MonitorMode = MonitorMode.auto
+    seed: int = 42  # seeds Python, NumPy and torch on every rank (0..2^32-1)
+    deterministic: bool = False  # deterministic kernels only (slower; errors where none exists)
+    monitor: str = "val/loss"  # the validation metric that picks the best checkpoint, e.g. val/accuracy
+    monitor_mode: MonitorMode = MonitorMode.auto  # whether a lower (min) or higher (max) monitor is better
     # Checkpoints are written at every validation, and also every `checkpoint_every` steps
     # and/or `checkpoint_every_min` minutes, and when a stop signal arrives.
     save_checkpoints: bool = True
-    checkpoint_every: Optional[int] = None
-    checkpoint_every_min: Optional[float] = None
+    checkpoint_every: Optional[int] = None  # also write a checkpoint every this many steps (null: only at validations)
+    checkpoint_every_min: Optional[float] = None  # also write a checkpoint every this many minutes (null: off)
     keep_last: int = 2  # newest step checkpoints kept (the best one is always kept too)
     # auto: continue from the newest valid checkpoint in the run dir, if there is one;
     # none: never; or a checkpoint file / run dir to continue from.
     resume: str = "auto"
     # Start from another run's weights only (fresh optimizer and step), for fine-tuning.
     init_from: Optional[str] = None
-    on_nonfinite: NonFinite = NonFinite.stop
+    on_nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss or gradient does
     # Run after the checkpoint that SIGUSR1 triggers inside a Slurm job; null: do not requeue.
     requeue_command: Optional[str] = "scontrol requeue {job_id}"
-    progress: ProgressMode = ProgressMode.auto
+    progress: ProgressMode = ProgressMode.auto  # how the console shows progress
     # Processes per node (one per GPU; on CPU, gloo processes). >1 launches workers itself,
     # unless torchrun/srun already started this process as one rank of many.
     devices: int = 1
-    num_nodes: int = 1
-    strategy: Strategy = Strategy.ddp
-    backend: Backend = Backend.auto
+    num_nodes: int = 1  # machines in the job (with our launcher: MASTER_ADDR/MASTER_PORT on each)
+    strategy: Strategy = Strategy.ddp  # how ranks share the model
+    backend: Backend = Backend.auto  # the collective communication library
     # A collective that waits longer than this ends the job instead of hanging it.
     dist_timeout_s: float = 300.0
     # torch.compile the model (checkpoints still hold the plain model's weights).
     compile: bool = False
+    # CPU threads per rank: auto splits the CPUs this process may use among its local ranks; or N.
+    threads: str = "auto"
 
 
 # ------------------------------------------------------------------------- loggers
@@ -375,7 +380,7 @@ class TensorBoardLoggerConfig:
 @dataclass
 class WandbLoggerConfig:
     _target_: str = "bigmodel_cli.telemetry.sinks.WandbSink"
-    project: str = "bigmodel"
+    project: str = "bigmodel"  # the W&B project the runs are filed under
     mode: str = "offline"  # offline | online | disabled; offline runs sync later with `wandb sync`
 
 
@@ -397,17 +402,17 @@ class PrepareConfig:
 
 @dataclass
 class GenerateConfig:
-    ckpt: str = MISSING
+    ckpt: str = MISSING  # the run dir or checkpoint file to sample from
     # Import paths outside bigmodel that the checkpoint's stored config may name (its own
     # model class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
     trusted_targets: List[str] = field(default_factory=list)
-    prompt: str = ""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: Optional[int] = 50
-    num_samples: int = 1
-    seed: int = 1337
-    device: str = "auto"
+    prompt: str = ""  # text the samples continue
+    max_new_tokens: int = 200  # tokens generated per sample
+    temperature: float = 0.8  # sampling temperature (0: greedy)
+    top_k: Optional[int] = 50  # sample among the k likeliest tokens only (null: all)
+    num_samples: int = 1  # samples to print
+    seed: int = 1337  # fixes the samples
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 # -------------------------------------------------------------------- eval command
@@ -415,12 +420,12 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    ckpt: str = MISSING
-    split: str = "test"
-    device: str = "auto"
-    precision: Precision = Precision.fp32
-    batch_size: Optional[int] = None
-    eval_batches: Optional[int] = None
+    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
+    split: str = "test"  # train | val | test
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32  # autocast precision of the forward passes
+    batch_size: Optional[int] = None  # null: the batch size the model trained with
+    eval_batches: Optional[int] = None  # cap on batches (null: the whole split)
     # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
     data: Dict[str, Any] = field(default_factory=dict)
     # Import paths outside bigmodel that the checkpoint's stored config may name (its own
@@ -483,6 +488,10 @@ def _positive(cfg: DictConfig, dotted: str, example: str) -> None:
 def validate_train_config(cfg: DictConfig) -> None:
     """Checks that types alone cannot express, one validator per config group; each
     failure names the key and a fix."""
+    from bigmodel_cli.config_keys import unknown_key, unknown_key_message
+
+    found = unknown_key("train", OmegaConf.to_container(cfg, resolve=False))
+    _require(found is None, found and unknown_key_message(*found))
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, f"{', '.join(missing)} has no value (???); set it on the command line, "
                           f"e.g. {missing[0] if missing else ''}=...")
@@ -522,6 +531,7 @@ def validate_trainer(cfg: DictConfig) -> None:
     _require(not (t.precision == "fp16" and t.strategy == "fsdp"),
              "trainer.precision=fp16 with trainer.strategy=fsdp is not supported (per-shard loss scaling "
              "would let ranks diverge); use trainer.precision=bf16")
+    parse_threads(t.threads)
     resume = str(t.resume)
     _require(resume != "", "trainer.resume is empty; use auto, none or a checkpoint path")
     _require(t.init_from is None or resume in ("auto", "none"),

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
 
 T = TypeVar("T")
@@ -37,12 +38,15 @@ def debug_requested() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG"))
 
 
-def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str = "") -> Optional[T]:
+def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str = "",
+                       run_dir: Optional[Path] = None) -> Optional[T]:
     """Run a command body; turn what goes wrong into one line on stderr and an exit code:
     2 for a UserError, 75 for a stop on request, 130 for Ctrl-C, 1 for anything else (a
     full disk, a bug: the traceback goes to the run's log file).
 
-    With `keep_going` (a multirun job) an error is recorded in FAILED_JOBS and None is
+    A UserError also removes `run_dir` if this start made it and it holds no result yet
+    (bigmodel_cli/failed_start.py). With `keep_going` (a multirun job) an error is
+    recorded in FAILED_JOBS and None is
     returned instead, so the rest of the sweep still runs. With HYDRA_FULL_ERROR=1 or
     BIGMODEL_DEBUG=1 the exception propagates with its traceback instead.
     """
@@ -63,6 +67,10 @@ def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str =
             raise
         user = isinstance(err, UserError)
         message = str(err) if user else describe_unexpected(err)
+        if user and run_dir is not None:
+            from bigmodel_cli.failed_start import discard_failed_start
+
+            discard_failed_start(run_dir)
         if not user:  # the traceback, for a bug report, into the log file only
             logging.getLogger("bigmodel").debug("unexpected error", exc_info=True)
         _note("error", message)

@@ -53,7 +53,7 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
               place: Optional[Placement] = None, settings: Optional[TrainerConfig] = None) -> Run:
     """A ready Trainer for `cfg` (a validated config), writing into `run_dir` (which must
     exist). `settings` is cfg.trainer, typed (made from cfg when not given)."""
-    from bigmodel_cli.engine.device import seed_everything, use_tf32
+    from bigmodel_cli.engine.device import seed_everything, use_tf32, use_threads
     from bigmodel_cli.engine.resume import starting_checkpoint
 
     place = place or Placement()
@@ -67,6 +67,7 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
         log_config_changes(start, cfg)
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    use_threads(settings.threads, env)
     seed_everything(settings.seed, settings.deterministic)
     use_tf32(settings.tf32, place.device)
     data = build_run_data(cfg, run_dir, env)

@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Set
 
 from bigmodel_cli.errors import EXIT_USER_ERROR, UserError, debug_requested
 
@@ -292,8 +292,29 @@ def quiet_rank() -> bool:
     return False
 
 
+#: the run dir (or sweep dir) this start created, and the parents made with it; reset at
+#: each start, so a dir made by an earlier command in the same process never counts
+CREATED_HERE: Set[str] = set()
+#: the sweep dir this start created: its job dirs count as created here too
+CREATED_SWEEP: Set[str] = set()
+
+
+def created_here(run_dir: Path) -> bool:
+    """Whether this start made `run_dir` (or the sweep dir it is a job of)."""
+    run_dir = Path(run_dir).resolve()
+    return str(run_dir) in CREATED_HERE or str(run_dir.parent) in CREATED_SWEEP
+
+
 def _from_hydra_callback(run_dir: Path, sweep: bool = False) -> None:
     """Take the lock from a Hydra callback; a refusal ends the command with one line."""
+    CREATED_HERE.clear()
+    CREATED_SWEEP.clear()
+    new = Path(run_dir).resolve()
+    if sweep and not new.exists():
+        CREATED_SWEEP.add(str(new))
+    while not new.exists():  # the run dir and any of its parents that Hydra is about to make
+        CREATED_HERE.add(str(new))
+        new = new.parent
     try:
         acquire(run_dir, sweep)
     except UserError as err:

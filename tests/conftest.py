@@ -26,7 +26,8 @@ class CLIResult:
         return self.stdout + self.stderr
 
     def run_dirs(self, kind: str = "train") -> List[Path]:
-        return sorted(p for p in (self.cwd / "outputs").glob(f"*/*_{kind}") if p.is_dir())
+        pattern = "eval/*/*" if kind == "eval" else f"*/*_{kind}"  # eval: outputs/eval/<date>/<time>
+        return sorted(p for p in (self.cwd / "outputs").glob(pattern) if p.is_dir())
 
     def run_dir(self, kind: str = "train") -> Path:
         dirs = self.run_dirs(kind)
@@ -88,3 +89,24 @@ def slurm_is_up() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return state.returncode == 0 and any(s in state.stdout for s in ("idle", "mix", "alloc"))
+
+
+#: a user's own model, as a file in their working directory would hold it (mypkg/nets.py)
+MY_NET_SOURCE = """
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, input_shape, num_outputs, width=8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(width), nn.ReLU(), nn.Linear(width, num_outputs))
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+def write_user_package(folder: Path) -> None:
+    """mypkg/nets.py with MyNet in `folder`, as `model._target_=mypkg.nets.MyNet` names it."""
+    (folder / "mypkg").mkdir()
+    (folder / "mypkg" / "nets.py").write_text(MY_NET_SOURCE)

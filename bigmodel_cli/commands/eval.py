@@ -85,4 +85,4 @@ def eval_data(cfg: DictConfig, trained):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> Dict[str, float]:
-    return report_user_errors(lambda: evaluate(cfg))
+    return report_user_errors(lambda: evaluate(cfg), run_dir=Path(HydraConfig.get().runtime.output_dir))

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
+from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError, report_user_errors
 
 log = logging.getLogger("bigmodel")
@@ -58,7 +59,7 @@ def prepare(cfg: DictConfig) -> Dict[str, Any]:
         raise UserError(f"{n:,} tokens are too few to split with data.val_fraction={val}; "
                         "use more text")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    out = Path(cfg.out).expanduser()
+    out = user_path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file of that name, or no permission

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bigmodel_cli import run_lock
+from bigmodel_cli import failed_start, run_lock
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, trainer_settings, validate_train_config
 from bigmodel_cli.engine.files import WriteFailed
@@ -110,6 +110,9 @@ def launch_workers(job: RankJob) -> Dict[str, Any]:
     t = job.settings
     check_devices(t)
     log.info("launching %d worker processes per node on %d node(s)", t.devices, t.num_nodes)
+    # A worker that crashes leaves its traceback in the run dir's logs: keep them, unless
+    # the workers report a user error from before training (below).
+    failed_start.training_began(job.run_dir)
     with run_lock.holding(job.run_dir):
         try:
             results = launch(run_worker, (replace(job, locked_by_parent=True),), t.devices, t.num_nodes,
@@ -118,6 +121,8 @@ def launch_workers(job: RankJob) -> Dict[str, Any]:
             raise TrainingStopped(f"{stop}; {how_to_continue(job.run_dir)}") from None
     result = results[0] if 0 in results else next(iter(results.values()))
     if result.error is not None:
+        if not result.began:
+            failed_start.training_began(job.run_dir, False)
         raise UserError(result.error)
     if result.stopped is not None:
         raise TrainingStopped(result.stopped)
@@ -162,7 +167,7 @@ def run_worker(job: RankJob, link):
         except UserError as err:
             log.debug("error: %s", err)
             watch.failed(str(err), waiting=False)
-            return WorkerResult(error=str(err))
+            return WorkerResult(error=str(err), began=failed_start.began(job.run_dir))
         except TrainingStopped as stop:
             return WorkerResult(stopped=str(stop))
         except KeyboardInterrupt:
@@ -227,6 +232,7 @@ def train_in_run_dir(job: RankJob, place) -> Dict[str, Any]:
 
     rank_log(job.run_dir, place.env, place.device)
     run = build_run(OmegaConf.create(job.config), job.run_dir, job.choices, place, job.settings)
+    failed_start.training_began(job.run_dir)  # from here on, a failure leaves the run dir as it is
     try:
         result = run.trainer.fit()
         if result.stopped is not None:
@@ -283,21 +289,23 @@ def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) ->
     from bigmodel_cli.telemetry.report import write_report
 
     best = result.best
+    elapsed = round(run.telemetry.elapsed(), 2)  # read once: report.md and `done in` show the same
     summary: Dict[str, Any] = {
         "monitor": best["metric"], "best_value": best["value"], "best_step": best["step"],
         "test_uses": "best checkpoint" if restored else "final weights",
         "test": test, "final_val": result.val,
         "steps": result.steps, "epochs": result.epochs, "parameters": run.parameters,
-        "elapsed_s": round(run.telemetry.elapsed(), 2), "run_dir": str(job.run_dir),
+        "elapsed_s": elapsed, "run_dir": str(job.run_dir),
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         "skipped_steps": result.skipped_steps, "overrides": list(job.overrides),
+        "device": str(run.trainer.device), "world_size": run.trainer.env.world_size,  # auto resolved
     }
     if run.trainer.env.is_main:
         write_json(job.run_dir / "summary.json", summary)
         write_report(job.run_dir, job.config, run.choices, summary)
     shown = " | ".join(f"test/{k} {v:.4f}" for k, v in test.items())
     best_value = f"{best['value']:.4f}" if best["value"] is not None else "n/a"
-    log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", run.telemetry.elapsed(), shown,
+    log.info("done in %.1fs | %s | best %s %s at step %s | run dir %s", elapsed, shown,
              best["metric"], best_value, best["step"], job.run_dir)
     return summary
 
@@ -316,7 +324,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         lambda: train(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices),
                       hydra_cfg.overrides.task),
         keep_going=hydra_cfg.mode == RunMode.MULTIRUN,
-        job=" ".join(hydra_cfg.overrides.task))
+        job=" ".join(hydra_cfg.overrides.task), run_dir=Path(hydra_cfg.runtime.output_dir))
     if summary is None:
         return float("nan")
     if summary["best_value"] is not None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from bigmodel_cli.data.base import DataModule, DataSpec, check_split
 from bigmodel_cli.data.tokenizers import vocabulary_problem
 from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
+from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
 
 
@@ -21,7 +21,7 @@ def builtin_corpus() -> str:
 
 def read_corpus(path: str) -> str:
     """One UTF-8 file, or every file below a folder in sorted order, joined."""
-    root = Path(path).expanduser()
+    root = user_path(path)
     if not root.exists():
         raise UserError(f"data.path={path} does not exist; point it at a UTF-8 text file or folder")
     if root.is_dir():  # every file below it, skipping hidden ones (.git, .DS_Store)

@@ -18,8 +18,13 @@ import torch
 
 from bigmodel_cli.data.base import DataModule, DataSpec, check_split
 from bigmodel_cli.data.prefetch import Prefetched
-from bigmodel_cli.data.windows import RandomWindows, SequentialWindows, token_out_of_range
 from bigmodel_cli.data.tokenizers import tokenizer_problem
+from bigmodel_cli.data.windows import (
+    RandomWindows,
+    SequentialWindows,
+    token_out_of_range,
+)
+from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
 
 META = "meta.json"
@@ -57,7 +62,7 @@ class TokenFiles(DataModule):
         if not dir:
             raise UserError("data=tokens needs data.dir=<folder with train.bin and val.bin>; "
                             "make one with bigmodel prepare")
-        self.folder = Path(dir).expanduser()
+        self.folder = user_path(dir)
         self.block_size, self.dtype, self.vocab_size, self.prefetch = block_size, dtype, vocab_size, prefetch
         self.meta: dict = {}
         self.tokens: Dict[str, np.ndarray] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 
@@ -11,6 +12,7 @@ import torch
 
 from bigmodel_cli.errors import UserError
 
+log = logging.getLogger("bigmodel")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,6 +61,17 @@ def use_tf32(enabled: bool, device: torch.device) -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if enabled else "highest")
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def use_threads(setting: str, env=None) -> int:
+    """torch's intra-op threads for this rank, as trainer.threads says (engine/threads.py);
+    logs how many and why."""
+    from bigmodel_cli.engine.threads import plan_threads
+
+    plan = plan_threads(setting, env)
+    torch.set_num_threads(plan.per_rank)
+    log.info("threads: %d per rank (%s)", plan.per_rank, plan.why)
+    return plan.per_rank
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

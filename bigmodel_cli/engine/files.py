@@ -23,6 +23,12 @@ from bigmodel_cli.errors import UserError, first_line
 CHUNK = 1 << 24  # 16 MiB reads: CRC-32 runs at several GB/s, so the read dominates
 
 
+
+def user_path(value) -> Path:
+    """A path setting as a shell would read it: `~` and `$VAR`/`${VAR}` expanded (a config
+    file or a quoted override keeps them literal, and Hydra cannot take `~` unquoted)."""
+    return Path(os.path.expandvars(os.path.expanduser(str(value))))
+
 def atomic_write(path: Path, write: Callable) -> None:
     """Call `write(file)` on a temporary file in `path`'s folder, fsync it, then rename it
     over `path`: a crash at any moment leaves the old file or the new one, never a torn one.

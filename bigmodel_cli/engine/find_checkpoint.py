@@ -16,8 +16,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-from bigmodel_cli.engine.checkpoint import Checkpoint, is_sharded_checkpoint, load_checkpoint
-from bigmodel_cli.engine.checkpoint_folder import CHECKPOINT_DIR, SHARDED_SUFFIX, list_step_checkpoints
+from bigmodel_cli.engine.checkpoint import (
+    Checkpoint,
+    is_sharded_checkpoint,
+    load_checkpoint,
+)
+from bigmodel_cli.engine.checkpoint_folder import (
+    CHECKPOINT_DIR,
+    SHARDED_SUFFIX,
+    list_step_checkpoints,
+)
+from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -34,7 +43,7 @@ def find_checkpoint(where: Path, pick: Pick = Pick.BEST, setting: str = "ckpt",
     run dir or checkpoints folder, read and checked. `setting` names the option in messages.
     `own_run`: `where` is this run's own dir, whose damaged checkpoints may be renamed aside;
     there, finding none is None rather than an error."""
-    where = where.expanduser()
+    where = where if own_run else user_path(where)  # a run's own dir is as Hydra made it
     if where.is_dir() and not is_sharded_checkpoint(where):
         if pick == Pick.NEWEST_VALID:
             folder = where / CHECKPOINT_DIR if (where / CHECKPOINT_DIR).is_dir() else where

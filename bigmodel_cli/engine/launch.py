@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
+from bigmodel_cli.engine.threads import LAUNCHER_OMP
 from bigmodel_cli.engine.worker_link import WorkerLink, explain_failure, read_records
 from bigmodel_cli.errors import TrainingStopped, UserError
 from bigmodel_cli.signals import REPEAT_GRACE_S
@@ -48,8 +49,8 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    # As torchrun does: workers share the cores instead of each starting one thread per core.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", LAUNCHER_OMP)}
+    share_cpus(nprocs)
     config = launch_config(nprocs, num_nodes, run_id)
     link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s, run_dir)
     forwarded: Dict[int, float] = {}
@@ -72,6 +73,26 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
         raise UserError(explain_failure(err.failures, records, timeout_s)) from None
     finally:
         shutil.rmtree(link.status_dir, ignore_errors=True)
+        restore_env(saved_env)  # a later job of a sweep in this process measures afresh
+
+
+def restore_env(saved: Dict[str, Optional[str]]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def share_cpus(nprocs: int) -> None:
+    """Give each worker an equal share of the CPUs this process may use (engine/threads.py)
+    as its OpenMP threads, instead of one thread per core each. A value the user set stays;
+    ours is marked, so that workers with trainer.threads=auto do not take it for the user's."""
+    from bigmodel_cli.engine.threads import idle_cpus, threads_per_rank, usable_cpus
+
+    if "OMP_NUM_THREADS" not in os.environ or os.environ.get(LAUNCHER_OMP) == os.environ["OMP_NUM_THREADS"]:
+        share = threads_per_rank("auto", nprocs, usable_cpus(idle=idle_cpus()))
+        os.environ["OMP_NUM_THREADS"] = os.environ[LAUNCHER_OMP] = str(share)
 
 
 def launch_config(nprocs: int, num_nodes: int, run_id: str):

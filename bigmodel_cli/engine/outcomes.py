@@ -58,3 +58,4 @@ class WorkerResult:
     summary: Dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None  # a user error: the launcher reports it once
     stopped: Optional[str] = None  # the stop line, for the launcher to print
+    began: bool = False  # training had begun (its run dir is no failed start to clear away)

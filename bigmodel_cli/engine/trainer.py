@@ -44,6 +44,7 @@ from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
 from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
+from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
 log = logging.getLogger("bigmodel")
 
@@ -144,6 +145,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.precision)
         self.data_wait_s = 0.0  # host time spent fetching batches in this log interval
         self.rate_probe: Optional[tuple] = None  # (step, time) after the first, warm-up step
+        self.time_left = TimeLeft()
 
     # ------------------------------------------------------------------ planning
     def plan_data(self):
@@ -281,19 +283,21 @@ class Trainer:
         return self.fit_result(val_metrics, stopped)
 
     def announce_speed(self, loss: torch.Tensor, after: int = 10) -> None:
-        """Once, early: the measured steps/s over steps 2..`after`+1 and the time left
-        (two host syncs in the whole run)."""
+        """Once, early: the measured steps/s over `after` steps after the warm-up step and
+        a first estimate of the time left (two host syncs in the whole run); the log lines
+        then keep the estimate up to date."""
         if self.rate_probe is None:
             loss.item()
             self.rate_probe = (self.step, time.perf_counter())
+            self.time_left.mark(self.step)
             log.debug("first optimizer step done (unix time %.3f)", time.time())
         elif self.rate_probe[0] is not None and self.step == self.rate_probe[0] + after:
             loss.item()
             rate = after / (time.perf_counter() - self.rate_probe[1])
             self.rate_probe = (None, 0.0)
             left = self.total_steps - self.step
-            log.info("speed: %.3g steps/s after the first %d steps; about %s for the remaining %d "
-                     "(evaluation aside)", rate, self.step, human_duration(left / rate), left)
+            log.info("speed: %.3g steps/s over %d steps; about %s for the remaining %d (an estimate, "
+                     "evaluation aside; the log lines or the progress bar keep it up to date)", rate, after, human_duration(left / rate), left)
 
     def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Stopped]) -> FitResult:
         return FitResult(steps=self.step, epochs=round(self.step / self.steps_per_epoch, 3), val=val_metrics,
@@ -336,7 +340,8 @@ class Trainer:
         self.data_wait_s = 0.0
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
-        self.telemetry.train(self.step, metrics)
+        self.time_left.mark(self.step)
+        self.telemetry.train(self.step, metrics, self.time_left.seconds(self.total_steps))
 
     def efficiency(self, steps: int, elapsed: float) -> Dict[str, float]:
         """Throughput, step time, the share of time spent waiting for data, peak memory and
@@ -469,12 +474,6 @@ class Trainer:
             log.warning("resuming with %d ranks and %d batches per epoch, the checkpoint had %s ranks and %s: "
                         "training continues, but not bit for bit as an uninterrupted run would",
                         self.env.world_size, len(self.train_loader), checkpoint.world_size, batches_then)
-
-
-def human_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from bigmodel_cli.telemetry.console import ProgressBar, wants_bar
 from bigmodel_cli.telemetry.sinks import Sink
+from bigmodel_cli.telemetry.time_left import human_duration
 
 log = logging.getLogger("bigmodel")
 
@@ -57,8 +58,10 @@ class Telemetry:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start_time
 
-    def train(self, step: int, metrics: Dict[str, float]) -> None:
+    def train(self, step: int, metrics: Dict[str, float], seconds_left: Optional[float] = None) -> None:
         line = f"step {step} | " + format_metrics(metrics)
+        if seconds_left is not None and seconds_left >= 1 and not self.bar:  # the bar shows its own time remaining
+            line += f" | ~{human_duration(seconds_left)} left (est.)"
         if not self.active:
             log.debug(line)
             return

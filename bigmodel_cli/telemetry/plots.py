@@ -1,23 +1,52 @@
-"""Curves from runs' metrics.jsonl: train/val loss, the validation metric and the learning
-rate against step, one line per run. matplotlib (optional: bigmodel[plot]) draws them
-off-screen with its Agg backend."""
+"""Curves from runs' metrics.jsonl (or metrics.csv): train/val loss, the validation metric
+and the learning rate against step, one line per run, each run's best monitored value
+marked. matplotlib draws them off-screen with its Agg backend."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bigmodel_cli.errors import UserError
 
-PLOT_INSTALL_HINT = "pip install matplotlib (or bigmodel[plot])"
+PLOT_INSTALL_HINT = "pip install matplotlib"
+#: With a 10-colour palette these tell 40 runs apart before a colour and style pair repeats.
+LINE_STYLES = ("-", "--", ":", "-.")
+#: Up to this many runs each run's best point gets a star; beyond, the stars hide the curves.
+MAX_BEST_MARKS = 12
+#: Where the best-step note may go (axes fraction, alignment), in order of preference.
+NOTE_CORNERS = ((0.97, 0.94, "right", "top"), (0.97, 0.06, "right", "bottom"),
+                (0.03, 0.94, "left", "top"), (0.03, 0.06, "left", "bottom"))
+
+
+@dataclass
+class Curves:
+    """One run as plotted."""
+
+    run_dir: Path
+    records: List[Dict[str, Any]]
+    label: str = ""
+    style: Dict[str, Any] = field(default_factory=dict)
+    best: Optional[Tuple[str, int, float]] = None  # the monitored metric, its best step and value
+
+
+def metrics_file(run_dir: Path) -> Optional[Path]:
+    """The run's metrics: metrics.jsonl, else metrics.csv (logger=[csv]), else None."""
+    return next((p for p in (run_dir / "metrics.jsonl", run_dir / "metrics.csv") if p.is_file()), None)
 
 
 def read_records(run_dir: Path) -> List[Dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass run dirs written by bigmodel train "
-                        "(with the jsonl logger, on by default)")
+    path = metrics_file(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir} has no metrics.jsonl (or metrics.csv); pass run dirs written by "
+                        "bigmodel train (with the jsonl or csv logger, both on by default)")
+    if path.suffix == ".csv":
+        return read_csv_records(path)
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -27,31 +56,117 @@ def read_records(run_dir: Path) -> List[Dict]:
     return records
 
 
-def run_overrides(run_dir: Path) -> List[str]:
-    """The command-line overrides a run was started with (Hydra records them)."""
+def read_csv_records(path: Path) -> List[Dict]:
+    """metrics.csv's rows as jsonl-like records: numbers, without the row's empty cells."""
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            try:
+                record = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
+            except ValueError:
+                continue  # a row cut short by a kill
+            if "step" in record:
+                records.append({**record, "step": int(record["step"])})
+    return records
+
+
+def has_training(run_dir: Path) -> bool:
+    """Whether the dir holds a training run: metrics with at least one train record (eval,
+    prepare and generate runs, and a run that failed before its first step, have none)."""
+    return metrics_file(run_dir) is not None and any("loss" in r for r in read_records(run_dir))
+
+
+def run_overrides(run_dir: Path) -> Optional[List[str]]:
+    """The command-line overrides a run was started with (Hydra records them); None when
+    the run recorded none."""
     for source in (run_dir / ".hydra" / "overrides.yaml", run_dir / "summary.json"):
         if source.is_file():
             if source.suffix == ".json":
-                return list(json.loads(source.read_text()).get("overrides", []))
+                overrides = json.loads(source.read_text()).get("overrides")
+                return None if overrides is None else [str(o) for o in overrides]
             from omegaconf import OmegaConf
 
-            return [str(o) for o in OmegaConf.load(source)]
-    return []
+            return [str(o) for o in OmegaConf.load(source) or []]
+    return None
 
 
 def run_labels(run_dirs: Sequence[Path]) -> List[str]:
-    """Each run's overrides, less those every run shares (e.g. a sweep's fixed settings)."""
-    overrides = [run_overrides(d) for d in run_dirs]
-    shared = set.intersection(*(set(o) for o in overrides)) if len(run_dirs) > 1 else set()
-    labels = []
-    for run_dir, own in zip(run_dirs, overrides):
-        distinct = [o for o in own if o not in shared and not o.startswith("hydra.")]
-        labels.append(" ".join(distinct) or run_dir.name)
-    return labels
+    """What tells the runs apart: each run's overrides less those every run shares (e.g. a
+    sweep's fixed settings); else its dir relative to the runs' common parent, never a bare
+    time stamp where overrides differ."""
+    overrides = [run_overrides(Path(d)) for d in run_dirs]
+    known = [set(o) for o in overrides if o is not None]
+    shared = set.intersection(*known) if len(run_dirs) > 1 and known else set()
+    names = relative_names(run_dirs)
+    labels = [" ".join(o for o in own if o not in shared and not o.startswith("hydra."))
+              if own is not None else "" for own in overrides]
+    if not any(labels):  # same overrides everywhere: only the dirs differ
+        return names
+    labels = [label or (name if own is None else "(defaults)")
+              for label, own, name in zip(labels, overrides, names)]
+    # Runs started the same way (a repeated command) are told apart by their dirs.
+    return [f"{label} ({name})" if labels.count(label) > 1 else label for label, name in zip(labels, names)]
 
 
-def plot_runs(run_dirs: Sequence[Path], out: Path):
-    """Write one PNG with every run overlaid; returns the matplotlib figure."""
+def relative_names(run_dirs: Sequence[Path]) -> List[str]:
+    """Each dir relative to the runs' common parent (sweepA/0, sweepB/0), or its name alone."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    return [str(p.relative_to(common)) if p != common else p.name for p in paths]
+
+
+def run_styles(count: int) -> List[Dict[str, Any]]:
+    """A colour and line style per run, no pair repeated: tab10's colours solid, then dashed,
+    dotted and dash-dotted; beyond 40 runs a continuous colormap sampled once per run."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    if count > len(palette) * len(LINE_STYLES):
+        sample = colormaps["turbo"]
+        return [{"color": sample(i / (count - 1)), "linestyle": LINE_STYLES[i % len(LINE_STYLES)]}
+                for i in range(count)]
+    return [{"color": palette[i % len(palette)], "linestyle": LINE_STYLES[i // len(palette)]} for i in range(count)]
+
+
+def best_point(run_dir: Path, records: List[Dict]) -> Optional[Tuple[str, int, float]]:
+    """The run's best monitored validation value as (metric, step, value): summary.json's
+    (the trainer's own), else picked from the records as the trainer picks it (the first
+    strictly better value, NaN skipped) for config.yaml's trainer.monitor and monitor_mode."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        saved = json.loads(summary.read_text())
+        if saved.get("best_step") is not None and saved.get("best_value") is not None:
+            return saved["monitor"], int(saved["best_step"]), float(saved["best_value"])
+    metric, maximize = monitor_setting(run_dir)
+    best: Optional[Tuple[int, float]] = None
+    for record in records:
+        value = record.get(metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        if best is None or (value > best[1] if maximize else value < best[1]):
+            best = (int(record["step"]), float(value))
+    return (metric, *best) if best else None
+
+
+def monitor_setting(run_dir: Path) -> Tuple[str, bool]:
+    """trainer.monitor from the run's config.yaml (val/loss without one), and whether larger is better."""
+    metric, mode = "val/loss", "auto"
+    if (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        metric = str(OmegaConf.select(cfg, "trainer.monitor", default=metric))
+        mode = str(OmegaConf.select(cfg, "trainer.monitor_mode", default=mode))
+    if mode != "auto":
+        return metric, mode == "max"
+    # Imports torch: only for a run without summary.json (one that did not finish).
+    from bigmodel_cli.engine.tasks import Task
+
+    return metric, any(task.metrics.get(metric.partition("/")[2], False) for task in Task.__subclasses__())
+
+
+def load_pyplot():
+    """pyplot on the off-screen Agg backend, or a one-line UserError saying how to get it."""
     try:
         import matplotlib
 
@@ -59,29 +174,102 @@ def plot_runs(run_dirs: Sequence[Path], out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError(f"plots need matplotlib: {PLOT_INSTALL_HINT}") from None
-    runs = [(Path(d), read_records(Path(d))) for d in run_dirs]
-    labels = run_labels([d for d, _ in runs])
-    metric = next((k for _, records in runs for r in records for k in r
-                   if k.startswith("val/") and k != "val/loss"), None)
-    panels = [("train loss", "loss"), ("validation loss", "val/loss"),
-              (f"validation {metric[4:]}" if metric else "validation metric", metric), ("learning rate", "lr")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    for ax, (title, key) in zip(axes.flat, panels):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        for (_, records), label in zip(runs, labels):
-            points = [(r["step"], r[key]) for r in records if key and key in r]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, label=label, marker="o" if len(points) < 12 else None, markersize=3)
-        if key in ("loss", "val/loss") and ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if not handles:
-        handles, names = axes.flat[1].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(3, max(1, len(names))), fontsize=8)
+    return plt
+
+
+def legend_layout(labels: Sequence[str], width_in: float) -> Tuple[int, float, int]:
+    """Columns, font size and rows for a legend below the panels: smaller type for many
+    runs, as many columns as the longest label lets fit across the figure."""
+    fontsize = 8.0 if len(labels) <= 10 else 7.0 if len(labels) <= 30 else 6.0
+    chars_across = width_in * 72 / (fontsize * 0.6)  # a character is about 0.6 em wide
+    ncol = max(1, min(len(labels), int(chars_across // (max(map(len, labels)) + 6))))
+    return ncol, fontsize, math.ceil(len(labels) / ncol)
+
+
+def panels(runs: Sequence[Curves]) -> List[Tuple[str, Optional[str]]]:
+    """(title, record key) of the four panels; the metric panel shows the monitored metric."""
+    monitored = [r.best[0] for r in runs if r.best and r.best[0] != "val/loss"]
+    metric = monitored[0] if monitored else next(
+        (k for r in runs for record in r.records for k in record if k.startswith("val/") and k != "val/loss"), None)
+    return [("train loss", "loss"), ("validation loss", "val/loss"),
+            (f"validation {metric[4:]}" if metric else "validation metric", metric), ("learning rate", "lr")]
+
+
+def draw_panel(ax, title: str, key: Optional[str], runs: Sequence[Curves]) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    for run in runs:
+        points = [(r["step"], r[key]) for r in run.records if key and key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=run.label, marker="o" if len(points) < 12 else None, markersize=3,
+                    **run.style)
+    if key in ("loss", "val/loss") and ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):
+        ax.set_yscale("log")
+    mark_best(ax, key, runs)
+    ax.grid(alpha=0.3)
+
+
+def mark_best(ax, key: Optional[str], runs: Sequence[Curves]) -> None:
+    """A star on each run's best monitored value; one run also gets 'best <metric> <value> @
+    step N' in the corner its curve leaves free, with an arrow to the star."""
+    marked = [r for r in runs if key and r.best and r.best[0] == key]
+    if not marked or len(runs) > MAX_BEST_MARKS:
+        return
+    for run in marked:
+        ax.scatter([run.best[1]], [run.best[2]], marker="*", s=120, color=run.style.get("color"),
+                   edgecolors="black", linewidths=0.6, zorder=3)
+    if len(runs) > 1:
+        ax.set_title(f"{ax.get_title()} (\u2605 best of each run)")
+        return
+    metric, step, value = marked[0].best
+    x, y, ha, va = free_corner(ax)
+    ax.annotate(f"best {metric} {value:.4g} @ step {step}", xy=(step, value), xytext=(x, y),
+                textcoords="axes fraction", ha=ha, va=va, fontsize=8,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
+                arrowprops={"arrowstyle": "->", "color": "0.3"})
+
+
+def free_corner(ax) -> Tuple[float, float, str, str]:
+    """Where a note hides the least of the curves: the corner whose note-sized box (40% of
+    the axes wide, 15% high) the lines cross least, sampled evenly along each line."""
+    import numpy as np
+
+    to_axes = ax.transData + ax.transAxes.inverted()  # log scales included
+    points = []
+    for line in ax.lines:
+        xy = to_axes.transform(line.get_xydata())
+        at = np.linspace(0, len(xy) - 1, max(400, len(xy)))
+        points.append(np.column_stack([np.interp(at, np.arange(len(xy)), xy[:, i]) for i in (0, 1)]))
+    if not points:  # nothing drawn (a run resumed at its last step): any corner is free
+        return NOTE_CORNERS[0]
+    xy = np.concatenate(points)
+
+    def crossings(corner) -> int:
+        x, y, ha, va = corner
+        left, bottom = (x - 0.4 if ha == "right" else x), (y - 0.15 if va == "top" else y)
+        inside = (xy[:, 0] >= left) & (xy[:, 0] <= left + 0.4) & (xy[:, 1] >= bottom) & (xy[:, 1] <= bottom + 0.15)
+        return int(inside.sum())
+
+    return min(NOTE_CORNERS, key=crossings)
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path):
+    """Write one PNG with every run overlaid; returns the matplotlib figure."""
+    plt = load_pyplot()
+    from matplotlib.lines import Line2D
+
+    runs = [Curves(Path(d), read_records(Path(d))) for d in run_dirs]
+    for run, label, style in zip(runs, run_labels([r.run_dir for r in runs]), run_styles(len(runs))):
+        run.label, run.style, run.best = label, style, best_point(run.run_dir, run.records)
+    width = 11.0
+    ncol, fontsize, rows = legend_layout([r.label for r in runs], width)
+    fig, axes = plt.subplots(2, 2, figsize=(width, 7.5 + rows * fontsize / 72 * 1.6), layout="constrained")
+    for ax, (title, key) in zip(axes.flat, panels(runs)):
+        draw_panel(ax, title, key, runs)
+    handles = [Line2D([], [], **r.style) for r in runs]  # every run, even one with no train records
+    fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncol=ncol, fontsize=fontsize)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # "tight": the legend is never cut off
     plt.close(fig)
     return fig

@@ -11,24 +11,28 @@ log = logging.getLogger("bigmodel")
 
 
 def write_curves(run_dir: Path) -> str:
-    """curves.png when matplotlib is there; otherwise a line saying how to get it."""
+    """curves.png, the best monitored step marked; without matplotlib, a line saying how to get it."""
     from bigmodel_cli.errors import UserError
-    from bigmodel_cli.telemetry.plots import PLOT_INSTALL_HINT, plot_runs
+    from bigmodel_cli.telemetry.plots import metrics_file, plot_runs
 
-    if not (run_dir / "metrics.jsonl").is_file():
-        return "no curves: the jsonl logger was off"
+    if metrics_file(run_dir) is None:
+        return "no curves: the jsonl and csv loggers were off"
     try:
         plot_runs([run_dir], run_dir / "curves.png")
-    except UserError:
-        return f"no curves.png: {PLOT_INSTALL_HINT}, then `bigmodel plot {run_dir}`"
+    except UserError as err:  # matplotlib missing: the run itself is fine
+        return f"no curves.png: {err}, then `bigmodel plot {run_dir}`"
+    except Exception as err:  # a drawing bug must not fail a run whose results are saved
+        log.warning("could not draw curves.png (%s: %s); the run's results are saved", type(err).__name__, err)
+        log.debug("curves.png failed", exc_info=True)
+        return "no curves.png: drawing it failed (see train.log)"
     return "![curves](curves.png)"
 
 
 def throughput(run_dir: Path) -> Dict[str, float]:
     """Medians over the run's log intervals (the first one includes warm-up)."""
-    from bigmodel_cli.telemetry.plots import read_records
+    from bigmodel_cli.telemetry.plots import metrics_file, read_records
 
-    if not (run_dir / "metrics.jsonl").is_file():
+    if metrics_file(run_dir) is None:
         return {}
     records = read_records(run_dir)
     train = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
@@ -46,6 +50,9 @@ def throughput(run_dir: Path) -> Dict[str, float]:
 def write_report(run_dir: Path, cfg: Mapping[str, Any], choices: Mapping[str, str], summary: Mapping[str, Any]) -> None:
     curves = write_curves(run_dir)
     t = cfg["trainer"]
+    # The device the run used (auto resolved), as `bigmodel train` logged it.
+    device, world = summary.get("device") or t["device"], summary.get("world_size", 1)
+    placed = f"{device.split(':')[0]} x {world} processes" if world > 1 else device
     lines: List[str] = [f"# Run {run_dir.parent.name}/{run_dir.name}", ""]
     overrides = " ".join(summary.get("overrides") or []) or "(defaults)"
     lines += [f"`bigmodel train {overrides}`", ""]
@@ -55,7 +62,7 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], choices: Mapping[str, st
               f"| optimizer | {cfg['optim']['_target_'].rsplit('.', 1)[-1]}, lr {cfg['optim']['lr']} |",
               f"| schedule | {cfg['scheduler']['_target_'].rsplit('.', 1)[-1]} |",
               f"| trainer | {summary['steps']} steps ({summary['epochs']} epochs), {t['precision']}, device "
-              f"{t['device']} x {t['devices']}, strategy {t['strategy']}, seed {t['seed']} |", ""]
+              f"{placed}, strategy {t['strategy']}, seed {t['seed']} |", ""]
     lines += ["## Results", "", "| metric | value |", "| --- | --- |"]
     for key, value in summary["test"].items():
         lines.append(f"| test/{key} ({summary['test_uses']}) | {value:.4g} |")
@@ -63,7 +70,7 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], choices: Mapping[str, st
         lines.append(f"| best {summary['monitor']} | {summary['best_value']:.4g} at step {summary['best_step']} |")
     for key, value in summary.get("final_val", {}).items():
         lines.append(f"| final val/{key} | {value:.4g} |")
-    lines.append("")
+    lines += [f"| wall time | {summary['elapsed_s']:.1f} s |", ""]  # as the console's `done in`
     speed = throughput(run_dir)
     if speed:
         lines += ["## Throughput (median over log intervals)", "", "| | |", "| --- | --- |"]
@@ -73,7 +80,6 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], choices: Mapping[str, st
         for key, value in speed.items():
             shown = f"{value:.1%}" if key in ("data_wait", "mfu") else f"{value:,.1f}"
             lines.append(f"| {names[key]} | {shown} |")
-        lines.append(f"| wall time | {summary['elapsed_s']:.1f} s |")
         lines.append("")
     folder = run_dir / "checkpoints"
     lines += ["## Files", ""]

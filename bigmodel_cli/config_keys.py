@@ -1,0 +1,100 @@
+"""Which keys a config node may hold, and a one-line message for one it may not.
+
+Hydra's `+group.key=value` adds a key even to a schema-backed node, so a typo such as
+`+trainer.max_step=50` would otherwise be accepted silently. The nodes checked here are
+those whose schema is bigmodel's own: the trainer, the loggers, and the model, data and
+scheduler options whose `_target_` is one of bigmodel's classes. A user's own `_target_`
+(model=custom) takes any keys, and so does optim (torch's optimizers take keyword
+arguments beyond the schema, e.g. +optim.fused=false, and reject unknown ones themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from bigmodel_cli.config import (SCHEMAS, EvalConfig, GenerateConfig, PrepareConfig, TokenizerConfig,
+                                 TrainerConfig)
+
+#: top-level keys of each command's config (besides `hydra`)
+COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
+    "train": ("model", "optim", "scheduler", "data", "trainer", "logger"),
+    "eval": tuple(f.name for f in dataclasses.fields(EvalConfig)),
+    "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
+    "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
+}
+
+#: groups whose node may take keys of its own beyond the schema
+OPEN_GROUPS = ("optim",)
+
+
+def field_names(schema: type) -> List[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def schema_by_target() -> Dict[str, type]:
+    """bigmodel's own `_target_`s -> their schema dataclass."""
+    out: Dict[str, type] = {}
+    for options in SCHEMAS.values():
+        for schema in options.values():
+            target = getattr(schema, "_target_", None)
+            if isinstance(target, str) and target:
+                out[target] = schema
+    return out
+
+
+def schema_of(group: str, node: Mapping) -> Optional[type]:
+    """The schema dataclass a node of `group` was made from, where it is bigmodel's own."""
+    if group == "trainer":
+        return TrainerConfig
+    if group == "tokenizer":
+        return TokenizerConfig
+    if not isinstance(node, Mapping):
+        return None
+    return schema_by_target().get(str(node.get("_target_", "")))
+
+
+def node_schema(group: str, node: Mapping) -> Optional[type]:
+    """The schema a node of `group` must follow, or None where it may take any keys."""
+    return None if group in OPEN_GROUPS else schema_of(group, node)
+
+
+def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
+    """The first key that no schema allows, as (dotted key, the keys allowed there)."""
+    allowed_top = COMMAND_KEYS.get(command)
+    if allowed_top is None:
+        return None
+    for key in cfg:
+        if key != "hydra" and key not in allowed_top:
+            return str(key), list(allowed_top)
+    nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer")]
+    if command == "train":
+        nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
+    for where, node in nodes:
+        schema = node_schema(where.split(".")[0], node) if node is not None else None
+        if schema is None:
+            continue
+        allowed = field_names(schema)
+        extra = [k for k in node if k not in allowed]
+        if extra:
+            return f"{where}.{extra[0]}", [k for k in allowed if not k.startswith("_")]
+    return None
+
+
+def unknown_key_message(key: str, allowed: List[str], command: str = "train") -> str:
+    """`unknown key trainer.max_step; did you mean trainer.max_steps? keys of trainer: ...`"""
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.6)
+    prefix = f"{parent}." if parent else ""
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    group = key.split(".")[0]
+    owners = [f"{group}={name}" for name, schema in SCHEMAS.get(group, {}).items()
+              if parent == group and leaf in field_names(schema)]
+    if owners:  # the likelier mistake: the key is right, the option is not
+        hint = f"it is a key of {' or '.join(owners)}; "
+    where = f"keys of {parent}" if parent else "top-level keys"
+    if not allowed:
+        return f"unknown key {key}: {parent or 'the config'} takes no keys"
+    return (f"unknown key {key}; {hint}{where}: {', '.join(allowed)} "
+            f"(bigmodel {command} --help describes them)")
