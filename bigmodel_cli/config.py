@@ -308,6 +308,13 @@ class TokensConfig(DataConfig):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    # Validations in a row without improvement of trainer.monitor that end the run (null: off).
+    patience: Optional[int] = None
+    min_delta: float = 0.0  # how much better than its best the monitor must get to count as improving
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.fp32
@@ -353,8 +360,11 @@ class TrainerConfig:
     dist_timeout_s: float = 300.0
     # torch.compile the model (checkpoints still hold the plain model's weights).
     compile: bool = False
-    # CPU threads per rank: auto splits the CPUs this process may use among its local ranks; or N.
+    # CPU threads per rank: auto splits the CPUs this process may use and finds idle among its
+    # local ranks; or N.
     threads: str = "auto"
+    # End the run once the monitor stalls: early_stopping.patience=5 (early_stopping.min_delta).
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 # ------------------------------------------------------------------------- loggers
@@ -522,6 +532,9 @@ def validate_trainer(cfg: DictConfig) -> None:
                          ("devices", "2"), ("num_nodes", "1"), ("dist_timeout_s", "300"),
                          ("checkpoint_every", "500"), ("checkpoint_every_min", "30"), ("keep_last", "2")):
         _positive(cfg, f"trainer.{key}", example)
+    _positive(cfg, "trainer.early_stopping.patience", "5")
+    delta = OmegaConf.select(cfg, "trainer.early_stopping.min_delta")
+    _require(delta is None or delta >= 0, f"trainer.early_stopping.min_delta must be >= 0 (got {delta})")
     _in_range(cfg, "trainer.seed", 0, MAX_SEED)
     _in_range(cfg, "trainer.dist_timeout_s", 0, MAX_DIST_TIMEOUT_S)
     t = cfg.trainer

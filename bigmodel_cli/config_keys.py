@@ -73,12 +73,27 @@ def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
         nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
     for where, node in nodes:
         schema = node_schema(where.split(".")[0], node) if node is not None else None
-        if schema is None:
-            continue
-        allowed = field_names(schema)
-        extra = [k for k in node if k not in allowed]
-        if extra:
-            return f"{where}.{extra[0]}", [k for k in allowed if not k.startswith("_")]
+        found = extra_key(where, node, schema) if schema is not None else None
+        if found:
+            return found
+    return None
+
+
+def extra_key(where: str, node: Mapping, schema: type) -> Optional[Tuple[str, List[str]]]:
+    """The first key of `node` outside `schema`, looking into nested schema nodes too
+    (trainer.early_stopping)."""
+    import bigmodel_cli.config as config
+
+    allowed = field_names(schema)
+    extra = [k for k in node if k not in allowed]
+    if extra:
+        return f"{where}.{extra[0]}", [k for k in allowed if not k.startswith("_")]
+    for field in dataclasses.fields(schema):
+        inner = getattr(config, str(field.type), None)
+        if dataclasses.is_dataclass(inner) and isinstance(node.get(field.name), Mapping):
+            found = extra_key(f"{where}.{field.name}", node[field.name], inner)
+            if found:
+                return found
     return None
 
 

@@ -69,8 +69,27 @@ def key_lines(command: str, key: str, value, prefix: str = "") -> List[str]:
     if key == "logger" and not prefix:
         return [line for name, node in value.items() for line in key_lines(command, name, node, "logger.")]
     schema = schema_of(dotted.split(".")[0], value) if (command, key) != ("eval", "data") else None
-    return [entry(f"{dotted}.{sub}", sub_value, describe_key(schema, sub))
-            for sub, sub_value in value.items() if sub not in HIDDEN]
+    return node_lines(dotted, value, schema)
+
+
+def node_lines(dotted: str, node: Mapping, schema: Optional[type]) -> List[str]:
+    """A node's keys; a nested schema node (trainer.early_stopping) key by key too."""
+    out = []
+    for sub, sub_value in node.items():
+        inner = nested_schema(schema, sub)
+        if isinstance(sub_value, Mapping) and inner is not None:
+            out += node_lines(f"{dotted}.{sub}", sub_value, inner)
+        elif sub not in HIDDEN:
+            out.append(entry(f"{dotted}.{sub}", sub_value, describe_key(schema, sub)))
+    return out
+
+
+def nested_schema(schema: Optional[type], key: str) -> Optional[type]:
+    from bigmodel_cli import config
+
+    kind = next((f.type for f in dataclasses.fields(schema) if f.name == key), None) if schema else None
+    inner = getattr(config, str(kind), None)
+    return inner if dataclasses.is_dataclass(inner) else None
 
 
 def command_schema(command: str) -> Optional[type]:

@@ -3,13 +3,15 @@
 the working directory, no run folder left by a failed start, and the time-left estimate."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
 from conftest import compose_config, write_user_package
 
-from bigmodel_cli.config import SCHEMAS, EvalConfig, GenerateConfig, PrepareConfig, TrainerConfig
+from bigmodel_cli.config import (SCHEMAS, EarlyStoppingConfig, EvalConfig, GenerateConfig, PrepareConfig,
+                                 TrainerConfig)
 from bigmodel_cli.help import describe_key
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
@@ -81,7 +83,7 @@ def test_train_help_shows_the_chosen_options_keys(run_cli):
 
 
 SCHEMA_CLASSES = sorted({s for options in SCHEMAS.values() for s in options.values()}
-                        | {EvalConfig, GenerateConfig, PrepareConfig}, key=lambda s: s.__name__)
+                        | {EvalConfig, GenerateConfig, PrepareConfig, EarlyStoppingConfig}, key=lambda s: s.__name__)
 
 
 @pytest.mark.parametrize("schema", SCHEMA_CLASSES, ids=lambda s: s.__name__)
@@ -179,3 +181,50 @@ def test_a_run_that_fails_after_training_began_keeps_its_dir(run_cli):
                      "logger=[]", "trainer.max_steps=30", "trainer.log_every=5", "trainer.val_at_start=false")
     assert result.returncode == 2 and "non-finite" in result.stderr, result.output
     assert (result.run_dir() / "train.log").is_file()
+
+
+# --------------------------------------------------------------- early stopping (issue 14)
+
+
+def test_the_monitor_counts_validations_without_enough_improvement():
+    from bigmodel_cli.engine.tasks import Classification
+    from bigmodel_cli.engine.trainer import Monitor
+
+    monitor = Monitor("val/loss", "auto", Classification(), min_delta=0.1)
+    for step, loss in ((1, 1.0), (2, 0.95), (3, 0.92), (4, 0.5), (5, 0.45)):
+        monitor.update({"loss": loss, "accuracy": 0.0}, step)
+    assert monitor.best == 0.45 and monitor.best_step == 5  # the best still follows every gain
+    assert monitor.stale == 1  # 0.45 is not 0.1 better than 0.5, the last real improvement
+    again = Monitor("val/loss", "auto", Classification(), min_delta=0.1)
+    again.load_state_dict(monitor.state_dict())
+    assert (again.stale, again.reference, again.best) == (1, 0.5, 0.45)
+    old = Monitor("val/loss", "auto", Classification())
+    old.load_state_dict({"metric": "val/loss", "value": 0.3, "step": 7})  # a checkpoint from before
+    assert (old.stale, old.reference) == (0, 0.3)
+
+
+ES = ("scheduler=constant", "trainer.val_every=10", "trainer.log_every=10", "trainer.eval_batches=2",
+      "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=10", "trainer.val_at_start=false")
+
+
+def test_early_stopping_ends_a_stalled_run_and_its_resume_is_exact(run_cli):
+    whole = run_cli("train", *ES, "trainer.max_steps=100", "hydra.run.dir=whole")
+    assert whole.returncode == 0, whole.output
+    summary = json.loads((whole.cwd / "whole" / "summary.json").read_text())
+    assert summary["steps"] == 30 and "has not improved by more than 10 in 2 validations" in summary["early_stop"]
+    assert "ended early" in (whole.cwd / "whole" / "report.md").read_text()
+    first = run_cli("train", *ES, "trainer.max_steps=20", "hydra.run.dir=part")  # stale 1 at its end
+    assert first.returncode == 0, first.output
+    resumed = run_cli("train", *ES, "trainer.max_steps=100", "hydra.run.dir=rest",
+                      "trainer.resume=part/checkpoints/last.pt")
+    assert resumed.returncode == 0, resumed.output
+    again = json.loads((resumed.cwd / "rest" / "summary.json").read_text())
+    assert again["steps"] == 30 and again["test"] == summary["test"] and again["final_val"] == summary["final_val"]
+
+
+def test_bad_early_stopping_settings_are_one_line(run_cli):
+    for bad, message in (("trainer.early_stopping.patience=0", "trainer.early_stopping.patience must be > 0"),
+                         ("trainer.early_stopping.min_delta=-1", "min_delta must be >= 0"),
+                         ("trainer.early_stopping.patient=3", "did you mean trainer.early_stopping.patience?")):
+        result = run_cli("train", bad)
+        assert result.returncode == 2 and message in result.stderr, result.output

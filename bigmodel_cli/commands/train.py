@@ -298,6 +298,7 @@ def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) ->
         "elapsed_s": elapsed, "run_dir": str(job.run_dir),
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         "skipped_steps": result.skipped_steps, "overrides": list(job.overrides),
+        "early_stop": result.early_stop,
         "device": str(run.trainer.device), "world_size": run.trainer.env.world_size,  # auto resolved
     }
     if run.trainer.env.is_main:

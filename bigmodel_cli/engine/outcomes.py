@@ -49,6 +49,7 @@ class FitResult:
     best: Dict[str, Any]  # the monitor: {"metric", "value", "step"}
     skipped_steps: int = 0
     stopped: Optional[Stopped] = None
+    early_stop: Optional[str] = None  # why trainer.early_stopping ended the run (it finished)
 
 
 @dataclass

@@ -50,35 +50,47 @@ log = logging.getLogger("bigmodel")
 
 
 class Monitor:
-    """Tracks the best value of one validation metric, e.g. 'val/loss' (min)."""
+    """Tracks the best value of one validation metric, e.g. 'val/loss' (min), and how many
+    validations in a row it has not improved by more than `min_delta` (early stopping)."""
 
-    def __init__(self, name: str, mode: str, task: Task):
+    def __init__(self, name: str, mode: str, task: Task, min_delta: float = 0.0):
         split, _, metric = name.partition("/")
         allowed = [f"val/{m}" for m in task.metrics]
         if split != "val" or metric not in task.metrics:
             raise UserError(f"trainer.monitor={name} is not a validation metric of this "
                             f"{task.name} task; choose one of {', '.join(allowed)}")
-        self.name, self.metric = name, metric
+        self.name, self.metric, self.min_delta = name, metric, min_delta
         self.maximize = task.metrics[metric] if mode == "auto" else mode == "max"
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.stale = 0  # validations since the last improvement by more than min_delta
+        self.reference: Optional[float] = None  # the value that improvement is measured from
 
     def update(self, metrics: Dict[str, float], step: int) -> bool:
         """Record the metrics of an evaluation; True when they are the best so far."""
         value = metrics[self.metric]
         if math.isnan(value):
+            self.stale += 1
             return False
         better = self.best is None or (value > self.best if self.maximize else value < self.best)
         if better:
             self.best, self.best_step = value, step
+        gain = None if self.reference is None else (value - self.reference if self.maximize else self.reference - value)
+        if gain is None or gain > self.min_delta:
+            self.reference, self.stale = value, 0
+        else:
+            self.stale += 1
         return better
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"metric": self.name, "value": self.best, "step": self.best_step}
+        return {"metric": self.name, "value": self.best, "step": self.best_step, "stale": self.stale,
+                "reference": self.reference}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("metric") == self.name:  # a changed trainer.monitor starts afresh
             self.best, self.best_step = state["value"], state["step"]
+            # (checkpoints from before early stopping: counting starts again from their best)
+            self.stale, self.reference = state.get("stale", 0), state.get("reference", state["value"])
 
 
 @dataclass
@@ -119,7 +131,7 @@ class Trainer:
                                              settings.checkpoint_every, settings.checkpoint_every_min,
                                              enabled=settings.save_checkpoints)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == Precision.fp16)
-        self.monitor = Monitor(settings.monitor, settings.monitor_mode, parts.task)
+        self.monitor = Monitor(settings.monitor, settings.monitor_mode, parts.task, settings.early_stopping.min_delta)
         # Read per step: plain attributes.
         self.accum: int = settings.grad_accum_steps
         self.grad_clip: Optional[float] = settings.grad_clip
@@ -248,6 +260,7 @@ class Trainer:
                                 f"{first_line(err)}); use another checkpoint") from None
         agreement = StopAgreement(self.env.is_distributed, cfg.dist_timeout_s)
         stopped: Optional[Stopped] = None
+        early_stop: Optional[str] = None
         try:
             if agreement.now(self.signals.request) == STOP:  # it came while setting up
                 return self.fit_result({}, self.stopped(StopAction.STOP_AT_START, None))
@@ -266,6 +279,9 @@ class Trainer:
                 if self.step % self.val_every == 0 or self.step == self.total_steps:
                     val_metrics = self.validate()
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
+                    early_stop = self.stalled()
+                    if early_stop:  # every rank saw the same reduced metrics: all stop here
+                        break
                 elif self.checkpoints.due_by_steps(self.step):
                     self.save()
                     last_log_time = time.perf_counter()
@@ -280,7 +296,18 @@ class Trainer:
                 agreement.close()
             finally:
                 batches.close()  # ends a background prefetch thread, if the loader has one
-        return self.fit_result(val_metrics, stopped)
+        return self.fit_result(val_metrics, stopped, early_stop)
+
+    def stalled(self) -> Optional[str]:
+        """Why training ends early (trainer.early_stopping), or None to go on."""
+        patience = self.settings.early_stopping.patience
+        if patience is None or self.monitor.stale < patience:
+            return None
+        reason = (f"early stopping: {self.monitor.name} has not improved by more than "
+                  f"{self.monitor.min_delta:g} in {self.monitor.stale} validations (best "
+                  f"{self.monitor.best:.4g} at step {self.monitor.best_step})")
+        log.info("%s; stopping at step %d of %d", reason, self.step, self.total_steps)
+        return reason
 
     def announce_speed(self, loss: torch.Tensor, after: int = 10) -> None:
         """Once, early: the measured steps/s over `after` steps after the warm-up step and
@@ -299,9 +326,11 @@ class Trainer:
             log.info("speed: %.3g steps/s over %d steps; about %s for the remaining %d (an estimate, "
                      "evaluation aside; the log lines or the progress bar keep it up to date)", rate, after, human_duration(left / rate), left)
 
-    def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Stopped]) -> FitResult:
+    def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Stopped],
+                   early_stop: Optional[str] = None) -> FitResult:
         return FitResult(steps=self.step, epochs=round(self.step / self.steps_per_epoch, 3), val=val_metrics,
-                         best=self.monitor.state_dict(), skipped_steps=self.skipped_steps, stopped=stopped)
+                         best=self.monitor.state_dict(), skipped_steps=self.skipped_steps, stopped=stopped,
+                         early_stop=early_stop)
 
     def stopped(self, action: StopAction, checkpoint: Optional[Path]) -> Stopped:
         return Stopped(StopCause.of(self.signals.signal_name), action, self.step, checkpoint)

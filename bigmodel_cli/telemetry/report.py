@@ -70,6 +70,8 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], choices: Mapping[str, st
         lines.append(f"| best {summary['monitor']} | {summary['best_value']:.4g} at step {summary['best_step']} |")
     for key, value in summary.get("final_val", {}).items():
         lines.append(f"| final val/{key} | {value:.4g} |")
+    if summary.get("early_stop"):
+        lines.append(f"| ended early | {summary['early_stop']} |")
     lines += [f"| wall time | {summary['elapsed_s']:.1f} s |", ""]  # as the console's `done in`
     speed = throughput(run_dir)
     if speed:
