@@ -303,9 +303,10 @@ class Trainer:
         patience = self.settings.early_stopping.patience
         if patience is None or self.monitor.stale < patience:
             return None
+        best = "none yet" if self.monitor.best is None else \
+            f"{self.monitor.best:.4g} at step {self.monitor.best_step}"
         reason = (f"early stopping: {self.monitor.name} has not improved by more than "
-                  f"{self.monitor.min_delta:g} in {self.monitor.stale} validations (best "
-                  f"{self.monitor.best:.4g} at step {self.monitor.best_step})")
+                  f"{self.monitor.min_delta:g} in {self.monitor.stale} validations (best {best})")
         log.info("%s; stopping at step %d of %d", reason, self.step, self.total_steps)
         return reason
 
@@ -324,7 +325,8 @@ class Trainer:
             self.rate_probe = (None, 0.0)
             left = self.total_steps - self.step
             log.info("speed: %.3g steps/s over %d steps; about %s for the remaining %d (an estimate, "
-                     "evaluation aside; the log lines or the progress bar keep it up to date)", rate, after, human_duration(left / rate), left)
+                     "evaluation aside; the log lines or the progress bar keep it up to date)",
+                     rate, after, human_duration(left / rate), left)
 
     def fit_result(self, val_metrics: Dict[str, float], stopped: Optional[Stopped],
                    early_stop: Optional[str] = None) -> FitResult:
