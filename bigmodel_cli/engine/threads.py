@@ -126,9 +126,9 @@ def cpu_times(stat: Path = PROC_STAT) -> dict[str, tuple[int, int]]:
         return {}
     times = {}
     for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 5:
-            ticks = [int(f) for f in fields[:8] if f.isdigit()]
+        name, *fields = line.split() or [""]
+        ticks = [int(f) for f in fields[:8] if f.isdigit()]
+        if name.startswith("cpu") and name[3:].isdigit() and len(ticks) >= 5:
             times[name] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait
     return times
 

@@ -90,7 +90,9 @@ class Monitor:
         if state.get("metric") == self.name:  # a changed trainer.monitor starts afresh
             self.best, self.best_step = state["value"], state["step"]
             # (checkpoints from before early stopping: counting starts again from their best)
-            self.stale, self.reference = state.get("stale", 0), state.get("reference", state["value"])
+            stale, reference = state.get("stale", 0), state.get("reference", state["value"])
+            self.stale = stale if isinstance(stale, int) and stale >= 0 else 0
+            self.reference = reference if isinstance(reference, (int, float)) else self.best
 
 
 @dataclass

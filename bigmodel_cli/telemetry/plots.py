@@ -79,14 +79,17 @@ def has_training(run_dir: Path) -> bool:
 def run_overrides(run_dir: Path) -> Optional[List[str]]:
     """The command-line overrides a run was started with (Hydra records them); None when
     the run recorded none."""
-    for source in (run_dir / ".hydra" / "overrides.yaml", run_dir / "summary.json"):
-        if source.is_file():
-            if source.suffix == ".json":
-                overrides = json.loads(source.read_text()).get("overrides")
-                return None if overrides is None else [str(o) for o in overrides]
-            from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-            return [str(o) for o in OmegaConf.load(source) or []]
+    for source in (run_dir / ".hydra" / "overrides.yaml", run_dir / "summary.json"):
+        if not source.is_file():
+            continue
+        try:  # safe loaders only; a damaged file labels the run by its dir instead
+            found = json.loads(source.read_text()).get("overrides") if source.suffix == ".json" \
+                else OmegaConf.to_container(OmegaConf.load(source), resolve=False)
+        except Exception:  # noqa: BLE001 - any damage: no label from it
+            return None
+        return [str(o) for o in found] if isinstance(found, list) else None
     return None
 
 
@@ -154,9 +157,12 @@ def monitor_setting(run_dir: Path) -> Tuple[str, bool]:
     if (run_dir / "config.yaml").is_file():
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        metric = str(OmegaConf.select(cfg, "trainer.monitor", default=metric))
-        mode = str(OmegaConf.select(cfg, "trainer.monitor_mode", default=mode))
+        try:  # a damaged config.yaml: the defaults
+            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+            metric = str(cfg["trainer"].get("monitor", metric))
+            mode = str(cfg["trainer"].get("monitor_mode", mode))
+        except Exception:  # noqa: BLE001
+            pass
     if mode != "auto":
         return metric, mode == "max"
     # Imports torch: only for a run without summary.json (one that did not finish).
