@@ -20,9 +20,10 @@ COMMANDS = {
     "prepare": ("bigmodel_cli.commands.prepare", "Tokenize a text corpus into memory-mapped token files (data=tokens)."),
     "generate": ("bigmodel_cli.commands.generate", "Sample text from a trained language model (ckpt=<run dir>)."),
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
+    "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
 }
 
-#: the commands that are Hydra apps (plot takes plain arguments)
+#: the commands that are Hydra apps (plot and summary take plain arguments)
 HYDRA_COMMANDS = ("train", "eval", "prepare", "generate")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
@@ -30,11 +31,12 @@ USAGE = """usage: bigmodel <command> [hydra overrides...]
 Commands:
 {commands}
 
-All but plot are Hydra apps, each with its own config (conf/<command>.yaml):
+All but plot and summary are Hydra apps, each with its own config (conf/<command>.yaml):
   bigmodel train model=cnn optim=adam optim.lr=3e-4
   bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
+  bigmodel summary outputs/<date>/<sweep>_multirun   # the sweep's jobs, best first
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
   bigmodel <command> --help                      # groups, options and what each key means
@@ -150,14 +152,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         from bigmodel_cli.signals import SIGNALS
 
         with SIGNALS.installed():
-            importlib.import_module(module_name).main()
+            try:
+                importlib.import_module(module_name).main()
+            except SystemExit:
+                summarize_cut_short_sweep()
+                raise
     else:
         importlib.import_module(module_name).main()
-    from bigmodel_cli.errors import EXIT_USER_ERROR, FAILED_JOBS
+    return sweep_exit_code()
 
-    if FAILED_JOBS:  # multirun jobs that failed; the others ran to the end
-        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
-        for line in FAILED_JOBS:
-            print(f"  {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+
+def summarize_cut_short_sweep() -> None:
+    """A sweep that ended before Hydra's end-of-sweep hook (a sweeper's own error, a stop
+    signal) still gets its summary of the jobs that ran."""
+    import os
+
+    from bigmodel_cli.run_lock import SWEEP_ENV
+
+    sweep_dir = os.environ.pop(SWEEP_ENV, None)  # set while a sweep of this process runs
+    if not sweep_dir or not os.path.isdir(sweep_dir):
+        return
+    from pathlib import Path
+
+    from bigmodel_cli.sweep_summary import find_jobs_below, summarize
+
+    try:
+        summarize(find_jobs_below(Path(sweep_dir)), Path(sweep_dir))
+    except Exception as err:  # noqa: BLE001 - the error that ended the sweep matters more
+        print(f"warning: could not summarise the sweep in {sweep_dir}: {err}", file=sys.stderr)
+
+
+def sweep_exit_code() -> int:
+    """Non-zero when jobs of a sweep failed (the others ran to the end, the summary is
+    written); a diverged job is a result of the sweep, not a failure."""
+    summary = sys.modules.get("bigmodel_cli.sweep_summary")
+    failed = summary.LAST_SWEEP_FAILED if summary is not None else []
+    if not failed:
+        return 0
+    from bigmodel_cli.errors import EXIT_USER_ERROR
+
+    print(f"error: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+    for job in failed:
+        print(f"  {' '.join(job.overrides) or job.run_dir}: {job.reason}", file=sys.stderr)
+    return EXIT_USER_ERROR

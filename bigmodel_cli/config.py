@@ -467,6 +467,9 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    from bigmodel_cli.sweepers import register_optuna_defaults
+
+    register_optuna_defaults()
 
 
 # ----------------------------------------------------------------- value checks

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -16,12 +16,16 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request, checkpoint written, run it again to resume
 
-#: "overrides: message" of each multirun job that failed in this process
-FAILED_JOBS: List[str] = []
+#: How a command ended, as `record(status, reason)` hears it (bigmodel_cli/outcome.py).
+Record = Callable[[str, str], None]
 
 
 class UserError(Exception):
     """A problem the user can fix (bad value, missing file, incompatible choices)."""
+
+
+class Diverged(UserError):
+    """The loss or the gradients became non-finite: a sweep lists such a job as diverged."""
 
 
 class TrainingStopped(Exception):
@@ -38,27 +42,31 @@ def debug_requested() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG"))
 
 
-def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str = "",
-                       run_dir: Optional[Path] = None) -> Optional[T]:
+def report_user_errors(fn: Callable[[], T], keep_going: bool = False, run_dir: Optional[Path] = None,
+                       record: Optional[Record] = None) -> Optional[T]:
     """Run a command body; turn what goes wrong into one line on stderr and an exit code:
     2 for a UserError, 75 for a stop on request, 130 for Ctrl-C, 1 for anything else (a
     full disk, a bug: the traceback goes to the run's log file).
 
     A UserError also removes `run_dir` if this start made it and it holds no result yet
-    (bigmodel_cli/failed_start.py). With `keep_going` (a multirun job) an error is
-    recorded in FAILED_JOBS and None is
-    returned instead, so the rest of the sweep still runs. With HYDRA_FULL_ERROR=1 or
-    BIGMODEL_DEBUG=1 the exception propagates with its traceback instead.
+    (bigmodel_cli/failed_start.py), except in a sweep (`keep_going`), whose summary lists
+    the job. `record` hears how it ended (failed, diverged, stopped) with the one line.
+    With `keep_going` (a multirun job) None is returned instead of exiting, so the rest of
+    the sweep still runs. With HYDRA_FULL_ERROR=1 or BIGMODEL_DEBUG=1 the exception
+    propagates with its traceback instead.
     """
+    record = record or (lambda status, reason: None)
     try:
         return fn()
     except TrainingStopped as stop:
         _note("stopped", str(stop))
+        record("stopped", str(stop))
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         if debug_requested():
             raise
         _note("interrupted", "stopped by Ctrl-C; checkpoints already written are intact")
+        record("stopped", "stopped by Ctrl-C")
         sys.exit(EXIT_INTERRUPTED)
     except (SystemExit, GeneratorExit):
         raise
@@ -67,15 +75,15 @@ def report_user_errors(fn: Callable[[], T], keep_going: bool = False, job: str =
             raise
         user = isinstance(err, UserError)
         message = str(err) if user else describe_unexpected(err)
-        if user and run_dir is not None:
+        if user and run_dir is not None and not keep_going:
             from bigmodel_cli.failed_start import discard_failed_start
 
             discard_failed_start(run_dir)
         if not user:  # the traceback, for a bug report, into the log file only
             logging.getLogger("bigmodel").debug("unexpected error", exc_info=True)
         _note("error", message)
+        record("diverged" if isinstance(err, Diverged) else "failed", message)
         if keep_going:
-            FAILED_JOBS.append(f"{job or '(no overrides)'}: {message}")
             return None
         sys.exit(EXIT_USER_ERROR if user else EXIT_FAILED)
 

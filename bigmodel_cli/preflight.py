@@ -14,7 +14,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -133,11 +133,11 @@ def variants(overrides: Sequence[str], multirun: bool) -> Iterator[List[str]]:
             base.append(o.input_line)
             continue
         try:
-            values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-        except Exception:  # glob(), or drawn by a sweeper (interval()): not listed here
+            values = [f"{o.get_key_element()}={v}" for v in sweep_values(o)]
+        except Exception:  # glob(): not listed here
             if "." not in o.key_or_group:
                 return  # a group's options unknown: the other keys cannot be judged; Hydra will
-            continue  # a value drawn later: Hydra checks each one it draws
+            continue
         if values:
             alternatives.append((len(base), values[1:]))
             base.append(values[0])
@@ -149,6 +149,24 @@ def variants(overrides: Sequence[str], multirun: bool) -> Iterator[List[str]]:
                 return
             checked += 1
             yield base[:index] + [value] + base[index + 1:]
+
+
+def sweep_values(override) -> List[Any]:
+    """The values of a swept override; for interval() (drawn by a sweeper such as Optuna)
+    its two ends, so that its key and type are checked before the sweep starts."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [sweep.start, sweep.end]
+    return list(override.sweep_string_iterator())
+
+
+#: Hydra's sweep functions, and how each is written
+SWEEP_FUNCTIONS = {"interval": "interval(1e-4,1e-1) (log scale: tag(log,interval(1e-4,1e-1)))",
+                   "tag": "tag(log,interval(1e-4,1e-1))", "choice": "choice(16,32,64)",
+                   "range": "range(1,10) or range(0,1,0.25)", "glob": "glob(*)",
+                   "sort": "sort(3,1,2)", "shuffle": "shuffle(1,2,3)"}
 
 
 def parse_error_line(err: Exception, overrides: Sequence[str]) -> str:
@@ -163,6 +181,10 @@ def parse_error_line(err: Exception, overrides: Sequence[str]) -> str:
             bad = override
             break
     key, _, value = bad.partition("=")
+    function = value.partition("(")[0].strip()
+    if function in SWEEP_FUNCTIONS:
+        return (f"cannot read the search space {bad!r}; write it as {key}={SWEEP_FUNCTIONS[function]}, "
+                f"in single quotes for the shell")
     return (f"cannot read the override {bad!r}: Hydra's syntax does not allow some characters "
             f"(~ * ( ) , spaces ...) unquoted; quote the value for Hydra inside quotes for the "
             f"shell: '{key}=\"{value}\"'")
@@ -183,7 +205,7 @@ def explain(err: Exception, command: str, overrides: Sequence[str]) -> Optional[
     if isinstance(err, OverrideParseException):
         return parse_error_line(err, overrides)
     if isinstance(err, MissingConfigException):
-        return unknown_option(err)
+        return unknown_option(err, overrides)
     if text.startswith("Ambiguous value for argument"):
         bad = text.split("'")[1] if "'" in text else ""  # the key=value Hydra names
         key = bad.split("=")[0]
@@ -212,11 +234,29 @@ KNOWN_AS = {"resnet": "cnn", "vgg": "cnn", "convnet": "cnn", "conv": "cnn", "len
             "linear": "mlp", "ffn": "mlp", "perceptron": "mlp", "char": "text", "shakespeare": "text"}
 
 
-def unknown_option(err: Exception) -> Optional[str]:
+#: Hydra plugins' configs that bigmodel's own options build on, and the extra that installs each
+PLUGIN_EXTRAS = {"hydra/launcher/submitit_slurm": "slurm", "hydra/launcher/submitit_local": "slurm",
+                 "hydra/launcher/joblib": "joblib", "hydra/sweeper/optuna": "optuna"}
+
+
+def missing_plugin(missing: str, overrides: Sequence[str]) -> Optional[str]:
+    """`hydra/sweeper=optuna` without Hydra's Optuna sweeper: which extra to install."""
+    extra = PLUGIN_EXTRAS.get(missing)
+    if extra is None:
+        return None
+    group = missing.rpartition("/")[0]
+    chosen = next((o for o in overrides if o.lstrip("+").startswith(f"{group}=")), missing)
+    return f"{chosen} needs a Hydra plugin that is not installed; pip install 'bigmodel[{extra}]'"
+
+
+def unknown_option(err: Exception, overrides: Sequence[str] = ()) -> Optional[str]:
     """`model=resnet`: the nearest option, and all of them."""
     missing = str(getattr(err, "missing_cfg_file", "") or "")
     if "/" not in missing:
         return None
+    plugin = missing_plugin(missing, overrides)
+    if plugin is not None:
+        return plugin
     group, _, option = missing.rpartition("/")
     options = list(getattr(err, "options", None) or group_options(group))
     if not options:

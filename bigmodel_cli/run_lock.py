@@ -145,9 +145,13 @@ def live_holder(folder: Path) -> Optional[Dict[str, Any]]:
         os.close(fd)
 
 
+#: set by a sweep for its jobs, which may run in processes of their own (joblib, submitit)
+SWEEP_ENV = "BIGMODEL_SWEEP_DIR"
+
+
 def _refuse_overlap(run_dir: Path, sweep: bool) -> None:
     above = live_holder(run_dir.parent)
-    if above is not None:
+    if above is not None and os.environ.get(SWEEP_ENV) != str(run_dir.parent.resolve()):
         raise RunDirBusy(f"run dir {run_dir} is inside {run_dir.parent}, which another bigmodel train "
                          f"({_describe(above)}) writes into; pick a hydra.run.dir outside it")
     for child in sorted(p for p in run_dir.iterdir() if p.is_dir()) if sweep else ():
@@ -344,8 +348,12 @@ class RunDirLock(Callback):
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         if not quiet_rank():
-            _from_hydra_callback(Path(str(config.hydra.sweep.dir)), sweep=True)
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            _from_hydra_callback(sweep_dir, sweep=True)
+            # Jobs in other processes inherit it: they are this sweep's, not intruders.
+            os.environ[SWEEP_ENV] = str(sweep_dir.resolve())
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         if not quiet_rank():
             release(Path(str(config.hydra.sweep.dir)))
+            os.environ.pop(SWEEP_ENV, None)

@@ -4,7 +4,8 @@
   step, write a checkpoint, stop (one that arrives while the run is being set up stops
   it before its first step). A second SIGINT or SIGTERM more than a moment later
   stops at once.
-- SIGUSR1 (`#SBATCH --signal=USR1@90`): write a checkpoint; inside a Slurm job also
+- SIGUSR1 (`#SBATCH --signal=USR1@90`) or SIGUSR2 (what submitit's jobs get, e.g. under
+  hydra/launcher=slurm: `--signal=USR2@120`): write a checkpoint; inside a Slurm job also
   requeue it and stop, so the requeued job continues from that checkpoint.
 
 Handlers only record the request; the training loop acts on it between steps
@@ -22,9 +23,12 @@ from contextlib import contextmanager
 from typing import Dict, Optional
 
 # Ordered: when ranks disagree, the stronger request wins. SAVE: a timed checkpoint, then
-# training goes on; CHECKPOINT (SIGUSR1): a checkpoint, then requeue inside a Slurm job.
+# training goes on; CHECKPOINT (SIGUSR1/2): a checkpoint, then requeue inside a Slurm job.
 NOTHING, SAVE, CHECKPOINT, STOP = 0, 1, 2, 3
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: "checkpoint, then requeue": Slurm's warning before the time limit, as sbatch scripts
+#: (USR1) and submitit (USR2, which would otherwise requeue without a checkpoint) ask for it
+CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+HANDLED = (signal.SIGTERM, signal.SIGINT, *CHECKPOINT_SIGNALS)
 # The same signal often arrives twice in quick succession (Ctrl-C reaches the launcher
 # and its workers, and the launcher passes it on); only a later one means "now".
 REPEAT_GRACE_S = 2.0
@@ -53,7 +57,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        wanted = CHECKPOINT if signum == signal.SIGUSR1 else STOP
+        wanted = CHECKPOINT if signum in CHECKPOINT_SIGNALS else STOP
         if wanted == STOP and self.request == STOP:
             if time.monotonic() - self._stop_since > REPEAT_GRACE_S:
                 raise KeyboardInterrupt  # asked again: do not wait for the checkpoint

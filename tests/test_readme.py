@@ -15,6 +15,10 @@ from pathlib import Path
 from conftest import write_user_package
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+#: the Hydra plugin each launcher or sweeper example needs (optional extras)
+PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
+           "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
+           "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher"}
 CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "trainer.eval_batches=2")
 
 
@@ -56,7 +60,7 @@ def resolve(line: str, cwd: Path) -> str:
 
 def test_the_readme_has_examples_of_every_command():
     commands = {line.split()[1] for line in readme_examples()}
-    assert {"train", "eval", "prepare", "generate", "plot", "--help"} <= commands
+    assert {"train", "eval", "prepare", "generate", "plot", "summary", "--help"} <= commands
 
 
 def test_every_readme_example_runs(run_cli, tmp_path):
@@ -69,6 +73,11 @@ def test_every_readme_example_runs(run_cli, tmp_path):
     for example in readme_examples():
         if "wandb" in example and not _importable("wandb"):
             continue  # its own test: tests/test_observability.py (the wandb extra is optional)
+        if "hydra/launcher=slurm" in example:
+            continue  # submits to a cluster: tests/test_sweeps.py runs it on the local Slurm
+        plugin = next((m for key, m in PLUGINS.items() if key in example), None)
+        if plugin and not _importable(plugin):
+            continue  # an optional extra that is not installed (tests/test_sweeps.py says which)
         args = shlex.split(resolve(example, tmp_path), comments=True)[1:]
         trains = args and args[0] == "train" and "--help" not in args and "--cfg" not in args
         result = run_cli(*args, *(CAP if trains else ()), env={"HOME": str(home)}, timeout=600)

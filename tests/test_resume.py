@@ -248,9 +248,11 @@ def test_init_from_starts_fresh_from_another_runs_weights(compose, tmp_path):
 # ------------------------------------------------------------------ signals
 
 
-def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])  # sbatch templates, submitit
+def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, sig):
     """A fake Slurm job: a stub scontrol records the requeue; running the same command again
-    with SLURM_RESTART_COUNT=1 (what Slurm does) finds the run dir and finishes the run."""
+    with SLURM_RESTART_COUNT=1 (what Slurm does) finds the run dir and finishes the run.
+    SIGUSR2 is what submitit's jobs get (hydra/launcher=slurm); it does the same."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
@@ -260,10 +262,10 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     proc = start_cli(tmp_path, *args, env=env)
     run_dir = _wait_for_run_dir(tmp_path)
     wait_for_step(proc, run_dir / "metrics.jsonl", 300)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 75, stderr
-    assert "SIGUSR1: requeued the Slurm job" in stderr
+    assert f"{sig.name}: requeued the Slurm job" in stderr
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").step
     assert 300 <= stopped_at < 3000

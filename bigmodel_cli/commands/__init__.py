@@ -17,7 +17,9 @@ def config_dir() -> str:
 
 CONFIG_DIR = config_dir()
 
-# conf/hydra/bigmodel.yaml names the default run dir through it (before any command runs).
-from bigmodel_cli.slurm import register_resolver  # noqa: E402
+# conf/hydra/bigmodel.yaml names the default run dir through one, hydra/sweeper=optuna its
+# direction through the other (before any command runs).
+from bigmodel_cli import slurm, sweepers  # noqa: E402
 
-register_resolver()
+slurm.register_resolver()
+sweepers.register_resolver()

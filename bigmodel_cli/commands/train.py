@@ -18,7 +18,8 @@ from bigmodel_cli import failed_start, run_lock
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, trainer_settings, validate_train_config
 from bigmodel_cli.engine.files import WriteFailed
-from bigmodel_cli.errors import EXIT_INTERRUPTED, TrainingStopped, UserError, first_line, report_user_errors
+from bigmodel_cli.errors import EXIT_INTERRUPTED, Diverged, TrainingStopped, UserError, first_line, report_user_errors
+from bigmodel_cli.outcome import record_outcome
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -123,7 +124,7 @@ def launch_workers(job: RankJob) -> Dict[str, Any]:
     if result.error is not None:
         if not result.began:
             failed_start.training_began(job.run_dir, False)
-        raise UserError(result.error)
+        raise (Diverged if result.diverged else UserError)(result.error)
     if result.stopped is not None:
         raise TrainingStopped(result.stopped)
     return result.summary
@@ -167,7 +168,8 @@ def run_worker(job: RankJob, link):
         except UserError as err:
             log.debug("error: %s", err)
             watch.failed(str(err), waiting=False)
-            return WorkerResult(error=str(err), began=failed_start.began(job.run_dir))
+            return WorkerResult(error=str(err), diverged=isinstance(err, Diverged),
+                                began=failed_start.began(job.run_dir))
         except TrainingStopped as stop:
             return WorkerResult(stopped=str(stop))
         except KeyboardInterrupt:
@@ -292,6 +294,7 @@ def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) ->
     elapsed = round(run.telemetry.elapsed(), 2)  # read once: report.md and `done in` show the same
     summary: Dict[str, Any] = {
         "monitor": best["metric"], "best_value": best["value"], "best_step": best["step"],
+        "monitor_mode": "max" if run.trainer.monitor.maximize else "min",
         "test_uses": "best checkpoint" if restored else "final weights",
         "test": test, "final_val": result.val,
         "steps": result.steps, "epochs": result.epochs, "parameters": run.parameters,
@@ -315,19 +318,40 @@ def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) ->
 def main(cfg: DictConfig) -> Optional[float]:
     """Returns the best monitored validation value, for sweepers (e.g. Optuna) to optimise.
 
-    In a multirun a failed job reports NaN and the sweep goes on; `bigmodel` then exits
-    non-zero once the sweep is over.
+    In a multirun a job that failed or diverged writes outcome.json and the sweep goes on;
+    the sweep summary (bigmodel_cli/sweep_summary.py) lists it, and `bigmodel` exits
+    non-zero if any failed.
     """
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    ended: List[str] = []
+
+    def record(status: str, reason: str) -> None:
+        ended.append(status)
+        record_outcome(run_dir, status, reason)
+
     summary = report_user_errors(
-        lambda: train(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices),
-                      hydra_cfg.overrides.task),
-        keep_going=hydra_cfg.mode == RunMode.MULTIRUN,
-        job=" ".join(hydra_cfg.overrides.task), run_dir=Path(hydra_cfg.runtime.output_dir))
+        lambda: train(cfg, run_dir, dict(hydra_cfg.runtime.choices), hydra_cfg.overrides.task),
+        keep_going=hydra_cfg.mode == RunMode.MULTIRUN, run_dir=run_dir, record=record)
     if summary is None:
-        return float("nan")
+        return sweep_value_of_failure(cfg, ended)
     if summary["best_value"] is not None:
         return summary["best_value"]
     return summary["final_val"].get(summary["monitor"].split("/", 1)[1])
+
+
+def sweep_value_of_failure(cfg: DictConfig, ended: List[str]) -> Optional[float]:
+    """What a sweeper hears from a job that gave no result. Diverged: the worst value (inf
+    when minimising), so that Optuna learns to avoid that region and a study whose every
+    trial diverged still has a best one. Failed: None, which Optuna records as a failed
+    trial and goes on from (NaN would end the study)."""
+    from bigmodel_cli.outcome import DIVERGED
+    from bigmodel_cli.sweepers import direction
+
+    if DIVERGED not in ended:
+        return None
+    trainer = cfg.get("trainer") or {}
+    maximize = direction(trainer.get("monitor", "val/loss"), trainer.get("monitor_mode", "auto")) == "maximize"
+    return float("-inf") if maximize else float("inf")

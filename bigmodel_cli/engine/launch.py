@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from bigmodel_cli.engine.threads import LAUNCHER_OMP
 from bigmodel_cli.engine.worker_link import WorkerLink, explain_failure, read_records
 from bigmodel_cli.errors import TrainingStopped, UserError
-from bigmodel_cli.signals import REPEAT_GRACE_S
+from bigmodel_cli.signals import CHECKPOINT_SIGNALS, REPEAT_GRACE_S
 
 log = logging.getLogger("bigmodel")
 
@@ -62,7 +62,7 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     except ChildFailedError as err:
         if signal.SIGINT in forwarded:  # Ctrl-C while the workers were starting or stopping
             raise KeyboardInterrupt from None
-        stop = next((sig for sig in forwarded if sig != signal.SIGUSR1), None)
+        stop = next((sig for sig in forwarded if sig not in CHECKPOINT_SIGNALS), None)
         if stop is not None:  # told to stop, the workers ended before they could say so
             raise TrainingStopped(f"{signal_name(stop)}: the workers stopped before writing a new checkpoint") \
                 from None
@@ -176,23 +176,24 @@ def signal_name(signum: int) -> str:
 
 @contextmanager
 def forward_signals_to_workers(first: Dict[int, float], link: WorkerLink):
-    """Pass SIGTERM, SIGINT and SIGUSR1 on to the workers, which checkpoint and stop (or
-    requeue) on their own, instead of letting the elastic agent kill them. A second
-    SIGINT or SIGTERM, after a moment, stops everything at once. SIGUSR1 ("checkpoint")
-    goes only to workers that handle it already: it would end one still starting up.
+    """Pass SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 on to the workers, which checkpoint and
+    stop (or requeue) on their own, instead of letting the elastic agent kill them. A second
+    SIGINT or SIGTERM, after a moment, stops everything at once. SIGUSR1/2 ("checkpoint")
+    go only to workers that handle them already: they would end one still starting up.
     `first` records when each signal first came."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    signals = (signal.SIGTERM, signal.SIGINT, *CHECKPOINT_SIGNALS)
 
     def forward(signum, frame):
-        if signum != signal.SIGUSR1 and signum in first:
+        if signum not in CHECKPOINT_SIGNALS and signum in first:
             if time.monotonic() - first[signum] > REPEAT_GRACE_S:
                 raise KeyboardInterrupt  # asked again: the agent then stops the workers
             return  # the same signal again at once (Ctrl-C also reaches the workers directly)
         first.setdefault(signum, time.monotonic())
-        ready = {r.get("pid") for r in read_records(link.status_dir).values()} if signum == signal.SIGUSR1 else None
+        ready = {r.get("pid") for r in read_records(link.status_dir).values()} \
+            if signum in CHECKPOINT_SIGNALS else None
         for child in multiprocessing.active_children():
             if ready is None or child.pid in ready:
                 try:

@@ -12,6 +12,7 @@ class StopCause(str, Enum):
     SIGTERM = "SIGTERM"  # a scheduler's time limit or preemption, or `kill`
     SIGINT = "SIGINT"  # Ctrl-C
     SIGUSR1 = "SIGUSR1"  # Slurm's warning before the time limit (#SBATCH --signal=USR1@90)
+    SIGUSR2 = "SIGUSR2"  # the same from a submitit job (hydra/launcher=slurm: --signal=USR2@120)
     OTHER_RANK = "a signal to another rank"  # this rank stopped because the others agreed to
 
     def __str__(self) -> str:
@@ -58,5 +59,6 @@ class WorkerResult:
 
     summary: Dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None  # a user error: the launcher reports it once
+    diverged: bool = False  # that error is a non-finite loss (errors.Diverged)
     stopped: Optional[str] = None  # the stop line, for the launcher to print
     began: bool = False  # training had begun (its run dir is no failed start to clear away)

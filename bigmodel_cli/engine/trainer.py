@@ -40,7 +40,7 @@ from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
 from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
 from bigmodel_cli.engine.tasks import Task
-from bigmodel_cli.errors import UserError, first_line
+from bigmodel_cli.errors import Diverged, UserError, first_line
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
 from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
@@ -400,7 +400,7 @@ class Trainer:
     def raise_nonfinite(self) -> None:
         kept = self.checkpoints.last_saved_step
         kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was written"
-        raise UserError(f"loss or gradients became non-finite between steps {self.finite_until + 1} and "
+        raise Diverged(f"loss or gradients became non-finite between steps {self.finite_until + 1} and "
                         f"{self.step}; {kept}. Lower optim.lr (now {self.last_lr:.3g}), set trainer.grad_clip, "
                         "or use trainer.on_nonfinite=skip to drop such steps")
 
@@ -408,7 +408,7 @@ class Trainer:
         metrics = self.evaluate("val", self.settings.eval_batches)
         self.telemetry.eval(self.step, "val", metrics)
         if not math.isfinite(metrics["loss"]):  # never checkpoint diverged weights
-            raise UserError(f"validation loss became {metrics['loss']} at step {self.step}; lower "
+            raise Diverged(f"validation loss became {metrics['loss']} at step {self.step}; lower "
                             f"optim.lr (now {self.last_lr:.3g}) or set trainer.grad_clip")
         is_best = self.monitor.update(metrics, self.step)
         self.save(is_best)

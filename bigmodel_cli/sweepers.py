@@ -1,0 +1,105 @@
+"""Hydra's Optuna sweeper with bigmodel's defaults: `hydra/sweeper=optuna`.
+
+- direction from trainer.monitor / trainer.monitor_mode (val/accuracy: maximize), so a
+  user never has to remember hydra.sweeper.direction;
+- a failed or diverged trial is marked failed and the study goes on (max_failure_rate=1);
+- the study lives in SQLite in the sweep dir (optuna.db, study "bigmodel"), and running
+  the same command again with hydra.sweep.dir=<that dir> continues it (ContinueStudy): the
+  trials already done count towards n_trials, trials a killed sweep left running are
+  marked failed, and new trials get new job dirs.
+
+The plugin (`pip install 'bigmodel[optuna]'`) is optional: without it `hydra/sweeper=optuna`
+is refused in one line that names the extra. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, flag_override
+
+log = logging.getLogger("bigmodel")
+
+#: metrics for which larger is better (engine/tasks.py; kept here to stay free of torch)
+LARGER_IS_BETTER = ("accuracy",)
+STUDY_NAME = "bigmodel"
+
+
+def direction(monitor: str, mode: str = "auto") -> str:
+    """Optuna's direction for a monitored metric: `maximize` or `minimize`."""
+    if str(mode) in ("max", "min"):
+        return "maximize" if str(mode) == "max" else "minimize"
+    return "maximize" if str(monitor).partition("/")[2] in LARGER_IS_BETTER else "minimize"
+
+
+def gpus(device: str, count: Any) -> Any:
+    """GPUs a submitit job asks for: `count` unless the trainer runs on the CPU."""
+    return None if str(device).startswith("cpu") else int(count)
+
+
+def register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("bigmodel_gpus", gpus, replace=True)
+
+    OmegaConf.register_new_resolver("bigmodel_direction", direction, replace=True)
+    OmegaConf.register_new_resolver("bigmodel_plus", lambda a, b: int(a) + int(b), replace=True)
+
+
+def register_optuna_defaults() -> None:
+    """Store `hydra/sweeper=optuna` with bigmodel's defaults over the plugin's own node."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:
+        return
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's one plugin scan runs the plugin's module (and its store) again
+
+    node = OptunaSweeperConf(
+        direction="${bigmodel_direction:${trainer.monitor},${trainer.monitor_mode}}",
+        storage="sqlite:///${hydra.sweep.dir}/optuna.db", study_name=STUDY_NAME,
+        n_jobs=1, max_failure_rate=1.0)
+    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=node, provider="bigmodel")
+
+
+class ContinueStudy(Callback):
+    """Registered in conf/train.yaml. Before an Optuna sweep starts: if its storage already
+    holds the study (the same command again with hydra.sweep.dir=<that sweep>), count the
+    trials done towards n_trials and number the new jobs after them. Sweepers are plugins
+    that Hydra builds after this hook, from the config this hook adjusts."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = config.hydra.sweeper
+        if "optuna" not in str(sweeper.get("_target_", "")) or sweeper.get("study_name") is None:
+            return
+        done = settle_earlier_trials(sweeper.get("storage"), sweeper.study_name)
+        if not done:
+            return
+        left = max(0, int(sweeper.n_trials) - done)
+        log.info("continuing Optuna study %r: %d trial(s) done, %d to go", sweeper.study_name, done, left)
+        with flag_override(config, ["readonly", "struct"], [False, False]):
+            sweeper.n_trials = left
+            # Each job's config is composed again from these overrides (under every launcher).
+            config.hydra.overrides.hydra.append(f"hydra.sweep.subdir='${{bigmodel_plus:${{hydra.job.num}},{done}}}'")
+
+
+def settle_earlier_trials(storage: Any, study_name: Any) -> int:
+    """How many trials the stored study already has; those a killed sweep left running
+    are marked failed (their jobs never reported)."""
+    if storage is None or study_name is None:
+        return 0
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=str(study_name), storage=storage)
+    except KeyError:  # no such study yet: a new sweep
+        return 0
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(trials)

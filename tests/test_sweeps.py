@@ -1,0 +1,307 @@
+"""Sweeps as a workflow: the summary at the end of every -m run and from `bigmodel summary`,
+failed and diverged jobs under every launcher and sweeper, Optuna's study in the sweep dir,
+and the shipped Slurm/torchrun scripts on a real (local, one-node) Slurm."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, outcome_lines, slurm_is_up
+
+FAST = ("trainer.progress=plain", "trainer.threads=1")
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+needs_submitit = pytest.mark.skipif(not has("hydra_plugins.hydra_submitit_launcher"),
+                                    reason="pip install 'bigmodel[slurm]' (Hydra's submitit launcher)")
+needs_optuna = pytest.mark.skipif(not has("hydra_plugins.hydra_optuna_sweeper"),
+                                  reason="pip install 'bigmodel[optuna]' (Hydra's Optuna sweeper)")
+needs_joblib = pytest.mark.skipif(not has("hydra_plugins.hydra_joblib_launcher"),
+                                  reason="pip install 'bigmodel[joblib]' (Hydra's joblib launcher)")
+needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no running Slurm (scripts/local_slurm.sh starts one)")
+
+
+def sweep_dir(cwd: Path) -> Path:
+    found = sorted((cwd / "outputs").glob("*/*_multirun"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def jobs_by_lr(folder: Path) -> dict:
+    return {row["optim.lr"]: row for row in json.loads((folder / "summary.json").read_text())["jobs"]}
+
+
+def test_sweep_ends_with_a_summary_and_lists_the_diverged_job(run_cli, tmp_path):
+    """Acceptance 2: a 4-point lr sweep plus lr=1e3, which diverges; the others finish."""
+    result = run_cli("train", "-m", "optim.lr=1e-4,1e-3,1e-2,1e-1,1e3", "trainer.max_steps=100", *FAST,
+                     timeout=900)
+    assert result.returncode == 0, result.output  # a diverged job is a result, not a failure
+    folder = sweep_dir(tmp_path)
+    for name in ("summary.csv", "summary.json", "sweep.png"):
+        assert (folder / name).is_file(), name
+    assert "sweep: 5 job(s), best val/loss first" in result.stdout
+    jobs = jobs_by_lr(folder)
+    assert jobs["1000.0"]["status"] == "diverged" and "non-finite" in jobs["1000.0"]["reason"]
+    assert all(jobs[lr]["status"] == "finished" for lr in ("0.0001", "0.001", "0.01", "0.1"))
+    ranked = json.loads((folder / "summary.json").read_text())["jobs"]
+    finished = [row["best"] for row in ranked if row["status"] == "finished"]
+    assert finished == sorted(finished) and ranked[-1]["status"] == "diverged"  # best first
+    with open(folder / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["optim.lr"] for r in rows] == [r["optim.lr"] for r in ranked]
+    # On demand: the same table and files again.
+    written = (folder / "summary.json").read_text()
+    (folder / "summary.json").unlink()
+    again = run_cli("summary", str(folder))
+    assert again.returncode == 0, again.output
+    assert json.loads((folder / "summary.json").read_text()) == json.loads(written)
+    assert "sweep: 5 job(s)" in again.stdout
+
+
+def test_failed_job_exits_nonzero_after_the_others_and_the_summary(run_cli, tmp_path):
+    result = run_cli("train", "-m", "trainer.monitor=val/loss,val/bogus", "trainer.max_steps=10", *FAST)
+    assert result.returncode == 2, result.output
+    folder = sweep_dir(tmp_path)
+    rows = json.loads((folder / "summary.json").read_text())["jobs"]
+    assert [r["status"] for r in rows] == ["finished", "failed"]
+    assert "val/bogus is not a validation metric" in rows[1]["reason"]
+    assert "error: 1 job(s) of the sweep failed:" in result.stderr
+    assert (folder / "1" / "outcome.json").is_file()  # a failed job's dir is kept: the summary names it
+
+
+@needs_submitit
+def test_submitit_local_launcher_reports_failed_and_diverged_jobs(run_cli, tmp_path):
+    """Under hydra/launcher=local each job is a process of its own: the failures come back
+    through the job dirs, not through this process."""
+    result = run_cli("train", "-m", "hydra/launcher=local", "optim.lr=1e-2,1e3", "trainer.monitor=val/loss,val/bogus",
+                     "trainer.max_steps=20", *FAST, timeout=600)
+    assert result.returncode == 2, result.output
+    rows = json.loads((sweep_dir(tmp_path) / "summary.json").read_text())["jobs"]
+    by_status = sorted(r["status"] for r in rows)
+    assert by_status == ["diverged", "failed", "failed", "finished"], rows
+    assert "error: 2 job(s) of the sweep failed:" in result.stderr
+
+
+@needs_joblib
+def test_joblib_launcher_runs_a_cpu_sweep(run_cli, tmp_path):
+    result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-2,1e-1",
+                     "trainer.max_steps=20", *FAST, timeout=600)
+    assert result.returncode == 0, result.output
+    assert [r["status"] for r in json.loads((sweep_dir(tmp_path) / "summary.json").read_text())["jobs"]] == \
+        ["finished", "finished"]
+
+
+@needs_optuna
+def test_optuna_study_runs_reports_its_best_and_continues_after_a_kill(tmp_path):
+    """Acceptance 3: 6 trials over interval(1e-4,1e-1); killed after 2 trials, the same
+    command with hydra.sweep.dir continues the study to 6 trials in all."""
+    args = ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "optim.lr=interval(1e-4,1e-1)",
+            "trainer.max_steps=30", "trainer.monitor=val/accuracy", *FAST, "hydra.sweep.dir=sweep"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
+    first = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "sweep" / "1" / "summary.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first trials did not finish"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    again = subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing Optuna study 'bigmodel'" in again.stdout + again.stderr
+    import optuna
+
+    study = optuna.load_study(study_name="bigmodel", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
+    assert len(study.trials) == 6 and study.direction == optuna.study.StudyDirection.MAXIMIZE
+    best = json.loads((tmp_path / "sweep" / "summary.json").read_text())["jobs"][0]
+    assert best["status"] == "finished"
+    assert best["best"] == pytest.approx(study.best_value)
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+    job_dirs = sorted(int(p.name) for p in (tmp_path / "sweep").iterdir() if p.name.isdigit())
+    assert job_dirs == sorted(set(job_dirs)) and max(job_dirs) == 5  # new trials, new dirs
+
+
+@needs_optuna
+@needs_submitit
+def test_optuna_sweep_through_the_submitit_local_launcher_survives_a_diverged_trial(run_cli, tmp_path):
+    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=3",
+                     "optim.lr=tag(log,interval(1e-3,1e4))", "hydra.sweeper.sampler.seed=1",
+                     "trainer.max_steps=30", *FAST, timeout=900)
+    assert result.returncode == 0, result.output
+    folder = sweep_dir(tmp_path)
+    rows = json.loads((folder / "summary.json").read_text())["jobs"]
+    assert len(rows) == 3 and (folder / "optimization_results.yaml").is_file()
+    assert "Trial" not in result.stderr or "failed" not in result.stderr.split("Trial", 1)[1][:80]
+
+
+def test_missing_plugins_name_the_extra(run_cli, tmp_path):
+    """A `hydra_plugins` package earlier on the path hides the installed plugins."""
+    shadow = tmp_path / "shadow" / "hydra_plugins"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    env = {"PYTHONPATH": f"{shadow.parent}{os.pathsep}{REPO}"}
+    for choice, extra in (("hydra/sweeper=optuna", "optuna"), ("hydra/launcher=slurm", "slurm"),
+                          ("hydra/launcher=local", "slurm"), ("hydra/launcher=joblib", "joblib")):
+        result = run_cli("train", "-m", choice, "optim.lr=1e-3,1e-2", env=env)
+        assert result.returncode == 2, result.output
+        assert outcome_lines(result.stderr) == [
+            f"error: {choice} needs a Hydra plugin that is not installed; pip install 'bigmodel[{extra}]'"]
+    assert not (tmp_path / "outputs").exists()
+
+
+@needs_optuna
+def test_bad_search_space_is_one_line(run_cli, tmp_path):
+    for bad, expected in (("optim.lr=interval(1e-4)", "cannot read the search space 'optim.lr=interval(1e-4)'"),
+                          ("optim.lrr=interval(1e-4,1e-1)", "unknown key optim.lrr; did you mean optim.lr?"),
+                          ("trainer.max_steps=interval(0.5,1.5)", "bad value for trainer.max_steps")):
+        result = run_cli("train", "-m", "hydra/sweeper=optuna", bad)
+        assert result.returncode == 2, result.output
+        lines = outcome_lines(result.stderr)
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_summary_of_nothing_is_one_line(run_cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for target, expected in (("empty", "no runs in empty"), ("missing", "missing does not exist")):
+        result = run_cli("summary", target)
+        assert result.returncode == 2
+        assert len(outcome_lines(result.stderr)) == 1 and expected in result.stderr
+
+
+def test_summary_reads_damaged_and_unfinished_job_dirs(run_cli, tmp_path):
+    """Job dirs as a kill -9 or a broken disk leaves them: listed, never a crash."""
+    sweep = tmp_path / "sweep"
+    for num, files in {"0": {"summary.json": "{not json"}, "1": {"outcome.json": "[1, 2]"},
+                       "2": {".hydra/overrides.yaml": "- optim.lr=0.1\n", "metrics.jsonl": '{"step": 7, "loss": 1.0}\n{"st'},
+                       "3": {"summary.json": json.dumps({"monitor": "val/loss", "best_value": "x", "steps": -1,
+                                                         "final_val": [], "early_stop": None})}}.items():
+        for name, text in files.items():
+            (sweep / num / name).parent.mkdir(parents=True, exist_ok=True)
+            (sweep / num / name).write_text(text)
+    result = run_cli("summary", str(sweep))
+    assert result.returncode == 0, result.output
+    rows = json.loads((sweep / "summary.json").read_text())["jobs"]
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"no result", "failed", "finished"}
+    assert next(r for r in rows if r["run_dir"].endswith("2"))["steps"] == 7
+
+
+# ------------------------------------------------------------------ cluster scripts
+
+
+def slurm_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "BIGMODEL": f"{sys.executable} -m bigmodel_cli", "PYTHONPATH": str(REPO)}
+
+
+def wait_for_jobs(job_id: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=30)
+        if queued.returncode == 0 and not queued.stdout.strip():
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], timeout=30)
+    raise AssertionError(f"Slurm job {job_id} did not end in {timeout}s")
+
+
+def sbatch(cwd: Path, *args: str) -> str:
+    job = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=slurm_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    return job.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_cpu_sbatch_template_trains_with_two_ranks(tmp_path):
+    """Acceptance 1: sbatch scripts/slurm/train-cpu.sbatch trainer.max_steps=20."""
+    job_id = sbatch(tmp_path, str(REPO / "scripts" / "slurm" / "train-cpu.sbatch"), "trainer.max_steps=20",
+                    "trainer.progress=plain")
+    wait_for_jobs(job_id)
+    run_dir = tmp_path / "outputs" / "slurm" / job_id
+    log = (run_dir / "slurm.out").read_text() if (run_dir / "slurm.out").exists() else "(no slurm.out)"
+    assert (run_dir / "summary.json").is_file(), log[-3000:]
+    done = json.loads((run_dir / "summary.json").read_text())
+    assert done["world_size"] == 2 and done["steps"] == 20
+    assert sorted(p.name for p in (tmp_path / "outputs" / "slurm").iterdir()) == [job_id]  # one run dir
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_array_sbatch_template_runs_a_two_point_sweep(run_cli, tmp_path):
+    job_id = sbatch(tmp_path, "--array=0-1", str(REPO / "scripts" / "slurm" / "sweep-array.sbatch"),
+                    "optim.lr=1e-3", "optim.lr=1e-2", "--", "trainer.max_steps=20", "trainer.progress=plain")
+    wait_for_jobs(job_id)
+    folder = tmp_path / "outputs" / "slurm" / job_id
+    for task in ("0", "1"):
+        assert (folder / task / "summary.json").is_file(), (folder / task / "slurm.out").read_text()[-2000:]
+    result = run_cli("summary", str(folder))
+    assert result.returncode == 0, result.output
+    assert sorted(jobs_by_lr(folder)) == ["1e-2", "1e-3"]
+
+
+@pytest.mark.slow
+@needs_slurm
+@needs_submitit
+def test_slurm_launcher_job_checkpoints_on_usr2_and_is_requeued(run_cli, tmp_path):
+    """hydra/launcher=slurm: 2 ranks per job; SIGUSR2 (what submitit's sbatch sends before the
+    time limit) makes the job checkpoint and requeue, and the requeued job finishes the run
+    in the same job dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    args = ["train", "-m", "hydra/launcher=slurm", "trainer.device=cpu", "trainer.devices=2", "optim.lr=1e-2",
+            "trainer.max_steps=2500", "trainer.val_every=500", *FAST, "hydra.sweep.dir=sweep",
+            "hydra.launcher.timeout_min=30"]
+    launcher = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", *args], cwd=tmp_path, env=env,
+                                stdout=open(tmp_path / "out.txt", "w"), stderr=subprocess.STDOUT)
+    metrics = tmp_path / "sweep" / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= 200
+                                        for line in metrics.read_text().splitlines() if line.endswith("}"))):
+        assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+        time.sleep(0.5)
+    job_id = next(p.name for p in (tmp_path / "sweep" / ".submitit").iterdir()
+                  if p.is_dir() and p.name.replace("_", "").isdigit())  # <array job>_<task>
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    try:
+        launcher.wait(timeout=600)  # Slurm holds a requeued job about two minutes
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            subprocess.run(["scancel", job_id.split("_")[0]], timeout=30)
+    out = (tmp_path / "out.txt").read_text()
+    assert launcher.returncode == 0, out[-3000:]
+    logs = (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert "SIGUSR2: requeued the Slurm job" in logs
+    done = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
+    assert done["steps"] == 2500 and done["world_size"] == 2 and "step_" in done["resumed_from"]
+
+
+@pytest.mark.slow
+def test_torchrun_multinode_script_joins_two_nodes(tmp_path):
+    """scripts/torchrun/multinode.sh started twice on this machine, as on two nodes."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
+           "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500),
+           "NPROC": "1", "RUN_ID": "two-nodes", "BIGMODEL_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    script = str(REPO / "scripts" / "torchrun" / "multinode.sh")
+    nodes = [subprocess.Popen([script, "trainer.max_steps=20", "trainer.device=cpu", *FAST], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    done = json.loads((tmp_path / "outputs" / "torchrun" / "two-nodes" / "summary.json").read_text())
+    assert done["world_size"] == 2 and done["steps"] == 20
