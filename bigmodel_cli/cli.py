@@ -21,10 +21,11 @@ COMMANDS = {
     "generate": ("bigmodel_cli.commands.generate", "Sample text from a trained language model (ckpt=<run dir>)."),
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
     "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
+    "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
@@ -37,6 +38,7 @@ All but plot and summary are Hydra apps, each with its own config (conf/<command
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
   bigmodel summary outputs/<date>/<sweep>_multirun   # the sweep's jobs, best first
+  bigmodel plan model=gpt2 trainer.devices=8 trainer.strategy=fsdp --gpu-memory 80GB
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
   bigmodel <command> --help                      # groups, options and what each key means
@@ -113,6 +115,47 @@ def strip_launcher_args(argv: List[str]) -> List[str]:
     return out
 
 
+def take_plan_flags(args: List[str]):
+    """`--gpu-memory X` taken out of plan's arguments (Hydra would refuse it): the rest, or
+    the one line saying what is wrong with it."""
+    from bigmodel_cli.errors import UserError
+    from bigmodel_cli.plan import gpus
+
+    try:
+        rest, gpus.REQUESTED = gpus.take_gpu_flag(args)
+    except UserError as err:
+        return str(err)
+    return rest
+
+
+def plan_sweep_overrides(name: str, args: List[str]) -> List[str]:
+    """`plan -m ...` plans each job; Hydra's job folders go to scratch space, dropped at exit."""
+    if name != "plan" or not ({"-m", "--multirun"} & set(args)):
+        return []
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="bigmodel-plan-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.sweep.dir={scratch}"]
+
+
+def dry_run_requested(args: List[str]) -> bool:
+    """`trainer.dry_run=true` among train's overrides (not swept)."""
+    from bigmodel_cli import preflight
+
+    try:
+        parsed = preflight.parse_command_line(args)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = OverridesParser.create().parse_overrides(list(parsed.overrides))
+    except Exception:  # Hydra reports what it cannot read
+        return False
+    return any(o.key_or_group == "trainer.dry_run" and not o.is_sweep_override() and o.value() is True
+               for o in overrides)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -130,8 +173,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unknown command '{name}'; {hint}commands: {', '.join(COMMANDS)} "
               "(see bigmodel --help)", file=sys.stderr)
         return 2
-    module_name, _ = COMMANDS[name]
     args = argv[1:]
+    if name == "plan":
+        problem = take_plan_flags(args)
+        if isinstance(problem, str):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        args = problem
     if name in HYDRA_COMMANDS:
         from bigmodel_cli import preflight
 
@@ -144,8 +192,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+        if name == "train" and dry_run_requested(args):
+            name = "plan"  # the same plan, before Hydra makes a run dir
+    module_name, _ = COMMANDS[name]
     # Hydra parses sys.argv itself; show it the command's own arguments only.
-    sys.argv = [f"bigmodel {name}"] + args + quiet_rank_overrides()
+    sys.argv = [f"bigmodel {name}"] + args + quiet_rank_overrides() + plan_sweep_overrides(name, args)
     # A failing log handler (a full disk) must not print a traceback of its own.
     logging.raiseExceptions = False
     if name == "train":  # from the start, so that a stop signal during set-up is acted on

@@ -365,6 +365,9 @@ class TrainerConfig:
     threads: str = "auto"
     # End the run once the monitor stalls: early_stopping.patience=5 (early_stopping.min_delta).
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Print the plan (memory per rank, steps, FLOPs, launch command) as `bigmodel plan` does,
+    # and exit without training or making a run dir.
+    dry_run: bool = False
 
 
 # ------------------------------------------------------------------------- loggers

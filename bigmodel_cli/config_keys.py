@@ -20,6 +20,7 @@ from bigmodel_cli.config import (SCHEMAS, EvalConfig, GenerateConfig, PrepareCon
 #: top-level keys of each command's config (besides `hydra`)
 COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
     "train": ("model", "optim", "scheduler", "data", "trainer", "logger"),
+    "plan": ("model", "optim", "scheduler", "data", "trainer", "logger"),  # the train config
     "eval": tuple(f.name for f in dataclasses.fields(EvalConfig)),
     "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
     "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
@@ -69,7 +70,7 @@ def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
         if key != "hydra" and key not in allowed_top:
             return str(key), list(allowed_top)
     nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer")]
-    if command == "train":
+    if command in ("train", "plan"):
         nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
     for where, node in nodes:
         schema = node_schema(where.split(".")[0], node) if node is not None else None

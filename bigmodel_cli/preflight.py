@@ -275,7 +275,7 @@ def top_level_groups(command: str, cfg: Optional[DictConfig] = None) -> List[str
     if cfg is None:
         cfg = compose(command, [])
     chosen = [str(g) for g in cfg.hydra.runtime.choices if "/" not in str(g) and g != "hydra"]
-    groups = chosen + (["logger"] if command == "train" else [])
+    groups = chosen + (["logger"] if command in ("train", "plan") else [])
     order = list(COMMAND_KEYS.get(command, ()))
     return sorted(groups, key=lambda g: order.index(g) if g in order else len(order))
 

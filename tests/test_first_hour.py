@@ -61,7 +61,7 @@ def test_an_unknown_trainer_key_is_refused_by_the_app_itself_too():
     assert OmegaConf.select(compose_config(), "trainer.max_steps") == 2000
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "prepare", "generate"])
+@pytest.mark.parametrize("command", ["train", "eval", "prepare", "generate", "plan"])
 def test_help_answers_without_torch_and_describes_each_key(command):
     probe = ("import sys\nfrom bigmodel_cli.cli import main\n"
              f"code = main(['{command}', '--help'])\n"

@@ -314,6 +314,21 @@ def report(run, result, test: Dict[str, float], restored: bool, job: RankJob) ->
     return summary
 
 
+def dry_run(cfg: DictConfig, hydra_cfg) -> None:
+    """trainer.dry_run=true: the plan, as `bigmodel plan` prints it; the run dir Hydra made goes."""
+    from hydra.types import RunMode
+
+    from bigmodel_cli.commands.plan import show_plan
+
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        report_user_errors(lambda: show_plan(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.overrides.task),
+                           keep_going=hydra_cfg.mode == RunMode.MULTIRUN, job=" ".join(hydra_cfg.overrides.task))
+    finally:
+        failed_start.discard_failed_start(run_dir)
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     """Returns the best monitored validation value, for sweepers (e.g. Optuna) to optimise.
@@ -325,6 +340,8 @@ def main(cfg: DictConfig) -> Optional[float]:
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
+    if cfg.trainer.get("dry_run"):  # reached past cli.py (set by an experiment, or in a sweep)
+        return dry_run(cfg, hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ended: List[str] = []
 
