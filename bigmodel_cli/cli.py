@@ -20,21 +20,23 @@ COMMANDS = {
     "prepare": ("bigmodel_cli.commands.prepare", "Tokenize a text corpus into memory-mapped token files (data=tokens)."),
     "generate": ("bigmodel_cli.commands.generate", "Sample text from a trained language model (ckpt=<run dir>)."),
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
+    "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
 }
 
 #: the commands that are Hydra apps (plot takes plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "lr-find")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
 Commands:
 {commands}
 
-All but plot are Hydra apps, each with its own config (conf/<command>.yaml):
+All but plot are Hydra apps, each with its own config (conf/<command>.yaml; lr-find: conf/lr_find.yaml):
   bigmodel train model=cnn optim=adam optim.lr=3e-4
   bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
+  bigmodel lr-find model=cnn                     # suggests optim.lr=... for that train command
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
   bigmodel <command> --help                      # groups, options and what each key means
