@@ -22,23 +22,25 @@ COMMANDS = {
     "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
     "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
     "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
+    "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
 Commands:
 {commands}
 
-All but plot and summary are Hydra apps, each with its own config (conf/<command>.yaml):
+All but plot and summary are Hydra apps, each with its own config (conf/<command>.yaml; lr-find: conf/lr_find.yaml):
   bigmodel train model=cnn optim=adam optim.lr=3e-4
   bigmodel train -m optim.lr=1e-4,1e-3,1e-2      # multirun sweep
   bigmodel eval ckpt=outputs/<date>/<run>        # evaluate a run's best checkpoint
   bigmodel plot outputs/<date>/<sweep>_multirun  # curves of runs overlaid (--out plot.png)
   bigmodel summary outputs/<date>/<sweep>_multirun   # the sweep's jobs, best first
   bigmodel plan model=gpt2 trainer.devices=8 trainer.strategy=fsdp --gpu-memory 80GB
+  bigmodel lr-find model=cnn                     # suggests optim.lr=... for that train command
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
   bigmodel <command> --help                      # groups, options and what each key means

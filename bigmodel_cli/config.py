@@ -8,6 +8,7 @@ value of the wrong type before anything runs. Value checks that types cannot exp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -446,6 +447,21 @@ class EvalConfig:
     trusted_targets: List[str] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------ lr-find command
+
+
+@dataclass
+class LrFindConfig:
+    min_lr: float = 1e-7  # the learning rate of the range test's first step
+    max_lr: float = 10.0  # the learning rate of its last step (it stops earlier once the loss diverges)
+    num_steps: int = 100  # optimizer steps from min_lr to max_lr, spaced geometrically (2 to 10,000)
+    # Weight of the past in the loss's moving average, from which the suggestion is read (0:
+    # none). 0.9 averages about the last 10 steps; Lightning's 0.98 about 50, half of a 100-step
+    # test, so its curve trails the raw loss.
+    smoothing: float = 0.9
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its lowest value
+
+
 SCHEMAS = {
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "rnn": RNNConfig,
               "transformer": TransformerConfig, "gpt": GPTConfig},
@@ -470,6 +486,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(group="schema/lr_find", name="default", node=LrFindConfig)
     from bigmodel_cli.sweepers import register_optuna_defaults
 
     register_optuna_defaults()
@@ -567,6 +584,25 @@ def validate_data_config(data: DictConfig) -> None:
     for key in ("data.val_fraction", "data.test_fraction"):
         frac = OmegaConf.select(cfg, key)
         _require(frac is None or 0 < frac < 1, f"{key} must be between 0 and 1 (got {frac})")
+
+
+#: the most steps a range test may take: it is a quick probe, not a training run
+MAX_LR_FIND_STEPS = 10_000
+
+
+def validate_lr_find(cfg: DictConfig) -> None:
+    """The range test's own settings (bigmodel lr-find), each failure one line with a fix."""
+    f = cfg.lr_find
+    _require(f.min_lr > 0, f"lr_find.min_lr must be > 0 (got {f.min_lr}); e.g. lr_find.min_lr=1e-7")
+    _require(math.isfinite(f.max_lr / f.min_lr), f"lr_find.max_lr / lr_find.min_lr must be a finite number (got "
+                                                 f"{f.max_lr} / {f.min_lr}); e.g. lr_find.max_lr=10")
+    _require(f.max_lr > f.min_lr, f"lr_find.max_lr ({f.max_lr}) must be above lr_find.min_lr ({f.min_lr}); "
+                                  "e.g. lr_find.min_lr=1e-7 lr_find.max_lr=10")
+    _require(2 <= f.num_steps <= MAX_LR_FIND_STEPS, f"lr_find.num_steps must be between 2 and "
+                                                    f"{MAX_LR_FIND_STEPS:,} (got {f.num_steps}); e.g. lr_find.num_steps=100")
+    _require(0 <= f.smoothing < 1, f"lr_find.smoothing must be in [0, 1) (got {f.smoothing}); e.g. lr_find.smoothing=0.9")
+    _require(f.diverge_factor > 1, f"lr_find.diverge_factor must be > 1 (got {f.diverge_factor}); "
+                                   "e.g. lr_find.diverge_factor=4")
 
 
 def trainer_settings(cfg: DictConfig) -> "TrainerConfig":

@@ -14,8 +14,8 @@ import dataclasses
 import difflib
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from bigmodel_cli.config import (SCHEMAS, EvalConfig, GenerateConfig, PrepareConfig, TokenizerConfig,
-                                 TrainerConfig)
+from bigmodel_cli.config import (SCHEMAS, EvalConfig, GenerateConfig, LrFindConfig, PrepareConfig,
+                                 TokenizerConfig, TrainerConfig)
 
 #: top-level keys of each command's config (besides `hydra`)
 COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
@@ -24,7 +24,20 @@ COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
     "eval": tuple(f.name for f in dataclasses.fields(EvalConfig)),
     "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
     "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
+    "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "lr_find"),
 }
+
+#: commands whose Hydra config file is not named after them (conf/<config name>.yaml)
+CONFIG_NAMES: Dict[str, str] = {"lr-find": "lr_find"}
+
+#: commands that take train's whole config (and so its loggers)
+TRAIN_LIKE = ("train", "plan", "lr-find")
+
+
+def config_name(command: str) -> str:
+    """The name of a command's primary config: `lr-find` -> lr_find (conf/lr_find.yaml)."""
+    return CONFIG_NAMES.get(command, command)
+
 
 #: groups whose node may take keys of its own beyond the schema
 OPEN_GROUPS = ("optim",)
@@ -51,6 +64,8 @@ def schema_of(group: str, node: Mapping) -> Optional[type]:
         return TrainerConfig
     if group == "tokenizer":
         return TokenizerConfig
+    if group == "lr_find":
+        return LrFindConfig
     if not isinstance(node, Mapping):
         return None
     return schema_by_target().get(str(node.get("_target_", "")))
@@ -69,8 +84,8 @@ def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
     for key in cfg:
         if key != "hydra" and key not in allowed_top:
             return str(key), list(allowed_top)
-    nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer")]
-    if command in ("train", "plan"):
+    nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer", "lr_find")]
+    if command in TRAIN_LIKE:
         nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
     for where, node in nodes:
         schema = node_schema(where.split(".")[0], node) if node is not None else None

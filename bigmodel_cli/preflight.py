@@ -75,9 +75,12 @@ def compose(command: str, overrides: Sequence[str]) -> DictConfig:
     """The command's config with these overrides, or an OverrideError with one line."""
     from hydra import compose as hydra_compose
 
+    from bigmodel_cli.config_keys import config_name
+
     try:
         with config_tree():
-            return hydra_compose(config_name=command, overrides=list(overrides), return_hydra_config=True)
+            return hydra_compose(config_name=config_name(command), overrides=list(overrides),
+                                 return_hydra_config=True)
     except Exception as err:  # Hydra's and OmegaConf's errors, translated below
         message = explain(err, command, overrides)
         if message is None:
@@ -270,12 +273,12 @@ def unknown_option(err: Exception, overrides: Sequence[str] = ()) -> Optional[st
 
 def top_level_groups(command: str, cfg: Optional[DictConfig] = None) -> List[str]:
     """The config groups of a command's defaults list (train: model, optim, ..., logger)."""
-    from bigmodel_cli.config_keys import COMMAND_KEYS
+    from bigmodel_cli.config_keys import COMMAND_KEYS, TRAIN_LIKE
 
     if cfg is None:
         cfg = compose(command, [])
     chosen = [str(g) for g in cfg.hydra.runtime.choices if "/" not in str(g) and g != "hydra"]
-    groups = chosen + (["logger"] if command in ("train", "plan") else [])
+    groups = chosen + (["logger"] if command in TRAIN_LIKE else [])
     order = list(COMMAND_KEYS.get(command, ()))
     return sorted(groups, key=lambda g: order.index(g) if g in order else len(order))
 

@@ -357,3 +357,18 @@ class RunDirLock(Callback):
         if not quiet_rank():
             release(Path(str(config.hydra.sweep.dir)))
             os.environ.pop(SWEEP_ENV, None)
+
+
+class NewRunDirLock(RunDirLock):
+    """RunDirLock for a command that only ever makes a new dir of its own (lr-find): a
+    hydra.run.dir that already holds anything (a training run, say) is refused before
+    Hydra writes its files into it."""
+
+    def on_run_start(self, config, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        if not quiet_rank() and run_dir.is_dir() and any(run_dir.iterdir()):
+            print(f"error: {run_dir} already holds files; this command writes only into a new dir of its "
+                  "own: leave hydra.run.dir at its default or name a folder that does not exist yet",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        super().on_run_start(config, **kwargs)
