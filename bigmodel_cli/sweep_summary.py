@@ -185,8 +185,11 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if quiet_rank() or not sweep_dir.is_dir():
             return
+        run_dirs = find_jobs_below(sweep_dir)
+        if not run_dirs:  # e.g. trainer.dry_run=true: plans, no runs
+            return
         try:
-            jobs = summarize(find_jobs_below(sweep_dir), sweep_dir)
+            jobs = summarize(run_dirs, sweep_dir)
         except Exception as err:  # noqa: BLE001 - the jobs' results stand without it
             log.warning("could not summarise the sweep in %s: %s", sweep_dir, err)
             return

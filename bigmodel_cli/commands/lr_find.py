@@ -170,6 +170,6 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     result = report_user_errors(
         lambda: lr_find(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)),
-        keep_going=hydra_cfg.mode == RunMode.MULTIRUN, job=" ".join(hydra_cfg.overrides.task), run_dir=run_dir)
+        keep_going=hydra_cfg.mode == RunMode.MULTIRUN, run_dir=run_dir)
     suggestion = (result or {}).get("suggestion")
     return suggestion["lr"] if suggestion else math.nan

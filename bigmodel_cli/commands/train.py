@@ -323,7 +323,7 @@ def dry_run(cfg: DictConfig, hydra_cfg) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         report_user_errors(lambda: show_plan(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.overrides.task),
-                           keep_going=hydra_cfg.mode == RunMode.MULTIRUN, job=" ".join(hydra_cfg.overrides.task))
+                           keep_going=hydra_cfg.mode == RunMode.MULTIRUN)
     finally:
         failed_start.discard_failed_start(run_dir)
     return None
