@@ -24,11 +24,11 @@ def test_gpt2_on_eight_gpus_with_fsdp_plans_without_a_run_dir(run_cli):
     done = run_cli("plan", "model=gpt2", "trainer.devices=8", "trainer.strategy=fsdp", "trainer.precision=bf16")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "123,738,624 parameters" in out
+    assert "124,475,904 parameters" in out
     for part in ("parameters", "gradients", "optimizer state", "activations", "FSDP gathered", "peak"):
         assert part in out
     assert "8 ranks" in out and "strategy fsdp" in out and "precision bf16" in out
-    assert "global batch 96" in out and "6,144 tokens per step" in out
+    assert "global batch 128" in out and "131,072 tokens per step" in out
     assert "FLOPs" in out and "2,000 in all" in out
     assert "launch     bigmodel train model=gpt2 trainer.devices=8" in out
     assert "reads tokens, not data=digits" in out  # the stand-in data is said

@@ -20,7 +20,10 @@ from bigmodel_cli.errors import UserError
 
 #: the stand-in vocabulary: GPT-2's BPE, padded to a multiple of 64 (as nanoGPT trains it)
 STAND_IN_VOCAB = 50304
-STAND_IN_OVERRIDES = f"data=tokens data.vocab_size={STAND_IN_VOCAB} data.block_size=64 data.batch_size=12"
+#: GPT-2's own context and the batch its preset is run with (conf/model/gpt2.yaml, bench/)
+STAND_IN_BLOCK, STAND_IN_BATCH = 1024, 16
+STAND_IN_OVERRIDES = (f"data=tokens data.vocab_size={STAND_IN_VOCAB} data.block_size={STAND_IN_BLOCK} "
+                      f"data.batch_size={STAND_IN_BATCH}")
 
 
 @dataclass
@@ -43,7 +46,8 @@ def plan_data(cfg: DictConfig, choices: dict, overrides: Sequence[str], world_si
     kinds = model_input_kinds(cfg)
     chose_data = any(o.lstrip("+~").split("=")[0] in ("data", "experiment") for o in overrides)
     if kinds == ("tokens",) and not chose_data and data_unit(data_cfg) != "tokens":
-        stand_in = OmegaConf.create({"block_size": 64, "batch_size": 12, "vocab_size": STAND_IN_VOCAB})
+        stand_in = OmegaConf.create({"block_size": STAND_IN_BLOCK, "batch_size": STAND_IN_BATCH,
+                                     "vocab_size": STAND_IN_VOCAB})
         planned = token_shape(stand_in, world_size)
         planned.note = (f"model={choices.get('model') or 'this model'} reads tokens, not data="
                         f"{choices.get('data')}; planned with {STAND_IN_OVERRIDES} "
