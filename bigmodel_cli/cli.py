@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise
     else:
         importlib.import_module(module_name).main()
-    return sweep_exit_code()
+    return sweep_exit_code() if name == "train" else 0
 
 
 def summarize_cut_short_sweep() -> None:
@@ -222,15 +222,23 @@ def summarize_cut_short_sweep() -> None:
 
     from bigmodel_cli.run_lock import SWEEP_ENV
 
-    sweep_dir = os.environ.pop(SWEEP_ENV, None)  # set while a sweep of this process runs
+    import json
+    from pathlib import Path
+
+    try:  # set while a sweep of this process runs
+        sweep_dir = json.loads(os.environ.pop(SWEEP_ENV, "")).get("dir", "")
+    except (ValueError, AttributeError):
+        return
     if not sweep_dir or not os.path.isdir(sweep_dir):
         return
-    from pathlib import Path
 
     from bigmodel_cli.sweep_summary import find_jobs_below, summarize
 
+    run_dirs = find_jobs_below(Path(sweep_dir))
+    if not run_dirs:  # it ended before any job ran: nothing to list
+        return
     try:
-        summarize(find_jobs_below(Path(sweep_dir)), Path(sweep_dir))
+        summarize(run_dirs, Path(sweep_dir))
     except Exception as err:  # noqa: BLE001 - the error that ended the sweep matters more
         print(f"warning: could not summarise the sweep in {sweep_dir}: {err}", file=sys.stderr)
 

@@ -36,8 +36,12 @@ def record_outcome(run_dir: Path, status: str, reason: str) -> None:
     matters more than this file)."""
     from bigmodel_cli.run_lock import quiet_rank
 
+    from bigmodel_cli.run_lock import live_holder
+
     run_dir = Path(run_dir)
     if quiet_rank() or not run_dir.is_dir():  # torchrun's other ranks have no run dir of their own
+        return
+    if live_holder(run_dir) is not None:  # another process's run (this one was refused it)
         return
     try:
         from bigmodel_cli.telemetry import write_json
@@ -83,30 +87,53 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def number(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number from a file, else None (a damaged file may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return value if math.isfinite(value) else None
+
+
+def count(value: Any) -> Optional[int]:
+    found = number(value)
+    return int(found) if found is not None and found >= 0 else None
 
 
 def read_job(run_dir: Path) -> JobResult:
-    """How the run in `run_dir` ended: summary.json or outcome.json, whichever is newer (a
-    run continued after a failure), else running (locked) or no result."""
+    """How the run in `run_dir` ended: running (its dir is locked by a live process), else
+    summary.json or outcome.json, whichever is newer (a run continued after a failure),
+    else no result. A damaged file reads as no result, never as an error."""
     from bigmodel_cli.telemetry.plots import run_overrides
 
     job = JobResult(str(run_dir), overrides=run_overrides(run_dir) or [])
+    try:
+        fill_status(job, run_dir)
+        fill_monitor(job, run_dir)
+    except Exception as err:  # noqa: BLE001 - one unreadable job must not hide the others
+        job.status, job.reason = NO_RESULT, f"unreadable: {err}"
+    return job
+
+
+def fill_status(job: JobResult, run_dir: Path) -> None:
     summary, outcome = run_dir / "summary.json", run_dir / OUTCOME_FILE
     newest = max((p for p in (summary, outcome) if p.is_file()), key=mtime, default=None)
     found = read_json(newest) if newest is not None else None
-    if found is None:
-        job.status = RUNNING if is_locked(run_dir) else NO_RESULT
-        job.reason = "" if job.status == RUNNING else "ended without a result (killed? see its train.log)"
+    if is_locked(run_dir):
+        job.status, job.steps = RUNNING, last_step(run_dir)
+    elif found is None:
+        job.status, job.reason = NO_RESULT, "ended without a result (killed? see its train.log)"
         job.steps = last_step(run_dir)
     elif newest == summary:
         fill_finished(job, found)
     else:
         job.status = str(found.get("status", FAILED))
         job.reason = str(found.get("reason", ""))
-        job.steps = int(found["steps"]) if number(found.get("steps")) is not None else last_step(run_dir)
-    fill_monitor(job, run_dir)
-    return job
+        job.steps = count(found.get("steps"))
+        if job.steps is None:
+            job.steps = last_step(run_dir)
 
 
 def fill_finished(job: JobResult, summary: Dict[str, Any]) -> None:
@@ -119,7 +146,7 @@ def fill_finished(job: JobResult, summary: Dict[str, Any]) -> None:
     final_val = summary.get("final_val") if isinstance(summary.get("final_val"), dict) else {}
     if job.monitor:
         job.final = number(final_val.get(job.monitor.partition("/")[2]))
-    job.steps = int(summary["steps"]) if number(summary.get("steps")) is not None else None
+    job.steps = count(summary.get("steps"))
     job.time_s = number(summary.get("elapsed_s"))
 
 
@@ -133,8 +160,8 @@ def fill_monitor(job: JobResult, run_dir: Path) -> None:
     job.monitor, job.maximize = monitor_setting(run_dir)
     if job.best is not None or metrics_file(run_dir) is None:
         return
-    values = [r[job.monitor] for r in read_records(run_dir)
-              if number(r.get(job.monitor)) is not None and math.isfinite(r[job.monitor])]
+    values = [number(r.get(job.monitor)) for r in read_records(run_dir)]
+    values = [v for v in values if v is not None]
     if values:
         job.best = max(values) if job.maximize else min(values)
         job.final = values[-1]
@@ -145,7 +172,8 @@ def last_step(run_dir: Path) -> Optional[int]:
 
     if metrics_file(run_dir) is None:
         return None
-    steps = [int(r["step"]) for r in read_records(run_dir) if number(r.get("step")) is not None]
+    steps = [count(r.get("step")) for r in read_records(run_dir)]
+    steps = [s for s in steps if s is not None]
     return max(steps) if steps else None
 
 

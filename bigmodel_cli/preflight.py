@@ -137,6 +137,8 @@ def variants(overrides: Sequence[str], multirun: bool) -> Iterator[List[str]]:
             continue
         try:
             values = [f"{o.get_key_element()}={v}" for v in sweep_values(o)]
+        except OverrideError:
+            raise
         except Exception:  # glob(): not listed here
             if "." not in o.key_or_group:
                 return  # a group's options unknown: the other keys cannot be judged; Hydra will
@@ -161,6 +163,17 @@ def sweep_values(override) -> List[Any]:
 
     sweep = override.value()
     if isinstance(sweep, IntervalSweep):
+        key = override.get_key_element()
+        if sweep.start == sweep.end:
+            raise OverrideError(f"{key}: interval({sweep.start:g},{sweep.end:g}) holds one value; set "
+                                f"{key}={sweep.start:g}, or give a wider interval")
+        if not sweep.start < sweep.end:
+            raise OverrideError(f"{key}: interval({sweep.start:g},{sweep.end:g}) is empty; write the low end "
+                                f"first, e.g. {key}=interval({min(sweep.start, sweep.end):g},"
+                                f"{max(sweep.start, sweep.end):g})")
+        if "log" in sweep.tags and sweep.start <= 0:
+            raise OverrideError(f"{key}: a log-scale interval needs a low end above 0 (got {sweep.start:g}); "
+                                f"e.g. {key}='tag(log,interval(1e-5,{sweep.end:g}))'")
         return [sweep.start, sweep.end]
     return list(override.sweep_string_iterator())
 

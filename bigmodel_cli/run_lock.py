@@ -149,9 +149,24 @@ def live_holder(folder: Path) -> Optional[Dict[str, Any]]:
 SWEEP_ENV = "BIGMODEL_SWEEP_DIR"
 
 
+def sweep_token(sweep_dir: Path) -> str:
+    """What a sweep hands its jobs: its dir and the process holding its lock."""
+    return json.dumps({"dir": str(Path(sweep_dir).resolve()), "pid": os.getpid(), "host": socket.gethostname()})
+
+
+def _job_of(holder: Dict[str, Any], sweep_dir: Path) -> bool:
+    """Whether this process is a job of the sweep that `holder` (its lock's record) runs."""
+    try:
+        token = json.loads(os.environ.get(SWEEP_ENV, ""))
+    except ValueError:
+        return False
+    return isinstance(token, dict) and token.get("dir") == str(sweep_dir.resolve()) \
+        and token.get("pid") == holder.get("pid") and token.get("host") == holder.get("host")
+
+
 def _refuse_overlap(run_dir: Path, sweep: bool) -> None:
     above = live_holder(run_dir.parent)
-    if above is not None and os.environ.get(SWEEP_ENV) != str(run_dir.parent.resolve()):
+    if above is not None and not _job_of(above, run_dir.parent):
         raise RunDirBusy(f"run dir {run_dir} is inside {run_dir.parent}, which another bigmodel train "
                          f"({_describe(above)}) writes into; pick a hydra.run.dir outside it")
     for child in sorted(p for p in run_dir.iterdir() if p.is_dir()) if sweep else ():
@@ -351,7 +366,7 @@ class RunDirLock(Callback):
             sweep_dir = Path(str(config.hydra.sweep.dir))
             _from_hydra_callback(sweep_dir, sweep=True)
             # Jobs in other processes inherit it: they are this sweep's, not intruders.
-            os.environ[SWEEP_ENV] = str(sweep_dir.resolve())
+            os.environ[SWEEP_ENV] = sweep_token(sweep_dir)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         if not quiet_rank():

@@ -17,12 +17,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-from bigmodel_cli.outcome import DIVERGED, EARLY_STOPPED, FAILURES, FINISHED, JobResult, read_job
+from bigmodel_cli.outcome import DIVERGED, EARLY_STOPPED, FAILURES, FINISHED, NO_RESULT, JobResult, read_job
 
 log = logging.getLogger("bigmodel")
 
 #: what marks a folder as a run dir (a job that failed before its first step has only .hydra)
 JOB_MARKERS = (".hydra", "summary.json", "outcome.json", "config.yaml", "metrics.jsonl")
+#: what marks a folder as a sweep dir (Hydra's basic sweeper, Optuna's, submitit's)
+SWEEP_MARKERS = ("multirun.yaml", "optimization_results.yaml", "optuna.db", ".submitit")
+#: what the other commands leave in their dirs (lr-find, eval): not training runs
+OTHER_COMMANDS = ("lr_find.json", "lr_find.log", "eval.json", "eval.log")
 
 #: the failed jobs of the last sweep this process summarised: `bigmodel` exits non-zero
 LAST_SWEEP_FAILED: List[JobResult] = []
@@ -32,7 +36,7 @@ def is_job(folder: Path) -> bool:
     """A run dir; not a sweep dir (multirun.yaml, or the summary.json this module writes)."""
     from bigmodel_cli.outcome import read_json
 
-    if (folder / "multirun.yaml").exists():
+    if any((folder / name).exists() for name in SWEEP_MARKERS + OTHER_COMMANDS):
         return False
     if any((folder / name).exists() for name in JOB_MARKERS if name != "summary.json"):
         return True
@@ -137,6 +141,8 @@ def summarize(run_dirs: Sequence[Path], out_dir: Path) -> List[JobResult]:
 
     jobs = rank([read_job(Path(d)) for d in run_dirs])
     keys = swept_keys(jobs)
+    # Known before anything is shown or written, so a failure below cannot hide them.
+    LAST_SWEEP_FAILED[:] = [j for j in jobs if j.status in FAILURES]
     print_table(jobs, keys)
     write_files(out_dir, jobs, keys)
     try:
@@ -152,6 +158,7 @@ STATUS_STYLE = {FINISHED: "green", EARLY_STOPPED: "green", DIVERGED: "yellow"}
 
 def print_table(jobs: Sequence[JobResult], keys: Sequence[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     monitor = next((j.monitor for j in jobs if j.monitor), "monitored metric")
@@ -160,7 +167,7 @@ def print_table(jobs: Sequence[JobResult], keys: Sequence[str]) -> None:
         table.add_column(column, justify="right" if column in ("#", "steps", "time") else "left")
     for place, job in enumerate(jobs, 1):
         style = STATUS_STYLE.get(job.status, "red")
-        table.add_row(str(place), label(job, keys), f"[{style}]{job.status}[/{style}]", shown(job.best),
+        table.add_row(str(place), escape(label(job, keys)), f"[{style}]{job.status}[/{style}]", shown(job.best),
                       shown(job.final), "" if job.steps is None else str(job.steps),
                       "" if job.time_s is None else f"{job.time_s:.1f}s")
     console = Console(file=sys.stdout, width=max(100, shutil.get_terminal_size().columns))
@@ -189,11 +196,12 @@ class SweepSummary(Callback):
         if not run_dirs:  # e.g. trainer.dry_run=true: plans, no runs
             return
         try:
-            jobs = summarize(run_dirs, sweep_dir)
+            summarize(run_dirs, sweep_dir)  # sets LAST_SWEEP_FAILED first
         except Exception as err:  # noqa: BLE001 - the jobs' results stand without it
             log.warning("could not summarise the sweep in %s: %s", sweep_dir, err)
-            return
-        LAST_SWEEP_FAILED[:] = [j for j in jobs if j.status in FAILURES]
+            if not LAST_SWEEP_FAILED:  # unknown: not a silent success
+                LAST_SWEEP_FAILED.append(JobResult(str(sweep_dir), status=NO_RESULT,
+                                                   reason=f"the sweep summary failed: {err}"))
 
 
 def find_jobs_below(sweep_dir: Path) -> List[Path]:

@@ -15,10 +15,15 @@ is refused in one line that names the extra. No torch here.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, flag_override
+
+from bigmodel_cli.errors import EXIT_USER_ERROR, first_line
+from bigmodel_cli.run_lock import quiet_rank
 
 log = logging.getLogger("bigmodel")
 
@@ -67,39 +72,71 @@ def register_optuna_defaults() -> None:
 
 
 class ContinueStudy(Callback):
-    """Registered in conf/train.yaml. Before an Optuna sweep starts: if its storage already
-    holds the study (the same command again with hydra.sweep.dir=<that sweep>), count the
-    trials done towards n_trials and number the new jobs after them. Sweepers are plugins
-    that Hydra builds after this hook, from the config this hook adjusts."""
+    """Registered in conf/train.yaml. Before an Optuna sweep starts: new jobs are numbered
+    after the job dirs already in the sweep dir (never into an earlier trial's dir), and if
+    the study is the sweep dir's own (optuna.db in it, the default), its trials done count
+    towards n_trials and those a killed sweep left running are marked failed. A study in
+    storage of your own is left as the plugin leaves it: n_trials more. Sweepers are
+    plugins that Hydra builds after this hook, from the config this hook adjusts."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
-        if "optuna" not in str(sweeper.get("_target_", "")) or sweeper.get("study_name") is None:
+        if "optuna" not in str(sweeper.get("_target_", "")) or quiet_rank():
             return
-        done = settle_earlier_trials(sweeper.get("storage"), sweeper.study_name)
-        if not done:
-            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        own = own_study_file(sweeper.get("storage"), sweep_dir)
+        done = settle_earlier_trials(sweeper.get("storage"), sweeper.get("study_name"), own) if own else 0
+        first_job = max(done, next_job_number(sweep_dir))
         left = max(0, int(sweeper.n_trials) - done)
-        log.info("continuing Optuna study %r: %d trial(s) done, %d to go", sweeper.study_name, done, left)
+        if done:
+            log.info("continuing Optuna study %r: %d trial(s) done, %d to go", sweeper.study_name, done, left)
+        if not first_job:
+            return
         with flag_override(config, ["readonly", "struct"], [False, False]):
             sweeper.n_trials = left
             # Each job's config is composed again from these overrides (under every launcher).
-            config.hydra.overrides.hydra.append(f"hydra.sweep.subdir='${{bigmodel_plus:${{hydra.job.num}},{done}}}'")
+            config.hydra.overrides.hydra.append(
+                f"hydra.sweep.subdir='${{bigmodel_plus:${{hydra.job.num}},{first_job}}}'")
 
 
-def settle_earlier_trials(storage: Any, study_name: Any) -> int:
-    """How many trials the stored study already has; those a killed sweep left running
-    are marked failed (their jobs never reported)."""
-    if storage is None or study_name is None:
+def own_study_file(storage: Any, sweep_dir: Path) -> Optional[Path]:
+    """The SQLite file of `storage` if it lies in the sweep dir (the study is this sweep's)."""
+    prefix = "sqlite:///"
+    if not isinstance(storage, str) or not storage.startswith(prefix):
+        return None
+    path = Path(storage[len(prefix):])
+    try:
+        return path if path.resolve().parent == sweep_dir.resolve() else None
+    except OSError:
+        return None
+
+
+def next_job_number(sweep_dir: Path) -> int:
+    """One past the highest numbered job dir in the sweep dir (0 for a new sweep)."""
+    if not sweep_dir.is_dir():
+        return 0
+    numbers = [int(p.name) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
+def settle_earlier_trials(storage: Any, study_name: Any, study_file: Path) -> int:
+    """How many trials the sweep's own study already has; those a killed sweep left
+    running are marked failed (their jobs never reported). A damaged study file ends the
+    command with one line."""
+    if study_name is None or not study_file.is_file():
         return 0
     import optuna
 
     try:
         study = optuna.load_study(study_name=str(study_name), storage=storage)
-    except KeyError:  # no such study yet: a new sweep
+        trials = study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state == optuna.trial.TrialState.RUNNING:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except KeyError:  # no such study in it yet: a new one
         return 0
-    trials = study.get_trials(deepcopy=False)
-    for trial in trials:
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except Exception as err:  # noqa: BLE001 - sqlite's and SQLAlchemy's errors on a damaged file
+        print(f"error: cannot read the Optuna study in {study_file} ({first_line(err)}); move it away to "
+              "start a new study, or pick a new hydra.sweep.dir", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
     return len(trials)

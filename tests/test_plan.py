@@ -83,3 +83,11 @@ def test_a_dry_run_sweep_plans_each_job_and_writes_nothing(run_cli):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Memory per rank") == 2
     assert not (done.cwd / "outputs").exists()
+
+
+def test_a_stand_in_keeps_the_batch_size_given(run_cli):
+    done = run_cli("plan", "model=gpt2", "data.batch_size=1", "--gpu-memory", "2GB")
+    assert done.returncode == 0, done.stderr
+    assert "batch      1 per rank" in done.stdout
+    launch = next(line for line in done.stdout.splitlines() if line.startswith("launch"))
+    assert "data.batch_size=1" in launch and "data.batch_size=16" not in launch

@@ -269,6 +269,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").step
     assert 300 <= stopped_at < 3000
+    assert json.loads((run_dir / "outcome.json").read_text())["status"] == "stopped"  # for bigmodel summary
     requeued = subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=tmp_path,
                               env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
                               timeout=300)
@@ -276,6 +277,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     assert [p for p in (tmp_path / "outputs").glob("*/*_train")] == [run_dir]  # no second run dir
     assert summary(run_dir)["steps"] == 3000
     assert summary(run_dir)["resumed_from"].endswith(f"step_{stopped_at:08d}.pt")
+    assert not (run_dir / "outcome.json").exists()  # continued: no longer stopped
 
 
 def _wait_for_run_dir(cwd: Path, timeout: float = 60) -> Path:

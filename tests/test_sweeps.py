@@ -136,16 +136,62 @@ def test_optuna_study_runs_reports_its_best_and_continues_after_a_kill(tmp_path)
 
 
 @needs_optuna
+def test_optuna_jobs_never_reuse_earlier_job_dirs_and_a_shared_study_is_not_settled(run_cli, tmp_path):
+    """An Optuna sweep into a sweep dir that already holds jobs (of a basic sweep) numbers
+    its jobs after them, so no trial resumes another run's checkpoint; a study in storage
+    outside the sweep dir gets n_trials more, as the plugin does."""
+    first = run_cli("train", "-m", "optim.lr=1e-3,1e-2", "trainer.max_steps=10", *FAST, "hydra.sweep.dir=sweep")
+    assert first.returncode == 0, first.output
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    for _ in range(2):
+        result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                         "optim.lr=tag(log,interval(1e-4,1e-1))", "trainer.max_steps=10", *FAST,
+                         "hydra.sweep.dir=sweep", f"hydra.sweeper.storage={storage}")
+        assert result.returncode == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.name.isdigit()) == list("012345")
+    rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())["jobs"]
+    assert len(rows) == 6 and all(r["status"] == "finished" and r["steps"] == 10 for r in rows)
+    import optuna
+
+    assert len(optuna.load_study(study_name="bigmodel", storage=storage).trials) == 4
+
+
+def test_a_sweep_token_admits_only_the_jobs_of_the_sweep_that_holds_the_lock(tmp_path, monkeypatch):
+    from bigmodel_cli import run_lock
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    monkeypatch.setenv(run_lock.SWEEP_ENV, run_lock.sweep_token(sweep))
+    holder = json.loads(os.environ[run_lock.SWEEP_ENV])
+    assert run_lock._job_of({"pid": holder["pid"], "host": holder["host"]}, sweep)
+    assert not run_lock._job_of({"pid": holder["pid"] + 1, "host": holder["host"]}, sweep)  # another sweep
+    monkeypatch.setenv(run_lock.SWEEP_ENV, str(sweep))  # exported by hand: no token
+    assert not run_lock._job_of({"pid": holder["pid"], "host": holder["host"]}, sweep)
+
+
+@needs_optuna
 @needs_submitit
-def test_optuna_sweep_through_the_submitit_local_launcher_survives_a_diverged_trial(run_cli, tmp_path):
-    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=3",
-                     "optim.lr=tag(log,interval(1e-3,1e4))", "hydra.sweeper.sampler.seed=1",
-                     "trainer.max_steps=30", *FAST, timeout=900)
+def test_the_same_optuna_sweep_runs_through_the_submitit_local_launcher(run_cli, tmp_path):
+    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=6",
+                     "optim.lr=interval(1e-4,1e-1)", "trainer.max_steps=30", *FAST, timeout=1200)
     assert result.returncode == 0, result.output
     folder = sweep_dir(tmp_path)
     rows = json.loads((folder / "summary.json").read_text())["jobs"]
-    assert len(rows) == 3 and (folder / "optimization_results.yaml").is_file()
-    assert "Trial" not in result.stderr or "failed" not in result.stderr.split("Trial", 1)[1][:80]
+    assert len(rows) == 6 and all(r["status"] == "finished" for r in rows)
+    assert "best_value" in (folder / "optimization_results.yaml").read_text()
+
+
+@needs_optuna
+def test_optuna_study_goes_on_after_a_diverged_and_a_failed_trial(run_cli, tmp_path):
+    """Optuna ends a study on a NaN objective; a diverged trial reports the worst value and a
+    failed one is a failed trial instead, so every trial runs and the best is reported."""
+    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                     "optim.lr=choice(0.01,1000.0,-1.0)", "trainer.max_steps=20", *FAST, timeout=600)
+    assert result.returncode == 2, result.output  # a failed trial (lr=-1 is refused)
+    folder = sweep_dir(tmp_path)
+    statuses = {r["optim.lr"]: r["status"] for r in json.loads((folder / "summary.json").read_text())["jobs"]}
+    assert statuses == {"0.01": "finished", "1000.0": "diverged", "-1.0": "failed"}
+    assert "optim.lr: 0.01" in (folder / "optimization_results.yaml").read_text()
 
 
 def test_missing_plugins_name_the_extra(run_cli, tmp_path):
@@ -167,7 +213,9 @@ def test_missing_plugins_name_the_extra(run_cli, tmp_path):
 def test_bad_search_space_is_one_line(run_cli, tmp_path):
     for bad, expected in (("optim.lr=interval(1e-4)", "cannot read the search space 'optim.lr=interval(1e-4)'"),
                           ("optim.lrr=interval(1e-4,1e-1)", "unknown key optim.lrr; did you mean optim.lr?"),
-                          ("trainer.max_steps=interval(0.5,1.5)", "bad value for trainer.max_steps")):
+                          ("trainer.max_steps=interval(0.5,1.5)", "bad value for trainer.max_steps"),
+                          ("optim.lr=tag(log,interval(1e-1,1e-4))", "interval(0.1,0.0001) is empty"),
+                          ("optim.lr=tag(log,interval(0,1e-1))", "a log-scale interval needs a low end above 0")):
         result = run_cli("train", "-m", "hydra/sweeper=optuna", bad)
         assert result.returncode == 2, result.output
         lines = outcome_lines(result.stderr)
@@ -187,18 +235,29 @@ def test_summary_reads_damaged_and_unfinished_job_dirs(run_cli, tmp_path):
     """Job dirs as a kill -9 or a broken disk leaves them: listed, never a crash."""
     sweep = tmp_path / "sweep"
     for num, files in {"0": {"summary.json": "{not json"}, "1": {"outcome.json": "[1, 2]"},
-                       "2": {".hydra/overrides.yaml": "- optim.lr=0.1\n", "metrics.jsonl": '{"step": 7, "loss": 1.0}\n{"st'},
+                       "2": {".hydra/overrides.yaml": "- optim.lr=0.1\n",
+                             "metrics.jsonl": '{"step": 7, "loss": 1.0}\n1\n{"val/loss": 1' + "0" * 400 + '}\n{"st'},
                        "3": {"summary.json": json.dumps({"monitor": "val/loss", "best_value": "x", "steps": -1,
-                                                         "final_val": [], "early_stop": None})}}.items():
+                                                         "final_val": [], "early_stop": None})},
+                       "4": {"outcome.json": '{"status": "failed", "steps": 1e999}',
+                             ".hydra/overrides.yaml": "- data.path=[/x]\n- '[bold]=1'\n"},
+                       "5": {"summary.json": '{"steps": NaN, "best_value": Infinity}'}}.items():
         for name, text in files.items():
             (sweep / num / name).parent.mkdir(parents=True, exist_ok=True)
             (sweep / num / name).write_text(text)
     result = run_cli("summary", str(sweep))
     assert result.returncode == 0, result.output
     rows = json.loads((sweep / "summary.json").read_text())["jobs"]
-    assert len(rows) == 4
+    assert len(rows) == 6
     assert {r["status"] for r in rows} <= {"no result", "failed", "finished"}
-    assert next(r for r in rows if r["run_dir"].endswith("2"))["steps"] == 7
+    assert next(r for r in rows if r["run_dir"] == "2")["steps"] == 7
+    assert "data.path=[/x]" in result.stdout  # shown as text, not as console markup
+    # A run dir's own summary.json is never overwritten by a sweep table.
+    run = sweep / "3"
+    before = (run / "summary.json").read_text()
+    refused = run_cli("summary", ".", cwd=run)
+    assert refused.returncode == 2 and "is a run dir" in refused.stderr
+    assert (run / "summary.json").read_text() == before
 
 
 # ------------------------------------------------------------------ cluster scripts

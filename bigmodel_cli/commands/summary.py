@@ -18,7 +18,7 @@ from bigmodel_cli.errors import UserError, report_user_errors
 def runs_and_out(paths: List[str], out: Optional[str]) -> Tuple[List[Path], Path]:
     """The run dirs the paths name (a folder of runs for those below it), and where the
     summary goes: --out, else the one folder of runs given, else the current directory."""
-    from bigmodel_cli.sweep_summary import JOB_MARKERS, find_jobs
+    from bigmodel_cli.sweep_summary import JOB_MARKERS, find_jobs, is_job
 
     runs: List[Path] = []
     for name in paths:
@@ -39,6 +39,9 @@ def runs_and_out(paths: List[str], out: Optional[str]) -> Tuple[List[Path], Path
         folder = Path(".")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; pass a folder for summary.csv, summary.json and sweep.png")
+    if is_job(folder):  # its summary.json is the run's own
+        raise UserError(f"{folder} is a run dir, whose summary.json is its own; write the sweep summary "
+                        "elsewhere: --out <another folder>")
     folder.mkdir(parents=True, exist_ok=True)
     return runs, folder
 

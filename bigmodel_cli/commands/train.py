@@ -48,6 +48,16 @@ def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def forget_earlier_outcome(run_dir: Path) -> None:
+    """A run continued after it failed or stopped is no longer failed or stopped."""
+    from bigmodel_cli.outcome import OUTCOME_FILE
+
+    try:
+        (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
+    except OSError as err:  # a read-only dir: the claim itself said what it could
+        log.debug("could not remove %s: %s", run_dir / OUTCOME_FILE, err)
+
+
 @contextmanager
 def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bool = False) -> Iterator[Path]:
     """Rank 0 locks and claims its run dir for the block, and every rank adopts it (under
@@ -63,6 +73,7 @@ def owned_run_dir(run_dir: Path, env, resume: str = "none", locked_by_parent: bo
                 run_lock.acquire(run_dir)
                 locked = True
             claim_run_dir(run_dir, resume)
+            forget_earlier_outcome(run_dir)
         except UserError as err:  # every rank learns of it, and stops
             claimed = err
     try:

@@ -22,8 +22,24 @@ from bigmodel_cli.errors import UserError
 STAND_IN_VOCAB = 50304
 #: GPT-2's own context and the batch its preset is run with (conf/model/gpt2.yaml, bench/)
 STAND_IN_BLOCK, STAND_IN_BATCH = 1024, 16
-STAND_IN_OVERRIDES = (f"data=tokens data.vocab_size={STAND_IN_VOCAB} data.block_size={STAND_IN_BLOCK} "
-                      f"data.batch_size={STAND_IN_BATCH}")
+STAND_IN = {"vocab_size": STAND_IN_VOCAB, "block_size": STAND_IN_BLOCK, "batch_size": STAND_IN_BATCH}
+
+
+def stand_in_settings(overrides: Sequence[str]) -> dict:
+    """The stand-in token data's sizes, with any data.vocab_size/block_size/batch_size given."""
+    settings = dict(STAND_IN)
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        name = key.removeprefix("data.")
+        if key.startswith("data.") and name in settings and value.isdigit() and int(value) > 0:
+            settings[name] = int(value)
+    return settings
+
+
+def stand_in_overrides(overrides: Sequence[str]) -> str:
+    """What `bigmodel train` needs besides the user's own overrides to read the stand-in."""
+    given = {o.lstrip("+").partition("=")[0] for o in overrides}
+    return " ".join(["data=tokens"] + [f"data.{k}={v}" for k, v in STAND_IN.items() if f"data.{k}" not in given])
 
 
 @dataclass
@@ -46,12 +62,10 @@ def plan_data(cfg: DictConfig, choices: dict, overrides: Sequence[str], world_si
     kinds = model_input_kinds(cfg)
     chose_data = any(o.lstrip("+~").split("=")[0] in ("data", "experiment") for o in overrides)
     if kinds == ("tokens",) and not chose_data and data_unit(data_cfg) != "tokens":
-        stand_in = OmegaConf.create({"block_size": STAND_IN_BLOCK, "batch_size": STAND_IN_BATCH,
-                                     "vocab_size": STAND_IN_VOCAB})
-        planned = token_shape(stand_in, world_size)
+        planned = token_shape(OmegaConf.create(stand_in_settings(overrides)), world_size)
+        sizes = " ".join(f"data.{k}={v}" for k, v in stand_in_settings(overrides).items())
         planned.note = (f"model={choices.get('model') or 'this model'} reads tokens, not data="
-                        f"{choices.get('data')}; planned with {STAND_IN_OVERRIDES} "
-                        "(give data=... to plan yours)")
+                        f"{choices.get('data')}; planned with data=tokens {sizes} (give data=... to plan yours)")
         return planned
     from bigmodel_cli.build import build_data
 

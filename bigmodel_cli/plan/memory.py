@@ -39,6 +39,8 @@ class RankMemory:
     peak: int  # the most held at once
     peak_in: str  # "forward/backward" or "optimizer step"
     notes: List[str] = field(default_factory=list)
+    passed: int = 0  # the forward/backward peak
+    updated: int = 0  # the optimizer step's peak (no activations: the batch does not change it)
 
 
 def per_rank(step: StepMemory, layout: Layout) -> RankMemory:
@@ -53,7 +55,8 @@ def per_rank(step: StepMemory, layout: Layout) -> RankMemory:
     if buckets:
         parts["DDP gradient buckets"] = buckets
         notes.append("DDP keeps its own flat copy of the gradients for the all-reduce")
-    return RankMemory(parts, max(passed, updated), "forward/backward" if passed >= updated else "optimizer step", notes)
+    return RankMemory(parts, max(passed, updated), "forward/backward" if passed >= updated else "optimizer step", notes,
+                      passed, updated)
 
 
 def fsdp_rank(step: StepMemory, layout: Layout) -> RankMemory:
@@ -75,7 +78,8 @@ def fsdp_rank(step: StepMemory, layout: Layout) -> RankMemory:
              "FSDP gathered weights and gradients": gathered + root_grads}
     notes = [f"FSDP shards weights, gradients and optimizer state over {w} ranks; the root's gathered "
              "weights and two blocks' stay in memory at a time"]
-    return RankMemory(parts, max(passed, updated), "forward/backward" if passed >= updated else "optimizer step", notes)
+    return RankMemory(parts, max(passed, updated), "forward/backward" if passed >= updated else "optimizer step", notes,
+                      passed, updated)
 
 
 def shard(nbytes: int, world_size: int) -> int:

@@ -113,11 +113,11 @@ def flops_per_step(cfg: DictConfig, step: StepMemory, data: PlanData, units: int
 def launch_command(overrides: Sequence[str], settings: TrainerConfig, data: PlanData) -> str:
     import shlex
 
-    from bigmodel_cli.plan.data import STAND_IN_OVERRIDES
+    from bigmodel_cli.plan.data import stand_in_overrides
 
     args = " ".join(shlex.quote(o) for o in overrides if not o.startswith("trainer.dry_run="))
     if data.note:  # planned on a stand-in: train needs data it can read
-        args += f" {STAND_IN_OVERRIDES} data.dir=<prepared tokens>"
+        args += f" {stand_in_overrides(overrides)} data.dir=<prepared tokens>"
     line = f"bigmodel train {args}".rstrip()
     if settings.num_nodes > 1:
         return (f"on each of the {settings.num_nodes} nodes: MASTER_ADDR=<first node> MASTER_PORT=29500 {line}  "
@@ -149,14 +149,19 @@ def remedies(cfg: DictConfig, plan: Plan, settings: TrainerConfig) -> List[str]:
 
 
 def smaller_batch(plan: Plan, settings: TrainerConfig) -> Optional[str]:
-    """Halve data.batch_size (activations shrink with it) and accumulate to keep the global batch."""
-    batch, activations = plan.data.batch_size, plan.memory.parts["activations"]
-    rest = plan.memory.peak - activations
+    """Halve data.batch_size (activations shrink with it, the optimizer step's peak does not)
+    and accumulate to keep the global batch."""
+    memory, batch = plan.memory, plan.data.batch_size
+    activations = memory.parts["activations"]
+
+    def peak(size: int) -> float:
+        return max(memory.passed - activations * (1 - size / batch), memory.updated)
+
     size = batch // 2
-    while size >= 1 and not fits(rest + activations * size / batch, plan.gpu.nbytes):
+    while size >= 1 and not fits(peak(size), plan.gpu.nbytes):
         size //= 2
     if size < 1:
         return None
     accum = settings.grad_accum_steps * batch // size
     return (f"data.batch_size={size} trainer.grad_accum_steps={accum} (same global batch): about "
-            f"{gib(rest + activations * size / batch)} per rank (activations scale with the batch)")
+            f"{gib(peak(size))} per rank (activations scale with the batch)")

@@ -48,11 +48,13 @@ def read_records(run_dir: Path) -> List[Dict]:
     if path.suffix == ".csv":
         return read_csv_records(path)
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict):  # a damaged file may hold other JSON
+            records.append(record)
     return records
 
 
