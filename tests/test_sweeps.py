@@ -286,11 +286,18 @@ def sbatch(cwd: Path, *args: str) -> str:
     return job.stdout.strip().split(";")[0]
 
 
+#: the GPU templates on this CPU-only one-node cluster: no GPUs, one node, 2 tasks
+ON_CPU = ("--nodes=1", "--gpus-per-task=0", "--ntasks-per-node=2", "--cpus-per-task=1")
+
+
 @pytest.mark.slow
 @needs_slurm
-def test_cpu_sbatch_template_trains_with_two_ranks(tmp_path):
-    """Acceptance 1: sbatch scripts/slurm/train-cpu.sbatch trainer.max_steps=20."""
-    job_id = sbatch(tmp_path, str(REPO / "scripts" / "slurm" / "train-cpu.sbatch"), "trainer.max_steps=20",
+@pytest.mark.parametrize("template, flags, device", [
+    ("train-cpu.sbatch", (), ()),  # acceptance 1: sbatch scripts/slurm/train-cpu.sbatch trainer.max_steps=20
+    ("train.sbatch", ON_CPU, ("trainer.device=cpu",)),
+    ("train-multinode.sbatch", ON_CPU, ("trainer.device=cpu",))])
+def test_sbatch_templates_train_with_two_ranks(tmp_path, template, flags, device):
+    job_id = sbatch(tmp_path, *flags, str(REPO / "scripts" / "slurm" / template), *device, "trainer.max_steps=20",
                     "trainer.progress=plain")
     wait_for_jobs(job_id)
     run_dir = tmp_path / "outputs" / "slurm" / job_id
