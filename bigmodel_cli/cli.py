@@ -158,7 +158,21 @@ def dry_run_requested(args: List[str]) -> bool:
                for o in overrides)
 
 
+#: what a shell reports for a process ended by SIGPIPE (128 + 13): `bigmodel --help | head`
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return run_command(argv)
+    except BrokenPipeError:  # the reader went away (| head): no traceback, nothing more to write
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run_command(argv: Optional[List[str]] = None) -> int:
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
