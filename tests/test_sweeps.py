@@ -371,3 +371,15 @@ def test_torchrun_multinode_script_joins_two_nodes(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     done = json.loads((tmp_path / "outputs" / "torchrun" / "two-nodes" / "summary.json").read_text())
     assert done["world_size"] == 2 and done["steps"] == 20
+
+
+def test_the_torch_free_direction_agrees_with_the_tasks():
+    """sweepers.LARGER_IS_BETTER (read without torch: summaries, plots, Optuna's direction)
+    lists exactly the metrics the tasks maximise."""
+    from bigmodel_cli.engine.tasks import Task
+    from bigmodel_cli.sweepers import LARGER_IS_BETTER, direction
+
+    maximised = {m for task in Task.__subclasses__() for m, larger in task.metrics.items() if larger}
+    assert maximised == set(LARGER_IS_BETTER)
+    assert direction("val/accuracy") == "maximize" and direction("val/loss") == "minimize"
+    assert direction("val/accuracy", "min") == "minimize"

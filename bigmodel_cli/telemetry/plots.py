@@ -137,11 +137,12 @@ def best_point(run_dir: Path, records: List[Dict]) -> Optional[Tuple[str, int, f
     """The run's best monitored validation value as (metric, step, value): summary.json's
     (the trainer's own), else picked from the records as the trainer picks it (the first
     strictly better value, NaN skipped) for config.yaml's trainer.monitor and monitor_mode."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        saved = json.loads(summary.read_text())
-        if saved.get("best_step") is not None and saved.get("best_value") is not None:
-            return saved["monitor"], int(saved["best_step"]), float(saved["best_value"])
+    from bigmodel_cli.outcome import count, number, read_json
+
+    saved = read_json(run_dir / "summary.json") or {}  # damaged: picked from the records instead
+    step, value = count(saved.get("best_step")), number(saved.get("best_value"))
+    if step is not None and value is not None and isinstance(saved.get("monitor"), str):
+        return saved["monitor"], step, value
     metric, maximize = monitor_setting(run_dir)
     best: Optional[Tuple[int, float]] = None
     for record in records:
@@ -165,12 +166,9 @@ def monitor_setting(run_dir: Path) -> Tuple[str, bool]:
             mode = str(cfg["trainer"].get("monitor_mode", mode))
         except Exception:  # noqa: BLE001
             pass
-    if mode != "auto":
-        return metric, mode == "max"
-    # Imports torch: only for a run without summary.json (one that did not finish).
-    from bigmodel_cli.engine.tasks import Task
+    from bigmodel_cli.sweepers import direction
 
-    return metric, any(task.metrics.get(metric.partition("/")[2], False) for task in Task.__subclasses__())
+    return metric, direction(metric, mode) == "maximize"
 
 
 def load_pyplot():
