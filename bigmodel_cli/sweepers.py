@@ -5,8 +5,8 @@
 - a failed or diverged trial is marked failed and the study goes on (max_failure_rate=1);
 - the study lives in SQLite in the sweep dir (optuna.db, study "bigmodel"), and running
   the same command again with hydra.sweep.dir=<that dir> continues it (ContinueStudy): the
-  trials already done count towards n_trials, trials a killed sweep left running are
-  marked failed, and new trials get new job dirs.
+  trials already done count towards n_trials, a trial a killed sweep left running counts
+  with its job's result if the job finished (failed if not), and new trials get new job dirs.
 
 The plugin (`pip install 'bigmodel[optuna]'`) is optional: without it `hydra/sweeper=optuna`
 is refused in one line that names the extra. No torch here.
@@ -75,7 +75,8 @@ class ContinueStudy(Callback):
     """Registered in conf/train.yaml. Before an Optuna sweep starts: new jobs are numbered
     after the job dirs already in the sweep dir (never into an earlier trial's dir), and if
     the study is the sweep dir's own (optuna.db in it, the default), its trials done count
-    towards n_trials and those a killed sweep left running are marked failed. A study in
+    towards n_trials and those a killed sweep left running are settled from their job
+    dirs (complete if the job finished, failed if not). A study in
     storage of your own is left as the plugin leaves it: n_trials more. Sweepers are
     plugins that Hydra builds after this hook, from the config this hook adjusts."""
 
@@ -121,8 +122,8 @@ def next_job_number(sweep_dir: Path) -> int:
 
 def settle_earlier_trials(storage: Any, study_name: Any, study_file: Path) -> int:
     """How many trials the sweep's own study already has; those a killed sweep left
-    running are marked failed (their jobs never reported). A damaged study file ends the
-    command with one line."""
+    running are settled from their job dirs (settle_killed_trial). A damaged study file
+    ends the command with one line."""
     if study_name is None or not study_file.is_file():
         return 0
     import optuna
@@ -132,7 +133,7 @@ def settle_earlier_trials(storage: Any, study_name: Any, study_file: Path) -> in
         trials = study.get_trials(deepcopy=False)
         for trial in trials:
             if trial.state == optuna.trial.TrialState.RUNNING:
-                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                settle_killed_trial(study, trial, study_file.parent)
     except KeyError:  # no such study in it yet: a new one
         return 0
     except Exception as err:  # noqa: BLE001 - sqlite's and SQLAlchemy's errors on a damaged file
@@ -140,3 +141,51 @@ def settle_earlier_trials(storage: Any, study_name: Any, study_file: Path) -> in
               "start a new study, or pick a new hydra.sweep.dir", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     return len(trials)
+
+
+def settle_killed_trial(study: Any, trial: Any, sweep_dir: Path) -> None:
+    """A trial the killed sweep left running: complete, with its job's value, if its job
+    finished before the kill (the sweep summary lists that job, so the study must too);
+    failed otherwise (its job never reported)."""
+    import optuna
+
+    job = finished_job_of(trial, sweep_dir)
+    if job is not None:
+        study.tell(trial.number, job.best)
+    else:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def finished_job_of(trial: Any, sweep_dir: Path) -> Optional[Any]:
+    """The finished, scored job whose overrides hold the trial's parameters; the dir
+    numbered like the trial is looked at first (the usual case)."""
+    from bigmodel_cli.outcome import read_job
+
+    dirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+                  key=lambda p: (p.name != str(trial.number), int(p.name)))
+    for job_dir in dirs:
+        job = read_job(job_dir)
+        pairs = (o.partition("=") for o in job.overrides)
+        if job.scored and params_match(trial.params, {k.lstrip("+~"): v for k, sep, v in pairs if sep}):
+            return job
+    return None
+
+
+def params_match(params: dict, overrides: dict) -> bool:
+    """Every trial parameter is in the overrides with the same value (floats compared as
+    numbers: the sweeper writes them with str())."""
+    if not params:
+        return False
+    for name, value in params.items():
+        text = overrides.get(name)
+        if text is None:
+            return False
+        if isinstance(value, float):
+            try:
+                if float(text) != value:
+                    return False
+            except ValueError:
+                return False
+        elif text != str(value):
+            return False
+    return True

@@ -156,6 +156,32 @@ def test_optuna_jobs_never_reuse_earlier_job_dirs_and_a_shared_study_is_not_sett
     assert len(optuna.load_study(study_name="bigmodel", storage=storage).trials) == 4
 
 
+@needs_optuna
+def test_trials_a_kill_left_running_are_settled_from_their_job_dirs(tmp_path):
+    """Killed after a trial's job wrote summary.json but before the sweeper told the study:
+    that trial counts as complete with its job's value (the summary lists the job, so the
+    study's best must agree); a trial whose job never finished is failed."""
+    import optuna
+
+    from bigmodel_cli.sweepers import settle_earlier_trials
+
+    db = tmp_path / "optuna.db"
+    storage = f"sqlite:///{db}"
+    study = optuna.create_study(study_name="bigmodel", storage=storage, direction="maximize")
+    for number, lr in enumerate((0.001, 0.0123456789)):  # two trials left running, as a kill leaves them
+        study.enqueue_trial({"optim.lr": lr})
+        assert study.ask().suggest_float("optim.lr", 1e-4, 1e-1, log=True) == lr
+        job = tmp_path / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- trainer.max_steps=5\n")
+    (tmp_path / "0" / "summary.json").write_text(json.dumps(
+        {"monitor": "val/accuracy", "monitor_mode": "max", "best_value": 0.75, "steps": 5}))
+    assert settle_earlier_trials(storage, "bigmodel", db) == 2
+    settled = optuna.load_study(study_name="bigmodel", storage=storage).trials
+    assert [t.state.name for t in settled] == ["COMPLETE", "FAIL"]
+    assert settled[0].value == 0.75
+
+
 def test_a_sweep_token_admits_only_the_jobs_of_the_sweep_that_holds_the_lock(tmp_path, monkeypatch):
     from bigmodel_cli import run_lock
 
