@@ -305,6 +305,23 @@ class TokensConfig(DataConfig):
     prefetch: Optional[int] = None
 
 
+@dataclass
+class HFDataConfig(DataConfig):
+    _target_: str = "bigmodel_cli.data.hf.HFData"
+    # A folder written by datasets' save_to_disk, or (data.files) local files by extension:
+    # .parquet, .jsonl/.json, .csv, .txt; one file, a list, or {train: ..., validation: ...}.
+    path: Optional[str] = None
+    files: Optional[Any] = None
+    text_column: str = "text"  # the column holding the text
+    label_column: Optional[str] = None  # classification labels; null: language modelling on the text
+    tokenizer: str = "byte"  # byte | char (fitted on the training text)
+    block_size: int = 128  # tokens per text (cut or padded) or per language-model window
+    batch_size: int = 16
+    val_fraction: float = 0.1  # held out from train when the data has no validation split
+    seed: int = 0  # draws that held-out share
+    cache_dir: Optional[str] = None  # token cache; null: ~/.cache/bigmodel/hf-tokens
+
+
 # ------------------------------------------------------------------------- trainer
 
 
@@ -470,7 +487,7 @@ SCHEMAS = {
     "scheduler": {"constant": ConstantScheduleConfig, "step": StepScheduleConfig,
                   "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
-             "text": TextConfig, "tokens": TokensConfig},
+             "text": TextConfig, "tokens": TokensConfig, "hf": HFDataConfig},
     "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,

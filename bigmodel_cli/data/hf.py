@@ -1,0 +1,263 @@
+"""`data=hf`: Hugging Face `datasets` sources (a save_to_disk folder, or local parquet /
+JSONL / CSV / text files), tokenized once and cached.
+
+- With `data.label_column`: text classification. Each text becomes block_size token ids
+  (cut, or padded with one extra id, `vocab_size - 1`); labels are numbered in sorted
+  order and travel with the checkpoint.
+- Without: language modelling on the texts joined by newlines, in windows like data=text.
+
+The token arrays are cached as .npy files (read back with allow_pickle=False) under
+data.cache_dir, keyed by the files' paths, sizes and times and every setting that changes
+the tokens, so a second run starts at once and a changed file is tokenized again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from bigmodel_cli.data.base import DataModule, DataSpec, check_split
+from bigmodel_cli.data.hf_files import Files, column, load_splits, source_signature
+from bigmodel_cli.data.tokenizers import CharTokenizer, ByteTokenizer, tokenizer_from_state
+from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
+from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
+
+CACHE_VERSION = 1
+FIT_TOKENIZERS = {"char": CharTokenizer.fit, "byte": ByteTokenizer.fit}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bigmodel" / "hf-tokens"
+
+
+class HFData(DataModule):
+    def __init__(self, batch_size: int = 16, path: Optional[str] = None, files: Optional[Files] = None,
+                 text_column: str = "text", label_column: Optional[str] = None, tokenizer: str = "byte",
+                 block_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                 cache_dir: Optional[str] = None):
+        super().__init__(batch_size)
+        if tokenizer not in FIT_TOKENIZERS:
+            raise UserError(f"data.tokenizer={tokenizer} is not one of {', '.join(FIT_TOKENIZERS)}")
+        if block_size < 1 or not 0 < val_fraction < 1:
+            raise UserError(f"data.block_size must be >= 1 and data.val_fraction in (0, 1) "
+                            f"(got {block_size}, {val_fraction})")
+        if OmegaConf.is_config(files):  # a list or table given in the config
+            files = OmegaConf.to_container(files)
+        self.path, self.files = path, files
+        self.text_column, self.label_column, self.tokenizer_name = text_column, label_column, tokenizer
+        self.block_size, self.val_fraction, self.seed = block_size, val_fraction, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.tokenizer: Any = None
+        self.labels: Optional[List[Any]] = None
+        self.tokens: Dict[str, np.ndarray] = {}  # language modelling: one id stream per split
+        self.device = torch.device("cpu")
+
+    @property
+    def classifies(self) -> bool:
+        return self.label_column is not None
+
+    @property
+    def unit(self) -> str:  # throughput counts texts for classification, tokens for LM
+        return "samples" if self.classifies else "tokens"
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.state_dict() if self.tokenizer else None, "labels": self.labels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokenizer = tokenizer_from_state(state.get("tokenizer"), "the checkpoint's data tokenizer")
+        labels = state.get("labels")
+        if labels is not None and (not isinstance(labels, list) or len(set(map(str, labels))) != len(labels)):
+            raise UserError("the checkpoint's label list is broken; use another checkpoint")
+        self.labels = labels
+
+    # ---- building the arrays (or reading them from the cache)
+    def setup(self) -> None:
+        folder = self.cache_dir / self.cache_key()
+        cached = read_cache(folder, self.expected_arrays())
+        if cached is not None:
+            arrays, state = cached
+            self.load_state_dict(state)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged one is replaced
+            arrays = self.tokenize()
+            write_cache(folder, arrays, self.state_dict())
+        self.fill(arrays)
+
+    def expected_arrays(self) -> List[str]:
+        splits = ("train", "val", "test")
+        return [f"{s}_{p}" for s in splits for p in "xy"] if self.classifies else list(splits)
+
+    def cache_key(self) -> str:
+        settings = {"version": CACHE_VERSION, "source": source_signature(self.path, self.files),
+                    "text": self.text_column, "label": self.label_column, "tokenizer": self.tokenizer_name,
+                    "restored": self.state_dict(), "block": self.block_size, "val": self.val_fraction,
+                    "seed": self.seed}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def tokenize(self) -> Dict[str, np.ndarray]:
+        splits = load_splits(self.path, self.files)
+        texts = {name: [str(t) for t in column(part, self.text_column, "text_column", name)]
+                 for name, part in splits.items()}
+        if self.tokenizer is None:
+            # every split's characters: a val-only character must not stop the run (labels are never seen)
+            self.tokenizer = FIT_TOKENIZERS[self.tokenizer_name]("\n".join("\n".join(t) for t in texts.values()))
+        if not self.classifies:
+            return self.split_stream({name: self.encode_stream(t) for name, t in texts.items()})
+        labels = {name: column(part, self.label_column, "label_column", name) for name, part in splits.items()}
+        if self.labels is None:
+            self.labels = sorted(set(labels["train"]), key=lambda v: (str(type(v)), v))
+        arrays = {}
+        for name in texts:
+            arrays[f"{name}_x"] = self.encode_texts(texts[name])
+            arrays[f"{name}_y"] = self.label_ids(labels[name], name)
+        return self.split_samples(arrays)
+
+    def encode_stream(self, texts: List[str]) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode("\n".join(texts)), dtype=np.int64)
+
+    def encode_texts(self, texts: List[str]) -> np.ndarray:
+        pad = self.tokenizer.vocab_size
+        out = np.full((len(texts), self.block_size), pad, dtype=np.int64)
+        for row, text in enumerate(texts):  # once per data set; the result is cached
+            ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)[:self.block_size]
+            out[row, :len(ids)] = ids
+        return out
+
+    def label_ids(self, values: List[Any], split: str) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        unknown = sorted({str(v) for v in values if v not in index})
+        if unknown:
+            raise UserError(f"the {split} split has labels the training split lacks ({', '.join(unknown[:5])}); "
+                            "every label must occur in training")
+        return np.asarray([index[v] for v in values], dtype=np.int64)
+
+    def split_stream(self, streams: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """A validation part cut from the end of train when the data has none; test
+        falls back to validation."""
+        if "val" not in streams:
+            train = streams["train"]
+            cut = len(train) - int(len(train) * self.val_fraction)
+            streams["train"], streams["val"] = train[:cut], train[cut:]
+        streams.setdefault("test", streams["val"])
+        return streams
+
+    def split_samples(self, arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """A seeded share of train for validation when the data has none; test falls back to it."""
+        if "val_x" not in arrays:
+            order = np.random.default_rng(self.seed).permutation(len(arrays["train_x"]))
+            n_val = max(1, int(len(order) * self.val_fraction))
+            val, train = order[:n_val], order[n_val:]
+            for part in ("x", "y"):
+                whole = arrays[f"train_{part}"]
+                arrays[f"train_{part}"], arrays[f"val_{part}"] = whole[train], whole[val]
+        for part in ("x", "y"):
+            arrays.setdefault(f"test_{part}", arrays[f"val_{part}"])
+        return arrays
+
+    def fill(self, arrays: Dict[str, np.ndarray]) -> None:
+        vocab = self.tokenizer.vocab_size
+        check_ranges(arrays, vocab + 1 if self.classifies else vocab, len(self.labels or ()))
+        if self.classifies:
+            self.splits = {name: (torch.from_numpy(arrays[f"{name}_x"]), torch.from_numpy(arrays[f"{name}_y"]))
+                           for name in ("train", "val", "test")}
+            if min(len(x) for x, _ in self.splits.values()) < 1:
+                raise UserError("a split of data=hf has no samples; use more data or another data.val_fraction")
+            self._spec = DataSpec("classification", "tokens", (self.block_size,), len(self.labels),
+                                  vocab_size=vocab + 1, block_size=self.block_size)
+            return
+        self.tokens = {name: arrays[name] for name in ("train", "val", "test")}
+        short = [k for k, t in self.tokens.items() if len(t) < self.block_size + 2]
+        if short:
+            raise UserError(f"the {', '.join(short)} split has fewer than block_size+2={self.block_size + 2} "
+                            "tokens; use more text or a smaller data.block_size")
+        self._spec = DataSpec("language_modeling", "tokens", (self.block_size,), vocab,
+                              vocab_size=vocab, block_size=self.block_size)
+
+    # ---- batches
+    def to(self, device: torch.device) -> "HFData":
+        self.device = device
+        return super().to(device) if self.classifies else self
+
+    def train_batches(self, seed: int, rank: int = 0, world_size: int = 1):
+        if self.classifies:
+            return super().train_batches(seed, rank, world_size)
+        return RandomWindows(self.tokens["train"], self.block_size, self.batch_size, seed, rank, world_size,
+                             self.device)
+
+    def eval_batches(self, split: str, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1):
+        if self.classifies:
+            return super().eval_batches(split, batch_size, rank, world_size)
+        check_split(split, self.tokens)
+        return SequentialWindows(self.tokens[split], self.block_size, batch_size or self.batch_size,
+                                 rank, world_size, self.device)
+
+    def units_per_sample(self) -> int:
+        return 1 if self.classifies else self.block_size
+
+    def describe(self) -> str:
+        source = self.path or self.files
+        if self.classifies:
+            sizes = ", ".join(f"{k} {len(x):,}" for k, (x, _) in self.splits.items())
+            return f"HFData ({source}): {sizes} texts; {len(self.labels)} labels; tokenizer {self.tokenizer.kind}"
+        sizes = ", ".join(f"{k} {len(t):,}" for k, t in self.tokens.items())
+        return f"HFData ({source}): {sizes} tokens; tokenizer {self.tokenizer.kind}"
+
+
+def check_ranges(arrays: Dict[str, np.ndarray], vocab: int, num_labels: int) -> None:
+    """Ids within the embedding and labels within the classes (a damaged cache otherwise
+    reaches the model as an index error)."""
+    for name, array in arrays.items():
+        top = num_labels if name.endswith("_y") else vocab
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= top):
+            raise UserError(f"the cached {name} ids fall outside 0..{top - 1}; delete data.cache_dir "
+                            "(or the folder in it) and run again")
+
+
+def read_cache(folder: Path, names: List[str]) -> Optional[Tuple[Dict[str, np.ndarray], dict]]:
+    """The cached arrays and data state, or None when absent or damaged (then they are
+    built again). Only integer arrays of the expected names are taken."""
+    if not (folder / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
+        if not isinstance(state, dict) or any(a.dtype != np.int64 for a in arrays.values()):
+            raise ValueError("unexpected contents")
+        return arrays, state
+    except (OSError, ValueError) as err:
+        log.warning("token cache %s is damaged (%s); tokenizing again", folder, err)
+        return None
+
+
+def write_cache(folder: Path, arrays: Dict[str, np.ndarray], state: dict) -> None:
+    """Written to a temporary folder and renamed into place, so a killed run or another
+    rank writing the same cache never leaves a half-written one. A cache that cannot be
+    written (read-only or full disk) only costs the next run the tokenizing."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    except OSError as err:
+        log.warning("could not cache the tokens in %s (%s); the next run tokenizes again", folder, err)
+        return
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+        (tmp / "state.json").write_text(json.dumps(state))
+        os.replace(tmp, folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "state.json").is_file():  # else another rank has just put the same cache in place
+            log.warning("could not cache the tokens in %s (%s); the next run tokenizes again", folder, err)

@@ -1,0 +1,126 @@
+"""data=hf: Hugging Face datasets sources (local files and save_to_disk folders), offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import outcome_lines
+
+datasets = pytest.importorskip("datasets", reason="pip install 'bigmodel[datasets]' (Hugging Face datasets)")
+
+FAST = ("trainer.progress=plain", "trainer.threads=1")
+POSITIVE = ["great fun", "lovely day", "wonderful film", "really good", "so happy"]
+NEGATIVE = ["awful mess", "terrible day", "bad film", "really poor", "so sad"]
+
+# A user's own classifier over token ids (no built-in model classifies token sequences).
+BAG_OF_EMBEDDINGS = '''
+import torch
+from torch import nn
+
+
+class Bag(nn.Module):
+    def __init__(self, vocab_size, num_outputs, width=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(dim=1))
+'''
+
+
+def write_reviews(path: Path, n: int = 240, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            good = i % 2 == 0
+            text = " ".join(rng.choice(POSITIVE if good else NEGATIVE) for _ in range(3))
+            f.write(json.dumps({"text": text, "sentiment": "pos" if good else "neg"}) + "\n")
+
+
+def test_text_classification_from_jsonl_trains_and_reuses_its_token_cache(run_cli, tmp_path):
+    write_reviews(tmp_path / "reviews.jsonl")
+    (tmp_path / "bag.py").write_text(BAG_OF_EMBEDDINGS)
+    args = ("train", "model=custom", "model._target_=bag.Bag", "data=hf", "data.files=reviews.jsonl",
+            "data.label_column=sentiment", "data.block_size=32", "data.cache_dir=cache", "optim=adam",
+            "optim.lr=1e-2", "trainer.max_steps=60", *FAST)
+    first = run_cli(*args)
+    assert first.returncode == 0, first.output
+    summary = json.loads(next(tmp_path.glob("outputs/*/*/summary.json")).read_text())
+    assert summary["test"]["accuracy"] > 0.9
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "train_x.npy").is_file()
+    stamp = (cached[0] / "state.json").stat().st_mtime_ns
+    second = run_cli(*args)
+    assert second.returncode == 0, second.output
+    assert list((tmp_path / "cache").iterdir()) == cached  # same settings, same files: the cache is read
+    assert (cached[0] / "state.json").stat().st_mtime_ns == stamp
+
+
+def test_language_modelling_on_a_saved_dataset_folder_then_generate(run_cli, tmp_path):
+    corpus = [f"line {i}: to be or not to be, that is the question" for i in range(300)]
+    parts = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": corpus[:270]}),
+                                  "validation": datasets.Dataset.from_dict({"text": corpus[270:]})})
+    parts.save_to_disk(str(tmp_path / "saved"))
+    result = run_cli("train", "model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data=hf",
+                     "data.path=saved", "data.tokenizer=char", "data.block_size=32", "data.cache_dir=cache",
+                     "trainer.max_steps=20", *FAST)
+    assert result.returncode == 0, result.output
+    run_dir = next(tmp_path.glob("outputs/*/*/summary.json")).parent
+    sample = run_cli("generate", f"ckpt={run_dir}", "max_new_tokens=40", "num_samples=1")
+    assert sample.returncode == 0, sample.output
+    assert set(sample.stdout.strip()) <= set("\n".join(corpus)), sample.stdout
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (("data.files=reviews.jsonl", "data.label_column=label"),
+     "data.label_column=label is not a column of the train split; its columns are text, sentiment"),
+    (("data.files=missing.jsonl",), "data.files: missing.jsonl is not a file"),
+    (("data.files=reviews.jsonl", "data.path=elsewhere"), "needs exactly one of data.path"),
+    (("data.files=notes.doc",), "data.files must all be one of"),
+    (("data.path=reviews.jsonl",), "is not a folder"),
+])
+def test_bad_sources_are_one_line(run_cli, tmp_path, overrides, expected):
+    write_reviews(tmp_path / "reviews.jsonl", n=20)
+    (tmp_path / "notes.doc").write_text("hello")
+    result = run_cli("train", "data=hf", *overrides, "data.cache_dir=cache", "trainer.max_steps=1", *FAST)
+    assert result.returncode != 0
+    lines = outcome_lines(result.stderr)
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_damaged_file_and_a_missing_extra_are_one_line(run_cli, tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    result = run_cli("train", "data=hf", "data.files=broken.parquet", "data.cache_dir=cache", *FAST)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert "could not read data.files" in outcome_lines(result.stderr)[0]
+    shadow = tmp_path / "shadow" / "datasets"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    write_reviews(tmp_path / "reviews.jsonl", n=20)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("train", "data=hf", "data.files=reviews.jsonl", *FAST, env=env)
+    assert result.returncode != 0
+    assert outcome_lines(result.stderr) == ["error: data=hf needs Hugging Face datasets: "
+                                            "pip install 'bigmodel[datasets]'"]
+
+
+def test_a_damaged_token_cache_is_rebuilt(tmp_path):
+    from bigmodel_cli.data.hf import HFData
+
+    write_reviews(tmp_path / "reviews.jsonl", n=40)
+    make = lambda: HFData(files=str(tmp_path / "reviews.jsonl"), label_column="sentiment",  # noqa: E731
+                          block_size=16, cache_dir=str(tmp_path / "cache"))
+    first = make()
+    first.setup()
+    folder = next((tmp_path / "cache").iterdir())
+    (folder / "train_x.npy").write_bytes(b"\x93NUMPY garbage")
+    again = make()
+    again.setup()
+    assert again.splits["train"][0].equal(first.splits["train"][0])
