@@ -19,6 +19,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
            "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
            "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher"}
+#: the optional package each example needs (an extra; skipped where it is not installed)
+EXTRAS = {"data=hf": "datasets", "model=hf_": "transformers"}
 CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "trainer.eval_batches=2")
 
 
@@ -69,6 +71,7 @@ def test_every_readme_example_runs(run_cli, tmp_path):
     (home / "corpus.txt").write_text("To be, or not to be, that is the question. " * 300)
     (tmp_path / "corpus.txt").write_text("ROMEO: But soft, what light through yonder window breaks? " * 300)
     write_user_package(tmp_path)
+    write_user_data(tmp_path)
     ran = []
     for example in readme_examples():
         if "wandb" in example and not _importable("wandb"):
@@ -78,6 +81,8 @@ def test_every_readme_example_runs(run_cli, tmp_path):
         plugin = next((m for key, m in PLUGINS.items() if key in example), None)
         if plugin and not _importable(plugin):
             continue  # an optional extra that is not installed (tests/test_sweeps.py says which)
+        if any(key in example and not _importable(module) for key, module in EXTRAS.items()):
+            continue  # an optional extra that is not installed (its own tests say which)
         args = shlex.split(resolve(example, tmp_path), comments=True)[1:]
         trains = args and args[0] == "train" and "--help" not in args and "--cfg" not in args
         result = run_cli(*args, *(CAP if trains else ()), env={"HOME": str(home)}, timeout=600)
@@ -90,3 +95,19 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def write_user_data(folder: Path) -> None:
+    """The data files the README's examples name: reviews.jsonl, my_saved_dataset/."""
+    import json
+
+    with (folder / "reviews.jsonl").open("w") as f:
+        for i in range(64):
+            good = i % 2 == 0
+            f.write(json.dumps({"text": "a lovely day" if good else "a sad mess", "sentiment": "pos" if good else "neg"})
+                    + "\n")
+    if _importable("datasets"):
+        import datasets
+
+        lines = [f"line {i}: to be or not to be" for i in range(200)]
+        datasets.Dataset.from_dict({"text": lines}).save_to_disk(str(folder / "my_saved_dataset"))
