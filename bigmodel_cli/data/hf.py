@@ -44,6 +44,8 @@ def default_cache_dir() -> Path:
 
 
 class HFData(DataModule):
+    unit = "tokens"  # language modelling; a classifier's throughput counts texts (set in __init__)
+
     def __init__(self, batch_size: int = 16, path: Optional[str] = None, files: Optional[Files] = None,
                  text_column: str = "text", label_column: Optional[str] = None, tokenizer: str = "byte",
                  block_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
@@ -58,6 +60,7 @@ class HFData(DataModule):
             files = OmegaConf.to_container(files)
         self.path, self.files = path, files
         self.text_column, self.label_column, self.tokenizer_name = text_column, label_column, tokenizer
+        self.unit = "samples" if label_column is not None else "tokens"
         self.block_size, self.val_fraction, self.seed = block_size, val_fraction, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer: Any = None
@@ -68,10 +71,6 @@ class HFData(DataModule):
     @property
     def classifies(self) -> bool:
         return self.label_column is not None
-
-    @property
-    def unit(self) -> str:  # throughput counts texts for classification, tokens for LM
-        return "samples" if self.classifies else "tokens"
 
     def state_dict(self) -> dict:
         return {"tokenizer": self.tokenizer.state_dict() if self.tokenizer else None, "labels": self.labels}
