@@ -75,6 +75,8 @@ def test_every_readme_example_runs(run_cli, tmp_path):
             continue  # its own test: tests/test_observability.py (the wandb extra is optional)
         if "hydra/launcher=slurm" in example:
             continue  # submits to a cluster: tests/test_sweeps.py runs it on the local Slurm
+        if ("hf_" in example or "transformers." in example) and not _hf_models_import():
+            continue  # the hf extra is optional (tests/test_hf_models.py says why it cannot run)
         plugin = next((m for key, m in PLUGINS.items() if key in example), None)
         if plugin and not _importable(plugin):
             continue  # an optional extra that is not installed (tests/test_sweeps.py says which)
@@ -90,3 +92,11 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def _hf_models_import() -> bool:
+    try:
+        from transformers import GPT2LMHeadModel  # noqa: F401  (imported lazily: a broken dependency shows here)
+    except Exception:  # noqa: BLE001 - missing or broken, the examples cannot run
+        return False
+    return True
