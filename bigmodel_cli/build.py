@@ -16,7 +16,7 @@ from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
 from bigmodel_cli.data.base import DataModule, DataSpec
-from bigmodel_cli.errors import UserError, first_line
+from bigmodel_cli.errors import UserError, first_line, root_cause
 
 log = logging.getLogger("bigmodel")
 
@@ -30,8 +30,8 @@ def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
         try:
             import_object(target)  # a user's class in the working directory is found (see below)
         except Exception as err:  # a missing name, or the user's module failing as it is imported
-            raise UserError(f"{what}._target_={target} cannot be imported ({type(err).__name__}: "
-                            f"{first_line(err)}); give the full dotted path of a class") from None
+            raise UserError(f"{what}._target_={target} cannot be imported ({root_cause(err)}); "
+                            "give the full dotted path of a class") from None
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -100,11 +100,11 @@ def build_optimizer(cfg: DictConfig, model: nn.Module):
                         f"{first_line(err)}); check the optim.* values") from None
 
 
-def builtin_models_for(kind: str) -> list[str]:
+def builtin_models_for(kind: str, task: Optional[str] = None) -> list[str]:
     names = []
     for name, schema in SCHEMAS["model"].items():
         cls = import_object(schema._target_)
-        if kind in getattr(cls, "input_kinds", ()):
+        if kind in getattr(cls, "input_kinds", ()) and (task is None or task in getattr(cls, "tasks", (task,))):
             names.append(name)
     return names
 
@@ -141,22 +141,78 @@ def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name
     try:
         target = import_object(target_path)
     except Exception as err:  # a missing name, or the user's module failing as it is imported
-        raise UserError(f"model._target_={target_path} cannot be imported ({type(err).__name__}: "
-                        f"{first_line(err)}); give the full dotted path of an nn.Module class") from None
+        raise UserError(f"model._target_={target_path} cannot be imported ({root_cause(err)}); "
+                        "give the full dotted path of an nn.Module class") from None
     kinds = getattr(target, "input_kinds", None)
     if kinds is not None and spec.input_kind not in kinds:
         model_name = model_name or getattr(target, "__name__", str(target_path))
         data_name = data_name or "this data set"
-        fits = ", ".join(builtin_models_for(spec.input_kind)) or "none of the built-in models"
+        fits = ", ".join(builtin_models_for(spec.input_kind, spec.task)) or "none of the built-in models"
         raise UserError(
             f"model={model_name} cannot train on data={data_name}: it reads "
             f"{' or '.join(KIND_WORDS[k] for k in kinds)}, but {data_name} gives "
             f"{KIND_WORDS[spec.input_kind]} {spec.input_shape}; models for this data: {fits}")
-    model = instantiate_or_explain(model_description(cfg, target), "model",
-                                   **accepted_kwargs(target, spec.model_kwargs()))
+    tasks = getattr(target, "tasks", None)
+    if tasks is not None and spec.task not in tasks:
+        model_name = model_name or getattr(target, "__name__", str(target_path))
+        raise UserError(f"model={model_name} cannot train on data={data_name or 'this data set'}: it is for "
+                        f"{' or '.join(tasks)}, but the data is for {spec.task}; models for this data: "
+                        f"{', '.join(builtin_models_for(spec.input_kind, spec.task)) or 'none of the built-in models'}")
+    description = with_nested_sizes(model_description(cfg, target), spec)
+    model = instantiate_or_explain(description, "model", **accepted_kwargs(target, spec.model_kwargs()))
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={target_path} built a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# The names under which an object the model config nests (model.config: a Hugging Face
+# config, say) takes the sizes the data implies; it gets the first of each that its class
+# declares, as a constructor argument or a class attribute.
+NESTED_SIZE_NAMES = {
+    "vocab_size": ("vocab_size",),
+    "block_size": ("block_size", "n_positions", "max_position_embeddings"),
+    "num_outputs": ("num_outputs", "num_labels", "num_classes"),
+}
+
+
+def with_nested_sizes(cfg: DictConfig, spec: DataSpec) -> DictConfig:
+    """The model config with the data's sizes set in each nested node that builds an object
+    (one with a `_target_`), as the model's own constructor gets them."""
+    sizes = {"vocab_size": spec.vocab_size, "block_size": spec.block_size,
+             # a language model's outputs are its vocabulary, not labels
+             "num_outputs": None if spec.task == "language_modeling" else spec.num_outputs}
+    given: Dict[str, Dict[str, Any]] = {}
+    for key, node in cfg.items():
+        if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
+            try:
+                cls = import_object(node._target_)
+            except Exception:  # instantiate says why, in one line
+                continue
+            given[key] = {}
+            for size, names in NESTED_SIZE_NAMES.items():
+                name = first_declared(cls, names)
+                if sizes[size] is not None and name is not None:
+                    given[key][name] = sizes[size]
+    if not any(given.values()):
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, values in given.items():
+        for name, value in values.items():
+            out[key][name] = value
+    return out
+
+
+def first_declared(cls: Any, names: tuple) -> Optional[str]:
+    """The first of `names` that `cls` declares (never one it would take through **kwargs)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in names:
+        param = params.get(name)
+        if (param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD) or hasattr(cls, name):
+            return name
+    return None
 
 
 def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None:
@@ -164,24 +220,29 @@ def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None
     fails now with one line rather than mid-run with a traceback."""
     import torch
 
+    from bigmodel_cli.engine.outputs import logits_of
+
     x, y = next(iter(data.eval_batches("train", batch_size=2)))
+    name = type(model).__name__
+    given = f"a batch {tuple(x.shape)} of {str(x.dtype).replace('torch.', '')}"
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = logits_of(model(x))
     except Exception as err:  # the model's own code: whatever it raises means it cannot read this data
-        raise UserError(f"{type(model).__name__} cannot read this data: input {tuple(x.shape[1:])} per sample "
-                        f"failed with {type(err).__name__}: {first_line(err)}") from None
+        raise UserError(f"{name} cannot read this data: given {given} it failed with "
+                        f"{type(err).__name__}: {first_line(err)}") from None
     finally:
         model.train(was_training)
     n_out = data.spec.num_outputs
     expected = {"classification": (x.shape[0], n_out), "regression": tuple(y.shape),
                 "language_modeling": (*y.shape, n_out)}[task_name]
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"{type(model).__name__} returns {got} for a batch of 2, but this {task_name} "
-                        f"data needs {expected}; give it num_outputs={n_out} outputs")
+    if tuple(out.shape) != expected:
+        fix = (f"its last dimension is the vocabulary: give it vocab_size={n_out}" if task_name == "language_modeling"
+               else f"give it num_outputs={n_out} outputs")
+        raise UserError(f"{name} returns {tuple(out.shape)} for {given}, but this {task_name} "
+                        f"data needs {expected}; {fix}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -139,6 +139,37 @@ class GPTConfig:
     activation_checkpointing: bool = False
 
 
+@dataclass
+class HFModelConfig:
+    """A Hugging Face transformers model (bigmodel_cli/models/hf.py; the `hf` extra)."""
+
+    _target_: str = MISSING
+    # What to build: a transformers model type (gpt2, llama, bert, ...), a config class
+    # (GPT2Config), or a local folder with config.json (and the weights, for pretrained=true).
+    source: str = MISSING
+    # Load the weights from the local folder `source` (never downloads); false: random init.
+    pretrained: bool = False
+    n_layer: int = 2  # blocks of a randomly initialised model (a pretrained one keeps its own)
+    n_head: int = 2  # attention heads of a randomly initialised model
+    n_embd: int = 64  # width of a randomly initialised model (its MLP is 4x as wide)
+    # Other settings of the transformers config, by its own names, e.g. +model.config.attn_pdrop=0.0
+    config: Dict[str, Any] = field(default_factory=dict)
+    # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class HFCausalLMConfig(HFModelConfig):
+    _target_: str = "bigmodel_cli.models.hf.causal_lm"
+    source: str = "gpt2"
+
+
+@dataclass
+class HFClassifierConfig(HFModelConfig):
+    _target_: str = "bigmodel_cli.models.hf.sequence_classifier"
+    source: str = "bert"
+
+
 # ----------------------------------------------------------------------- optimizers
 # `_partial_` because the parameters are only known at run time; `_convert_: all` so
 # torch receives plain lists and tuples (checkpoints must not pickle OmegaConf nodes).
@@ -481,7 +512,8 @@ class LrFindConfig:
 
 SCHEMAS = {
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "rnn": RNNConfig,
-              "transformer": TransformerConfig, "gpt": GPTConfig},
+              "transformer": TransformerConfig, "gpt": GPTConfig,
+              "hf_causal_lm": HFCausalLMConfig, "hf_classifier": HFClassifierConfig},
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "adam": AdamConfig,
               "adamw": AdamWConfig, "adagrad": AdagradConfig, "rmsprop": RMSpropConfig},
     "scheduler": {"constant": ConstantScheduleConfig, "step": StepScheduleConfig,

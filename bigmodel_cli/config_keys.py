@@ -126,6 +126,9 @@ def unknown_key_message(key: str, allowed: List[str], command: str = "train") ->
         hint = f"it is a key of {' or '.join(owners)}; "
     where = f"keys of {parent}" if parent else "top-level keys"
     if not allowed:
-        return f"unknown key {key}: {parent or 'the config'} takes no keys"
+        if not parent:
+            return f"unknown key {key}: the config takes no keys"
+        # An open node with nothing in it yet (model.config, eval's data): a '+' adds a key.
+        return f"unknown key {key}: {parent} holds no keys yet; add one with a '+': +{key}=..."
     return (f"unknown key {key}; {hint}{where}: {', '.join(allowed)} "
             f"(bigmodel {command} --help describes them)")

@@ -38,6 +38,16 @@ def first_line(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:200]
 
 
+def root_cause(err: BaseException) -> str:
+    """'Type: first line' of the innermost exception that caused `err` (a lazy import that
+    failed says why only in its cause: a broken dependency of transformers, say)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
 def debug_requested() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG"))
 

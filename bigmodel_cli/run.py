@@ -123,15 +123,16 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
                    place: Placement) -> TrainingParts:
     """Model and data on the device, the model parallelized, and the optimizer over its
     (possibly sharded) parameters."""
-    from bigmodel_cli.build import build_optimizer, instantiate_or_explain, takes_key
+    from bigmodel_cli.build import build_optimizer, import_object, instantiate_or_explain, takes_key
     from bigmodel_cli.engine.parallelize import parallelize
     from bigmodel_cli.engine.tasks import task_for
 
     model.to(place.device)
     data.to(place.device)
-    # (A model whose constructor takes activation_checkpointing does it itself.)
+    # (A model whose constructor takes activation_checkpointing does it itself; asked of what
+    # the config names, since a builder function may return a class that takes **kwargs.)
     key = "activation_checkpointing"
-    recompute = bool(cfg.model.get(key, False)) and not takes_key(model, key)
+    recompute = bool(cfg.model.get(key, False)) and not takes_key(import_object(cfg.model._target_), key)
     model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute)
     if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)

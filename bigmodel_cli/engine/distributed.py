@@ -159,10 +159,13 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
 
 
 def repeated_blocks(model: nn.Module) -> list:
-    """What a model is made of, repeated: the members of its top-level ModuleLists
-    (transformer blocks, stacked layers). Sharding and activation checkpointing work block
-    by block."""
-    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+    """What a model is made of, repeated: the members of its outermost ModuleLists, wherever
+    they sit (bigmodel's GPT: `blocks`; Hugging Face GPT-2: `transformer.h`, BERT:
+    `bert.encoder.layer`). Sharding and activation checkpointing work block by block."""
+    blocks = []
+    for child in model.children():
+        blocks.extend(child if isinstance(child, nn.ModuleList) else repeated_blocks(child))
+    return blocks
 
 
 def shard_fully(model: nn.Module, env: DistEnv, device: torch.device, precision: str) -> nn.Module:

@@ -7,6 +7,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from bigmodel_cli.engine.outputs import logits_of
+
 
 # Below this the distribution is a point mass on the argmax in float32 (and dividing by
 # the temperature would overflow to inf and nan): sampling is greedy.
@@ -21,7 +23,7 @@ def sample_tokens(model: nn.Module, context: torch.Tensor, max_new_tokens: int, 
     model sees at most its last `block_size` tokens. temperature 0 (or below GREEDY_BELOW) is greedy."""
     idx = context
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -block_size:])[:, -1, :].float()
+        logits = logits_of(model(idx[:, -block_size:]))[:, -1, :].float()
         if temperature < GREEDY_BELOW:
             token = logits.argmax(dim=-1, keepdim=True)
         else:

@@ -37,6 +37,7 @@ from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
+from bigmodel_cli.engine.outputs import logits_of
 from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
 from bigmodel_cli.engine.tasks import Task
@@ -220,7 +221,7 @@ class Trainer:
             # Gradients are reduced across ranks on the last micro-batch only.
             with distributed.gradient_sync(self.model, enabled=micro == self.accum - 1):
                 with autocast(self.precision, self.device):
-                    output = self.model(x)
+                    output = logits_of(self.model(x))
                 loss = self.task.loss(output, y)
                 self.scaler.scale(loss / self.accum).backward()
             loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
@@ -526,7 +527,7 @@ def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, p
             batch = next(batches)
         x, y = batch
         with autocast(precision, device):
-            output = model(x)
+            output = logits_of(model(x))
         if i < count:
             stats = task.batch_sums(output, y)
             sums = stats if sums is None else sums + stats

@@ -90,10 +90,11 @@ def track_model(tracker: LiveBytes, model: nn.Module) -> None:
 
 def forward_backward(model: nn.Module, task, x, y, precision: str, tracker: LiveBytes) -> Dict[str, int]:
     from bigmodel_cli.engine.device import autocast
+    from bigmodel_cli.engine.outputs import logits_of
 
     try:
         with autocast(precision, torch.device("cpu")):
-            output = model(x)
+            output = logits_of(model(x))
         loss = task.loss(output, y)
     except Exception as err:  # the model's own code: it cannot read this data (as check_model_fits says)
         raise UserError(f"{type(model).__name__} cannot train on this data: a batch of {tuple(x.shape)} "

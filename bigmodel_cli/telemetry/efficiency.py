@@ -59,9 +59,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def model_flops_per_token(model: torch.nn.Module, model_cfg, task: str, context: Optional[int],
                           n_params: int) -> Optional[float]:
-    """The estimate above for a GPT-style language model (config with n_layer and n_embd),
-    counting parameters without the position embedding; None for any other model."""
-    n_layer, width = model_cfg.get("n_layer"), model_cfg.get("n_embd")
+    """The estimate above for a GPT-style language model, counting parameters without the
+    position embedding; None for any other model. Its depth and width come from the model's
+    own config object where it has one (Hugging Face models: num_hidden_layers, hidden_size,
+    which every transformers config answers to), else from the model config (n_layer, n_embd)."""
+    own = getattr(model, "config", None)
+    n_layer, width = getattr(own, "num_hidden_layers", None), getattr(own, "hidden_size", None)
+    if not (isinstance(n_layer, int) and isinstance(width, int)):
+        n_layer, width = model_cfg.get("n_layer"), model_cfg.get("n_embd")
     if task != "language_modeling" or not n_layer or not width or not context:
         return None
     positions = getattr(model, "pos_emb", None)
