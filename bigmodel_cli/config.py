@@ -425,8 +425,9 @@ class GenerateConfig:
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: Optional[int] = 50  # sample among the k likeliest tokens only (null: all)
     num_samples: int = 1  # samples to print
-    seed: int = 1337  # fixes the samples
+    seed: int = 1337  # fixes the samples (all num_samples together: they are drawn as one batch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kv_cache: bool = True  # reuse the keys and values of earlier tokens (false: recompute; same samples)
 
 
 # -------------------------------------------------------------------- eval command
