@@ -108,3 +108,19 @@ def test_greedy_samples_of_a_batch_are_each_the_single_greedy_sample(monkeypatch
     batch, _, _ = run_generate(monkeypatch, capsys, "num_samples=2", "temperature=0", "max_new_tokens=30")
     single, out, _ = run_generate(monkeypatch, capsys, "num_samples=1", "temperature=0", "max_new_tokens=30")
     assert batch == single * 2 and out.strip() == single[0].strip() and "--- sample" not in out
+
+
+def test_the_generation_benchmark_runs_and_its_paths_agree(tmp_path):
+    """bench/generate.py asserts identical tokens (cached vs recomputed; bigmodel vs
+    transformers on the copied weights); a tiny run keeps the script working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]'")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "generate.py"
+    done = subprocess.run([sys.executable, str(bench), "--reps", "1", "--new-tokens", "12", "--train-steps", "2",
+                           "--window", "6"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| bigmodel") or line.startswith("| trans")]
+    assert len(rows) == 6 and all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows)
