@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+import torch
 from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
@@ -25,13 +26,7 @@ KIND_WORDS = {"vector": "feature vectors", "sequence": "sequences", "image": "im
 
 def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, with the constructor's own complaint as a UserError."""
-    target = node.get("_target_")
-    if isinstance(target, str) and "." in target:
-        try:
-            import_object(target)  # a user's class in the working directory is found (see below)
-        except Exception as err:  # a missing name, or the user's module failing as it is imported
-            raise UserError(f"{what}._target_={target} cannot be imported ({root_cause(err)}); "
-                            "give the full dotted path of a class") from None
+    import_target(node, what)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -41,6 +36,18 @@ def instantiate_or_explain(node: DictConfig, what: str, **kwargs: Any) -> Any:
         reason = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(err)
         raise UserError(f"could not build the {what} from {what}._target_={node.get('_target_')} "
                         f"({reason})") from None
+
+
+def import_target(node: DictConfig, what: str) -> Any:
+    """The class (or function) that `node._target_` names, or None where it is no dotted path."""
+    target = node.get("_target_")
+    if not (isinstance(target, str) and "." in target):
+        return None
+    try:
+        return import_object(target)  # a user's class in the working directory is found (see below)
+    except Exception as err:  # a missing name, or the user's module failing as it is imported
+        raise UserError(f"{what}._target_={target} cannot be imported ({root_cause(err)}); "
+                        "give the full dotted path of a class") from None
 
 
 def import_object(path: str) -> Any:
@@ -98,6 +105,21 @@ def build_optimizer(cfg: DictConfig, model: nn.Module):
     except (ValueError, TypeError, IndexError) as err:
         raise UserError(f"optim={cfg.get('_target_')} rejected its settings ({type(err).__name__}: "
                         f"{first_line(err)}); check the optim.* values") from None
+
+
+def build_schedule(cfg: DictConfig, total_steps: int):
+    """The run's LR schedule (optim.lr_scheduler makes the torch scheduler from it): one of
+    bigmodel's schedules, or any torch.optim.lr_scheduler class as a TorchSchedule."""
+    from bigmodel_cli.optim import TorchSchedule, is_torch_scheduler
+
+    cls = import_target(cfg, "scheduler")
+    if cls is torch.optim.lr_scheduler.ReduceLROnPlateau:
+        raise UserError(f"scheduler._target_={cfg._target_} steps on a validation metric, but bigmodel steps its "
+                        "scheduler once per optimizer step; use a step-based one, e.g. scheduler=torch_cosine "
+                        "or scheduler=cosine")
+    if is_torch_scheduler(cls):
+        return TorchSchedule(cls, OmegaConf.to_container(cfg, resolve=True), total_steps)
+    return instantiate_or_explain(cfg, "scheduler", total_steps=total_steps)
 
 
 def builtin_models_for(kind: str, task: Optional[str] = None) -> list[str]:

@@ -264,6 +264,16 @@ class CosineScheduleConfig(ScheduleConfig):
     min_lr_ratio: float = 0.1  # the final learning rate as a fraction of optim.lr
 
 
+@dataclass
+class TorchCosineScheduleConfig(ScheduleConfig):
+    """Any torch.optim.lr_scheduler class works like this one: scheduler._target_=<its path>,
+    its own arguments as +scheduler.<name>=<value>, and bigmodel's warmup_steps in front."""
+
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    T_max: Optional[int] = None  # optimizer steps from optim.lr down to eta_min (null: the rest of the run)
+    eta_min: float = 0.0  # the lowest learning rate (an absolute value, not a fraction of optim.lr)
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -473,8 +483,9 @@ class GenerateConfig:
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: Optional[int] = 50  # sample among the k likeliest tokens only (null: all)
     num_samples: int = 1  # samples to print
-    seed: int = 1337  # fixes the samples
+    seed: int = 1337  # fixes the samples (all num_samples together: they are drawn as one batch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kv_cache: bool = True  # reuse the keys and values of earlier tokens (false: recompute; same samples)
 
 
 # -------------------------------------------------------------------- eval command
@@ -517,7 +528,8 @@ SCHEMAS = {
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "adam": AdamConfig,
               "adamw": AdamWConfig, "adagrad": AdagradConfig, "rmsprop": RMSpropConfig},
     "scheduler": {"constant": ConstantScheduleConfig, "step": StepScheduleConfig,
-                  "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig},
+                  "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig,
+                  "torch_cosine": TorchCosineScheduleConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
              "text": TextConfig, "tokens": TokensConfig, "hf": HFDataConfig},
     "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
@@ -596,6 +608,9 @@ def validate_scheduler(cfg: DictConfig) -> None:
     _require(warmup is None or warmup >= 0, f"scheduler.warmup_steps must be >= 0 (got {warmup})")
     ratio = OmegaConf.select(cfg, "scheduler.min_lr_ratio")
     _require(ratio is None or 0 <= ratio <= 1, f"scheduler.min_lr_ratio must be in [0, 1] (got {ratio})")
+    _positive(cfg, "scheduler.T_max", "1000")  # (torch's own classes check the rest of their arguments)
+    eta_min = OmegaConf.select(cfg, "scheduler.eta_min")
+    _require(eta_min is None or eta_min >= 0, f"scheduler.eta_min must be >= 0 (got {eta_min}); e.g. scheduler.eta_min=1e-5")
 
 
 def validate_trainer(cfg: DictConfig) -> None:

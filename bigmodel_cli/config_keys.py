@@ -3,7 +3,8 @@
 Hydra's `+group.key=value` adds a key even to a schema-backed node, so a typo such as
 `+trainer.max_step=50` would otherwise be accepted silently. The nodes checked here are
 those whose schema is bigmodel's own: the trainer, the loggers, and the model, data and
-scheduler options whose `_target_` is one of bigmodel's classes. A user's own `_target_`
+scheduler options whose `_target_` is one of bigmodel's classes (not torch's LR schedulers,
+which take their own arguments). A user's own `_target_`
 (model=custom) takes any keys, and so does optim (torch's optimizers take keyword
 arguments beyond the schema, e.g. +optim.fused=false, and reject unknown ones themselves).
 """
@@ -71,8 +72,15 @@ def schema_of(group: str, node: Mapping) -> Optional[type]:
     return schema_by_target().get(str(node.get("_target_", "")))
 
 
+#: a scheduler node naming one of torch's LR schedulers takes that class's own arguments
+#: (+scheduler.T_max=...); the class rejects unknown ones itself (optim.TorchSchedule)
+TORCH_SCHEDULERS = "torch.optim.lr_scheduler."
+
+
 def node_schema(group: str, node: Mapping) -> Optional[type]:
     """The schema a node of `group` must follow, or None where it may take any keys."""
+    if group == "scheduler" and isinstance(node, Mapping) and str(node.get("_target_", "")).startswith(TORCH_SCHEDULERS):
+        return None
     return None if group in OPEN_GROUPS else schema_of(group, node)
 
 

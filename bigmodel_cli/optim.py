@@ -1,17 +1,22 @@
 """Optimizer parameter groups and LR schedules (stepped once per optimizer step).
 
 A schedule is a small picklable callable, step -> LR multiplier, that the Trainer
-wraps in torch's LambdaLR; every one of them can start with a linear warmup.
+wraps in torch's LambdaLR; every one of them can start with a linear warmup. A
+torch.optim.lr_scheduler class (scheduler._target_=torch.optim.lr_scheduler.<Name>) comes
+as a TorchSchedule, built once the optimizer exists, with the same warmup in front.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
+
+from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 
@@ -55,20 +60,30 @@ class Schedule:
     def __init__(self, warmup_steps: int = 0, total_steps: Optional[int] = None):
         # (Values are checked with their schema: config.validate_scheduler.)
         self.total_steps = total_steps
-        if total_steps is not None and warmup_steps >= total_steps:
-            # A warmup as long as the run would never reach optim.lr.
-            log.warning("scheduler.warmup_steps=%d >= %d planned steps; warming up for %d steps instead",
-                        warmup_steps, self.total_steps, self.total_steps // 10)
-            warmup_steps = self.total_steps // 10
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = fitted_warmup(warmup_steps, total_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
+            return warmup_factor(step, self.warmup_steps)
         return self.decay(step - self.warmup_steps)
 
     def decay(self, step: int) -> float:
         raise NotImplementedError
+
+
+def fitted_warmup(warmup_steps: int, total_steps: Optional[int]) -> int:
+    """The warmup a run of `total_steps` can have: a tenth of it where the one asked for is as
+    long as the run (which would then never reach optim.lr)."""
+    if total_steps is not None and warmup_steps >= total_steps:
+        log.warning("scheduler.warmup_steps=%d >= %d planned steps; warming up for %d steps instead",
+                    warmup_steps, total_steps, total_steps // 10)
+        return total_steps // 10
+    return warmup_steps
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup: the LR multiplier at optimizer step `step` < warmup_steps (0-based)."""
+    return (step + 1) / (warmup_steps + 1)
 
 
 class Constant(Schedule):
@@ -112,3 +127,108 @@ class Cosine(Schedule):
         progress = min(1.0, step / span)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+
+
+# ------------------------------------------------------------- torch's LR schedulers
+
+
+class LinearWarmup:
+    """LambdaLR's multiplier for the warmup in front of a torch scheduler (picklable, and
+    its state is plain numbers)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, warmup_factor(step, self.warmup_steps))
+
+
+#: arguments that give a run's length; null (or left out where the class requires them)
+#: means the run's optimizer steps after the warmup
+RUN_LENGTH_ARGS = ("T_max", "total_iters", "total_steps")
+#: keys of bigmodel's own schedule options, passed to a torch class only where it takes them
+#: (a node made from scheduler=cosine keeps min_lr_ratio after scheduler._target_=torch...)
+BIGMODEL_KEYS = ("warmup_steps", "total_steps", "min_lr_ratio", "step_size", "gamma")
+
+
+def is_torch_scheduler(target: Any) -> bool:
+    return isinstance(target, type) and issubclass(target, torch.optim.lr_scheduler.LRScheduler)
+
+
+class TorchSchedule:
+    """A torch.optim.lr_scheduler class and its keyword arguments from the scheduler config
+    node, stepped once per optimizer step; bigmodel's linear warmup_steps come first."""
+
+    def __init__(self, cls: type, node: Dict[str, Any], total_steps: int):
+        self.cls, self.name = cls, f"{cls.__module__}.{cls.__qualname__}"
+        self.warmup_steps = fitted_warmup(int(node.get("warmup_steps") or 0), total_steps)
+        self.kwargs = self.arguments(node, total_steps - self.warmup_steps)
+
+    def arguments(self, node: Dict[str, Any], run_length: int) -> Dict[str, Any]:
+        params = inspect.signature(self.cls).parameters
+        kwargs = {k: v for k, v in node.items() if not k.startswith("_")
+                  and (k not in BIGMODEL_KEYS or (k in params and v is not None))}
+        left_out = sorted(k for k in node if k in BIGMODEL_KEYS and k not in kwargs and k != "warmup_steps")
+        if left_out:
+            log.info("scheduler: %s does not take %s; left out", self.name, ", ".join(left_out))
+        for name in RUN_LENGTH_ARGS:
+            required = name in params and params[name].default in (inspect.Parameter.empty, None)
+            if name in params and (kwargs.get(name, ...) is None or (required and name not in kwargs)):
+                kwargs[name] = max(1, run_length)
+        return kwargs
+
+    def build(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps)) \
+            if self.warmup_steps else None
+        try:
+            main = self.cls(optimizer, **self.kwargs)
+        except TypeError as err:
+            takes = [p for p in inspect.signature(self.cls).parameters if p not in ("optimizer", "self")]
+            raise UserError(f"scheduler._target_={self.name} cannot be built ({str(err).splitlines()[0]}); "
+                            f"it takes {', '.join(takes)}: give them as +scheduler.<name>=<value> and "
+                            "drop the others") from None
+        except ValueError as err:
+            raise UserError(f"scheduler._target_={self.name} refused its arguments ({str(err).splitlines()[0]}); "
+                            "fix the scheduler.<name> it names") from None
+        if warmup is None:
+            return main
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[self.warmup_steps])
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer,
+                 schedule: Union[Callable[[int], float], TorchSchedule]) -> torch.optim.lr_scheduler.LRScheduler:
+    """The torch scheduler the Trainer steps: LambdaLR over one of bigmodel's schedules, or
+    the one a TorchSchedule builds."""
+    if isinstance(schedule, TorchSchedule):
+        return schedule.build(optimizer)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def scheduler_kind(scheduler: torch.optim.lr_scheduler.LRScheduler) -> str:
+    """LambdaLR (any of bigmodel's schedules), a torch class, or SequentialLR(LambdaLR, <class>)."""
+    inner = getattr(scheduler, "_schedulers", None)
+    name = type(scheduler).__name__
+    return f"{name}({', '.join(type(s).__name__ for s in inner)})" if inner else name
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> Dict[str, Any]:
+    """What a checkpoint keeps of the scheduler: its state and kind, less bigmodel's
+    multiplier functions (the schedule comes from the config on resume)."""
+    state = scheduler.state_dict()
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        state.pop("lr_lambdas", None)
+    return {**state, "kind": scheduler_kind(scheduler)}
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: Dict[str, Any]) -> None:
+    """The inverse of scheduler_state; a checkpoint of another kind of scheduler is refused
+    (one written before torch schedulers were supported is LambdaLR)."""
+    state = dict(state)
+    saved, kind = state.pop("kind", "LambdaLR"), scheduler_kind(scheduler)
+    if saved != kind:
+        raise UserError(f"cannot resume: the checkpoint's LR scheduler is {saved}, this run's {kind} (a changed "
+                        "scheduler._target_ or, for a torch scheduler, scheduler.warmup_steps); resume with the "
+                        "checkpoint's scheduler settings, or start from its weights with trainer.init_from")
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(state)

@@ -123,7 +123,7 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
                    place: Placement) -> TrainingParts:
     """Model and data on the device, the model parallelized, and the optimizer over its
     (possibly sharded) parameters."""
-    from bigmodel_cli.build import build_optimizer, import_object, instantiate_or_explain, takes_key
+    from bigmodel_cli.build import build_optimizer, build_schedule, import_object, takes_key
     from bigmodel_cli.engine.parallelize import parallelize
     from bigmodel_cli.engine.tasks import task_for
 
@@ -137,7 +137,7 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
     optimizer = build_optimizer(cfg.optim, model)
-    schedule = partial(instantiate_or_explain, cfg.scheduler, "scheduler")
+    schedule = partial(build_schedule, cfg.scheduler)
     return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task))
 
 

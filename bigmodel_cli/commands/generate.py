@@ -45,12 +45,7 @@ def start_token(tokenizer) -> List[int]:
         return [0]
 
 
-def generate(cfg: DictConfig) -> List[str]:
-    import torch
-
-    from bigmodel_cli.engine.device import resolve_device
-    from bigmodel_cli.engine.sampling import sample_tokens
-
+def check_settings(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("no checkpoint given; run bigmodel generate ckpt=<run dir or checkpoint>")
     for key in ("max_new_tokens", "num_samples"):
@@ -62,33 +57,53 @@ def generate(cfg: DictConfig) -> List[str]:
         raise UserError(f"temperature must be a number >= 0 (got {cfg.temperature}); 0 is greedy, e.g. temperature=0.8")
     if not 0 <= cfg.seed < 2**63:
         raise UserError(f"seed must be between 0 and {2**63 - 1} (got {cfg.seed})")
+
+
+def generate(cfg: DictConfig) -> List[str]:
+    """Sample num_samples continuations of the prompt, all in one batch: one sample is
+    streamed as it grows; several are printed whole, each under a `--- sample N` line."""
+    import torch
+
+    from bigmodel_cli.engine.device import resolve_device
+    from bigmodel_cli.engine.sampling import sample_tokens
+
+    check_settings(cfg)
     device = resolve_device(cfg.device, key="device")
     model, tokenizer, spec, path = load_language_model(cfg.ckpt, device, cfg.trusted_targets)
     prompt_ids = [int(i) for i in tokenizer.encode(cfg.prompt)] if cfg.prompt else start_token(tokenizer)
     hidden = 0 if cfg.prompt else len(prompt_ids)  # an empty prompt's start token is not shown
     log.info("sampling from %s (%s tokenizer, temperature %s, top_k %s)", path, tokenizer.kind,
              cfg.temperature, cfg.top_k)
+    # One generator for the batch: a seed fixes the whole set of samples (num_samples=1 the one).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = []
-    for n in range(cfg.num_samples):
-        if cfg.num_samples > 1:
-            print(f"--- sample {n + 1}", flush=True)
-        ids = list(prompt_ids)
-        shown = tokenizer.decode(ids[hidden:])
-        print(shown, end="", flush=True)
-        context = torch.tensor([ids], dtype=torch.long, device=device)
-        for token in sample_tokens(model, context, cfg.max_new_tokens, spec.block_size, cfg.temperature,
-                                   cfg.top_k, generator):
-            ids.append(int(token[0]))
-            text = tokenizer.decode(ids[hidden:])
-            # Print what is new, once it is whole (a byte-level token may end mid-character).
-            if text.startswith(shown) and not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-        print(flush=True)
-        samples.append(tokenizer.decode(ids[hidden:]))
+    context = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
+    tokens = sample_tokens(model, context, cfg.max_new_tokens, spec.block_size, cfg.temperature, cfg.top_k,
+                           generator, kv_cache=cfg.kv_cache)
+    rows = [list(prompt_ids) for _ in range(cfg.num_samples)]
+    if cfg.num_samples == 1:
+        stream(tokens, rows[0], tokenizer, hidden)
+    else:
+        for step in tokens:
+            for row, token in zip(rows, step.tolist()):
+                row.append(token)
+        for n, row in enumerate(rows):
+            print(f"--- sample {n + 1}\n{tokenizer.decode(row[hidden:])}", flush=True)
     sys.stdout.flush()
-    return samples
+    return [tokenizer.decode(row[hidden:]) for row in rows]
+
+
+def stream(tokens, ids: List[int], tokenizer, hidden: int) -> None:
+    """Print one sample as its tokens come, appending them to `ids`."""
+    shown = tokenizer.decode(ids[hidden:])
+    print(shown, end="", flush=True)
+    for token in tokens:
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids[hidden:])
+        # Print what is new, once it is whole (a byte-level token may end mid-character).
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")

@@ -24,6 +24,9 @@ FIXED_KEYS = ("optim._target_", "trainer.grad_accum_steps")
 FREE_KEYS = ("data.prefetch",)
 # Naming the starting point is not a change of the run.
 IGNORED_KEYS = ("trainer.resume", "trainer.init_from")
+# Optimizer settings that torch's LR schedulers change as they step (OneCycleLR and CyclicLR
+# cycle the momentum, or Adam's first beta): on resume these come from the checkpoint.
+TORCH_SCHEDULER_DRIVES = ("lr", "initial_lr", "momentum", "betas", "max_lr", "max_momentum", "base_momentum")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -80,10 +83,15 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
 
 def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: List[Dict[str, Any]]) -> None:
     """After loading optimizer and schedule state, let this run's config decide the
-    hyperparameters (lr, weight decay, ...) and the schedule; for an unchanged config this
-    reproduces the saved values exactly."""
+    hyperparameters (lr, weight decay, ...) and bigmodel's schedule; for an unchanged config
+    this reproduces the saved values exactly."""
+    lambda_lr = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    # A torch scheduler continues from its own saved state, and the values it drives with it.
+    driven = ("lr",) if lambda_lr else TORCH_SCHEDULER_DRIVES
     for group, settings in zip(optimizer.param_groups, fresh):
-        group.update({k: v for k, v in settings.items() if k != "lr"})
+        group.update({k: v for k, v in settings.items() if k not in driven})
+    if not lambda_lr:
+        return
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(optimizer.param_groups, lrs):

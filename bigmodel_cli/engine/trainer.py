@@ -22,7 +22,7 @@ import math
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopp
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import Diverged, UserError, first_line
+from bigmodel_cli.optim import TorchSchedule, load_scheduler_state, lr_scheduler, scheduler_state
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
 from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
@@ -102,7 +103,8 @@ class TrainingParts:
 
     model: nn.Module  # already through `engine.parallelize`
     optimizer: torch.optim.Optimizer
-    schedule: Callable[..., Callable[[int], float]]  # schedule(total_steps=N) -> lr multiplier per step
+    # schedule(total_steps=N) -> lr multiplier per step, or a TorchSchedule (optim.lr_scheduler)
+    schedule: Callable[..., Union[Callable[[int], float], TorchSchedule]]
     data: DataModule
     task: Task
 
@@ -143,7 +145,7 @@ class Trainer:
         self.skip_nonfinite = settings.on_nonfinite == NonFinite.skip
         self.train_loader = self.plan_data()
         self.total_steps = self.plan_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, parts.schedule(total_steps=self.total_steps))
+        self.scheduler = lr_scheduler(self.optimizer, parts.schedule(total_steps=self.total_steps))
         self.configured_hyperparameters = hyperparameters(self.optimizer)
         self.step = 0
         self.last_lr = self.optimizer.param_groups[0]["lr"]
@@ -459,8 +461,7 @@ class Trainer:
     def checkpoint_record(self) -> CheckpointRecord:
         """Everything the next step depends on besides model and optimizer state (collective:
         every rank calls it)."""
-        scheduler = self.scheduler.state_dict()
-        scheduler.pop("lr_lambdas", None)  # the schedule comes from the config on resume
+        scheduler = scheduler_state(self.scheduler)
         origin = self.provenance
         return CheckpointRecord(
             step=self.step, epoch=round(self.step / self.steps_per_epoch, 3),
@@ -473,8 +474,7 @@ class Trainer:
         """Weights, optimizer, schedule and scaler from a checkpoint."""
         load_model_and_optimizer(self.state_model if checkpoint.is_sharded else self.raw_model, self.optimizer,
                                  checkpoint)
-        lambdas = [None] * len(self.scheduler.lr_lambdas)
-        self.scheduler.load_state_dict({**checkpoint.scheduler, "lr_lambdas": lambdas})
+        load_scheduler_state(self.scheduler, checkpoint.scheduler)
         if checkpoint.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint.scaler)
 

@@ -34,6 +34,32 @@ class SelfAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
+    def forward_cached(self, x: torch.Tensor, cache: "LayerCache", start: int) -> torch.Tensor:
+        """Causal attention of the tokens `x` (B, t) at positions start.. over themselves and
+        the `start` tokens before them, whose keys and values are in `cache` (inference only)."""
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+                   for z in self.qkv(x).split(c, dim=2))
+        cache.keys[:, :, start:start + t] = k
+        cache.values[:, :, start:start + t] = v
+        if start == 0:  # a fresh prompt: exactly the training forward's attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # token i of x sees every cached token and x's tokens up to i
+            keys, values = cache.keys[:, :, :start + t], cache.values[:, :, :start + t]
+            mask = None if t == 1 else (torch.arange(start + t, device=x.device)
+                                        <= torch.arange(start, start + t, device=x.device)[:, None])
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class LayerCache:
+    """One attention layer's keys and values, room for `capacity` tokens."""
+
+    def __init__(self, batch: int, n_heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, n_heads, capacity, head_dim)
+        self.keys = like.new_zeros(shape)
+        self.values = like.new_zeros(shape)
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0, bias: bool = True):
@@ -60,4 +86,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=self.causal, key_padding_mask=key_padding_mask)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, cache: LayerCache, start: int) -> torch.Tensor:
+        """forward() of a causal block at inference, for tokens that follow `start` cached ones."""
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
 import math
+from typing import List
 
 import torch
 from torch import nn
 
-from bigmodel_cli.models.attention import Block
+from bigmodel_cli.models.attention import Block, LayerCache
+
+
+class KVCache:
+    """The keys and values of the `length` tokens a GPT has seen so far, every layer's, with
+    room for block_size tokens: each new token then costs one position, not the whole context."""
+
+    def __init__(self, layers: List[LayerCache]):
+        self.layers = layers
+        self.length = 0
 
 
 class GPT(nn.Module):
@@ -13,7 +23,8 @@ class GPT(nn.Module):
 
     Token + learned position embeddings, pre-LN causal blocks on SDPA, a final LayerNorm
     and an LM head that shares its weight with the token embedding. Returns logits
-    shaped (B, T, vocab_size).
+    shaped (B, T, vocab_size). For sampling, `new_kv_cache` and `forward_cached` feed the
+    tokens one at a time after the prompt (the training forward does not use them).
     """
 
     input_kinds = ("tokens",)
@@ -53,4 +64,27 @@ class GPT(nn.Module):
         x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to block_size tokens."""
+        attn = self.blocks[0].attn
+        head_dim = self.pos_emb.embedding_dim // attn.n_heads
+        like = self.pos_emb.weight
+        return KVCache([LayerCache(batch_size, attn.n_heads, self.block_size, head_dim, like)
+                        for _ in self.blocks])
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, t, vocab) of the tokens `idx` (B, t) that follow the cache's tokens, at
+        the positions after them; their keys and values join the cache. Inference only (no
+        dropout, no gradients)."""
+        start, t = cache.length, idx.shape[1]
+        if start + t > self.block_size:
+            raise ValueError(f"{start} cached + {t} new tokens is longer than block_size={self.block_size}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block.forward_cached(x, layer, start)
+        cache.length = start + t
         return self.lm_head(self.ln_f(x))
