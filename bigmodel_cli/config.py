@@ -319,8 +319,8 @@ class DatasetSplitsConfig(DataConfig):
 @dataclass
 class DatasetConfig(DatasetSplitsConfig):
     _target_: str = "bigmodel_cli.data.dataset.TorchDataset"
-    # A Dataset class, a function returning Dataset(s) or a Dataset, e.g. mypkg.make_dataset:
-    # imported like a _target_ (so a checkpoint's is followed only when trusted).
+    # mypkg.make_dataset, say: a Dataset class, a function returning Dataset(s), or a Dataset
+    # (an import path like a _target_, so a checkpoint's is followed only when trusted)
     source: Optional[str] = field(default=None, metadata={"import_path": True})
     kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for data.source
     task: Optional[str] = None  # classification | regression | language_modeling; null: from a sample

@@ -12,7 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
-from conftest import write_user_package
+from conftest import write_image_folder, write_user_package
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: the Hydra plugin each launcher or sweeper example needs (optional extras)
@@ -69,6 +69,7 @@ def test_every_readme_example_runs(run_cli, tmp_path):
     (home / "corpus.txt").write_text("To be, or not to be, that is the question. " * 300)
     (tmp_path / "corpus.txt").write_text("ROMEO: But soft, what light through yonder window breaks? " * 300)
     write_user_package(tmp_path)
+    write_image_folder(tmp_path / "images")  # data=image_folder data.path=images
     ran = []
     for example in readme_examples():
         if "wandb" in example and not _importable("wandb"):
