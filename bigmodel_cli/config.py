@@ -363,6 +363,41 @@ class HFDataConfig(DataConfig):
     cache_dir: Optional[str] = None  # token cache; null: ~/.cache/bigmodel/hf-tokens
 
 
+@dataclass
+class DatasetSplitsConfig(DataConfig):
+    """A torch Dataset read through a DataLoader, with splits held out of it when not given."""
+
+    val_fraction: float = 0.1  # share of samples held out for validation when no val split is given
+    # Share held out for the final test; null: the test metrics are the validation split's.
+    test_fraction: Optional[float] = None
+    seed: int = 0  # draws the held-out samples
+    num_workers: int = 0  # DataLoader worker processes that read samples (0: the main process)
+
+
+@dataclass
+class DatasetConfig(DatasetSplitsConfig):
+    _target_: str = "bigmodel_cli.data.dataset.TorchDataset"
+    # mypkg.make_dataset, say: a Dataset class, a function returning Dataset(s), or a Dataset
+    # (an import path like a _target_, so a checkpoint's is followed only when trusted)
+    source: Optional[str] = field(default=None, metadata={"import_path": True})
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for data.source
+    task: Optional[str] = None  # classification | regression | language_modeling; null: from a sample
+    num_classes: Optional[int] = None  # null: the Dataset's `classes`, else max label + 1
+    vocab_size: Optional[int] = None  # language modelling; null: max token id + 1
+
+
+@dataclass
+class ImageFolderConfig(DatasetSplitsConfig):
+    _target_: str = "bigmodel_cli.data.image_folder.ImageFolder"
+    path: Optional[str] = None  # a folder with one subfolder of images per class
+    val_path: Optional[str] = None  # the same layout; null: data.val_fraction of data.path
+    test_path: Optional[str] = None  # the same layout; null: data.test_fraction of data.path, else val
+    image_size: int = 32  # every image is resized to image_size x image_size
+    channels: int = 3  # 3: RGB, 1: grey
+    normalize: str = "imagenet"  # imagenet | folder (its own mean and std) | none
+    num_workers: int = 2  # processes that decode images while the model trains
+
+
 # ------------------------------------------------------------------------- trainer
 
 
@@ -531,7 +566,8 @@ SCHEMAS = {
                   "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig,
                   "torch_cosine": TorchCosineScheduleConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
-             "text": TextConfig, "tokens": TokensConfig, "hf": HFDataConfig},
+             "text": TextConfig, "tokens": TokensConfig, "hf": HFDataConfig, "dataset": DatasetConfig,
+             "image_folder": ImageFolderConfig},
     "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,

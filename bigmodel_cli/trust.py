@@ -21,7 +21,7 @@ from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, FrozenSet, Iterator, Mapping, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, Mapping, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,12 +42,29 @@ def own_targets() -> FrozenSet[str]:
     return frozenset(t for t in targets if t != "???")
 
 
+@lru_cache(maxsize=None)
+def import_path_keys() -> Dict[str, FrozenSet[str]]:
+    """bigmodel's own `_target_`s -> their keys that name code to import (data.source), marked
+    `metadata={"import_path": True}` in the schema: followed only when trusted, like a target."""
+    from bigmodel_cli.config import SCHEMAS
+
+    keys: Dict[str, FrozenSet[str]] = {}
+    for options in SCHEMAS.values():
+        for schema in options.values():
+            marked = frozenset(f.name for f in fields(schema) if f.metadata.get("import_path"))
+            if marked:
+                keys[getattr(schema, "_target_")] = marked
+    return keys
+
+
 def targets_in(node: Any, where: str) -> Iterator[Tuple[str, str]]:
-    """(dotted key, target) of every `_target_` anywhere under `node` (instantiate recurses)."""
+    """(dotted key, target) of every `_target_` anywhere under `node` (instantiate recurses),
+    and of every key of one of our classes that names code (data.source)."""
     if isinstance(node, Mapping):
+        code_keys = import_path_keys().get(node.get("_target_"), ()) if isinstance(node.get("_target_"), str) else ()
         for key, value in node.items():
             name = f"{where}.{key}"
-            if key == "_target_":
+            if key == "_target_" or (key in code_keys and value is not None):
                 yield name, value
             else:
                 yield from targets_in(value, name)

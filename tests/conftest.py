@@ -106,7 +106,51 @@ class MyNet(nn.Module):
 """
 
 
+#: a user's own data set (mypkg/data.py), as `data.source=mypkg.data.make_dataset` names it
+MY_DATA_SOURCE = """
+import torch
+from torch.utils.data import Dataset
+
+
+class Blobs(Dataset):
+    def __init__(self, n=500):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randn(n, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(self.y, 8).float()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def make_dataset(n=500):
+    return Blobs(n)
+"""
+
+
 def write_user_package(folder: Path) -> None:
-    """mypkg/nets.py with MyNet in `folder`, as `model._target_=mypkg.nets.MyNet` names it."""
+    """mypkg/nets.py with MyNet in `folder`, as `model._target_=mypkg.nets.MyNet` names it,
+    and mypkg/data.py with a Dataset (data.source=mypkg.data.make_dataset)."""
     (folder / "mypkg").mkdir()
     (folder / "mypkg" / "nets.py").write_text(MY_NET_SOURCE)
+    (folder / "mypkg" / "data.py").write_text(MY_DATA_SOURCE)
+
+
+def write_image_folder(folder: Path, per_class: int = 20) -> Path:
+    """Tiny 16x16 PNGs in one subfolder per class (blue/, red/): the class is the colour,
+    sprinkled with random pixels. For data=image_folder data.path=<folder>."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    for name, base in (("blue", (40, 40, 200)), ("red", (200, 40, 40))):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (16, 16), tuple(min(255, max(0, c + rng.randint(-50, 50))) for c in base))
+            for _ in range(40):
+                image.putpixel((rng.randrange(16), rng.randrange(16)), tuple(rng.randrange(256) for _ in range(3)))
+            image.save(folder / name / f"{i:02d}.png")
+    return folder

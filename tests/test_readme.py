@@ -12,7 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
-from conftest import write_user_package
+from conftest import write_image_folder, write_user_package
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: the Hydra plugin each launcher or sweeper example needs (optional extras)
@@ -20,7 +20,7 @@ PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
            "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
            "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher"}
 #: the optional package each example needs (an extra; skipped where it is not installed)
-EXTRAS = {"data=hf": "datasets"}
+EXTRAS = {"data=hf": "datasets", "data=image_folder": "torchvision"}
 CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "trainer.eval_batches=2")
 
 
@@ -72,6 +72,7 @@ def test_every_readme_example_runs(run_cli, tmp_path):
     (tmp_path / "corpus.txt").write_text("ROMEO: But soft, what light through yonder window breaks? " * 300)
     write_user_package(tmp_path)
     write_user_data(tmp_path)
+    write_image_folder(tmp_path / "images")  # data=image_folder data.path=images
     ran = []
     for example in readme_examples():
         if "wandb" in example and not _importable("wandb"):

@@ -61,6 +61,13 @@ def check_split(name: str, available) -> None:
         raise UserError(f"unknown split '{name}'; choose one of {', '.join(available)}")
 
 
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's share of epoch `epoch`'s permutation of `n` samples: a pure function of
+    (seed, epoch), strided across ranks so the shares are disjoint."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)[rank::world_size]
+
+
 class ShuffledBatches:
     """Full batches of (x[idx], y[idx]) in a fresh permutation each epoch.
 
@@ -84,9 +91,7 @@ class ShuffledBatches:
         return (len(self.x) // self.world_size) // self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.x), generator=gen)[self.rank::self.world_size]
-        order = order.to(self.x.device)
+        order = epoch_order(len(self.x), self.seed, self.epoch, self.rank, self.world_size).to(self.x.device)
         for i in range(self.start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             # index_select copies whole rows; x[idx] (advanced indexing) is ~5x slower here.
