@@ -403,15 +403,17 @@ class WandbLoggerConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "char"  # char | byte | bpe
+    kind: str = "char"  # char | byte | bpe | gpt2 | hf
     vocab_size: Optional[int] = None  # bpe only (default 4096)
+    # gpt2: a local GPT-2 ranks file (gpt2.tiktoken; null: tiktoken's cache); hf: a tokenizer.json
+    path: Optional[str] = None
 
 
 @dataclass
 class PrepareConfig:
     out: str = MISSING  # the folder to write train.bin, val.bin, test.bin and meta.json into
     data: Any = None  # the data group (data=text): path, val_fraction, test_fraction
-    tokenizer: Any = None  # the tokenizer group: char | byte | bpe
+    tokenizer: Any = None  # the tokenizer group: char | byte | bpe | gpt2 | hf
 
 
 @dataclass
@@ -427,6 +429,9 @@ class GenerateConfig:
     num_samples: int = 1  # samples to print
     seed: int = 1337  # fixes the samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # The tokenizer group, for a checkpoint without one (a nanoGPT GPT-2 folder's run):
+    # tokenizer=gpt2, or tokenizer=hf tokenizer.path=<tokenizer.json>. null: the checkpoint's.
+    tokenizer: Any = None
 
 
 # -------------------------------------------------------------------- eval command
@@ -471,7 +476,8 @@ SCHEMAS = {
                   "exponential": ExponentialScheduleConfig, "cosine": CosineScheduleConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
              "text": TextConfig, "tokens": TokensConfig},
-    "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
+    "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig,
+                  "gpt2": TokenizerConfig, "hf": TokenizerConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,
                "wandb": WandbLoggerConfig},

@@ -110,3 +110,15 @@ def write_user_package(folder: Path) -> None:
     """mypkg/nets.py with MyNet in `folder`, as `model._target_=mypkg.nets.MyNet` names it."""
     (folder / "mypkg").mkdir()
     (folder / "mypkg" / "nets.py").write_text(MY_NET_SOURCE)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> Path:
+    """GPT-2's BPE ranks file (gpt2.tiktoken) for tokenizer.path= (tests/gpt2_ranks.py);
+    the test skips, saying why, where it cannot be had."""
+    from gpt2_ranks import find_gpt2_ranks
+
+    path, why = find_gpt2_ranks()
+    if path is None:
+        pytest.skip(why)
+    return path
