@@ -299,7 +299,7 @@ class TokensConfig(DataConfig):
     block_size: int = 64  # tokens of context per sample
     batch_size: int = 12  # windows per optimizer micro-step
     dtype: Optional[str] = None  # uint16 | uint32; null: from meta.json, else uint16
-    vocab_size: Optional[int] = None  # null: from meta.json
+    vocab_size: Optional[int] = None  # null: from meta.json (or a nanoGPT folder's meta.pkl)
     # Training batches built this many ahead in a background thread (0: off); null: 2 on
     # CUDA, 0 on CPU, where the thread would compete with the compute threads.
     prefetch: Optional[int] = None

