@@ -340,7 +340,7 @@ class TokensConfig(DataConfig):
     block_size: int = 64  # tokens of context per sample
     batch_size: int = 12  # windows per optimizer micro-step
     dtype: Optional[str] = None  # uint16 | uint32; null: from meta.json, else uint16
-    vocab_size: Optional[int] = None  # null: from meta.json
+    vocab_size: Optional[int] = None  # null: from meta.json (or a nanoGPT folder's meta.pkl)
     # Training batches built this many ahead in a background thread (0: off); null: 2 on
     # CUDA, 0 on CPU, where the thread would compete with the compute threads.
     prefetch: Optional[int] = None
@@ -496,15 +496,17 @@ class WandbLoggerConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "char"  # char | byte | bpe
+    kind: str = "char"  # char | byte | bpe | gpt2 | hf
     vocab_size: Optional[int] = None  # bpe only (default 4096)
+    # gpt2: a local GPT-2 ranks file (gpt2.tiktoken; null: tiktoken's cache); hf: a tokenizer.json
+    path: Optional[str] = None
 
 
 @dataclass
 class PrepareConfig:
     out: str = MISSING  # the folder to write train.bin, val.bin, test.bin and meta.json into
     data: Any = None  # the data group (data=text): path, val_fraction, test_fraction
-    tokenizer: Any = None  # the tokenizer group: char | byte | bpe
+    tokenizer: Any = None  # the tokenizer group: char | byte | bpe | gpt2 | hf
 
 
 @dataclass
@@ -521,6 +523,9 @@ class GenerateConfig:
     seed: int = 1337  # fixes the samples (all num_samples together: they are drawn as one batch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kv_cache: bool = True  # reuse the keys and values of earlier tokens (false: recompute; same samples)
+    # The tokenizer group, for a checkpoint without one (a nanoGPT GPT-2 folder's run):
+    # tokenizer=gpt2, or tokenizer=hf tokenizer.path=<tokenizer.json>. null: the checkpoint's.
+    tokenizer: Any = None
 
 
 # -------------------------------------------------------------------- eval command
@@ -568,7 +573,8 @@ SCHEMAS = {
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "sine": SineConfig,
              "text": TextConfig, "tokens": TokensConfig, "hf": HFDataConfig, "dataset": DatasetConfig,
              "image_folder": ImageFolderConfig},
-    "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig},
+    "tokenizer": {"char": TokenizerConfig, "byte": TokenizerConfig, "bpe": TokenizerConfig,
+                  "gpt2": TokenizerConfig, "hf": TokenizerConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"jsonl": JsonlLoggerConfig, "csv": CsvLoggerConfig, "tensorboard": TensorBoardLoggerConfig,
                "wandb": WandbLoggerConfig},

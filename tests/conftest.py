@@ -154,3 +154,15 @@ def write_image_folder(folder: Path, per_class: int = 20) -> Path:
                 image.putpixel((rng.randrange(16), rng.randrange(16)), tuple(rng.randrange(256) for _ in range(3)))
             image.save(folder / name / f"{i:02d}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> Path:
+    """GPT-2's BPE ranks file (gpt2.tiktoken) for tokenizer.path= (tests/gpt2_ranks.py);
+    the test skips, saying why, where it cannot be had."""
+    from gpt2_ranks import find_gpt2_ranks
+
+    path, why = find_gpt2_ranks()
+    if path is None:
+        pytest.skip(why)
+    return path

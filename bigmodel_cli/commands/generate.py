@@ -18,9 +18,8 @@ log = logging.getLogger("bigmodel")
 register_configs()
 
 
-def load_language_model(ckpt: str, device, trusted_targets=()):
+def load_language_model(ckpt: str, device, trusted_targets=(), tokenizer_override=None):
     """The model and tokenizer a checkpoint was trained with (its config rebuilds it)."""
-    from bigmodel_cli.data.tokenizers import CharTokenizer, tokenizer_from_state
     from bigmodel_cli.engine.inference import open_trained, ready_model
 
     trained = open_trained(ckpt, trusted_targets)
@@ -28,13 +27,36 @@ def load_language_model(ckpt: str, device, trusted_targets=()):
     if spec.task != "language_modeling":
         raise UserError(f"{path} is not a language model (task {spec.task}); generate needs "
                         "one trained with data=text or data=tokens")
-    data_state = trained.checkpoint.data
-    tokenizer = (CharTokenizer.from_vocab(data_state["vocab"], f"the vocabulary in {path}") if data_state.get("vocab")
-                 else tokenizer_from_state(data_state.get("tokenizer"), f"the tokenizer in {path}"))
-    if tokenizer is None:
-        raise UserError(f"{path} has no tokenizer (its token files had no meta.json); prepare the data "
-                        "with bigmodel prepare to generate text")
+    tokenizer = checkpoint_tokenizer(trained.checkpoint.data, tokenizer_override, path)
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise UserError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size:,} token ids but the model in "
+                        f"{path} only {spec.vocab_size:,}; use the tokenizer its training data was made with")
     return ready_model(trained, device), tokenizer, spec, path
+
+
+def checkpoint_tokenizer(data_state: dict, override, path):
+    """The checkpoint's own tokenizer, or the one given (tokenizer=gpt2|hf) where it has none
+    or the same kind (its ranks file or tokenizer.json found elsewhere)."""
+    from bigmodel_cli.data.tokenizers import PRETRAINED, CharTokenizer, tokenizer_from_state
+
+    stored = data_state.get("tokenizer") or {}
+    stored_kind = "char" if data_state.get("vocab") else stored.get("kind")
+    if override is not None:
+        if override.kind not in PRETRAINED:
+            raise UserError(f"generate takes tokenizer=gpt2 or tokenizer=hf, not tokenizer={override.kind}: a "
+                            f"{override.kind} tokenizer comes with the checkpoint it was trained for")
+        if stored_kind not in (None, override.kind):
+            raise UserError(f"{path} was trained with a {stored_kind} tokenizer, not {override.kind}; "
+                            "leave tokenizer= out to use its own")
+        return PRETRAINED[override.kind].load(override.get("path"))
+    if data_state.get("vocab"):
+        return CharTokenizer.from_vocab(data_state["vocab"], f"the vocabulary in {path}")
+    tokenizer = tokenizer_from_state(data_state.get("tokenizer"), f"the tokenizer in {path}")
+    if tokenizer is None:
+        raise UserError(f"{path} has no tokenizer (its token files had no meta.json or meta.pkl); give the one "
+                        "its tokens were made with: tokenizer=gpt2 (nanoGPT's GPT-2 folders) or tokenizer=hf "
+                        "tokenizer.path=<tokenizer.json>, or prepare the data with bigmodel prepare")
+    return tokenizer
 
 
 def start_token(tokenizer) -> List[int]:
@@ -69,7 +91,7 @@ def generate(cfg: DictConfig) -> List[str]:
 
     check_settings(cfg)
     device = resolve_device(cfg.device, key="device")
-    model, tokenizer, spec, path = load_language_model(cfg.ckpt, device, cfg.trusted_targets)
+    model, tokenizer, spec, path = load_language_model(cfg.ckpt, device, cfg.trusted_targets, cfg.tokenizer)
     prompt_ids = [int(i) for i in tokenizer.encode(cfg.prompt)] if cfg.prompt else start_token(tokenizer)
     hidden = 0 if cfg.prompt else len(prompt_ids)  # an empty prompt's start token is not shown
     log.info("sampling from %s (%s tokenizer, temperature %s, top_k %s)", path, tokenizer.kind,

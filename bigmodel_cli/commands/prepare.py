@@ -33,24 +33,20 @@ def prepare(cfg: DictConfig) -> Dict[str, Any]:
     import numpy as np
 
     from bigmodel_cli.data.text import builtin_corpus, read_corpus
-    from bigmodel_cli.data.tokenizers import TOKENIZERS
+    from bigmodel_cli.data.tokenizers import tokenizer_for_corpus
     from bigmodel_cli.data.tokens import META
 
     if OmegaConf.is_missing(cfg, "out"):
         raise UserError("no output folder given; run bigmodel prepare data.path=<corpus> out=<folder>")
-    if cfg.tokenizer.kind not in TOKENIZERS:
-        raise UserError(f"tokenizer.kind={cfg.tokenizer.kind} is unknown; use tokenizer=char, byte or bpe")
     if cfg.data is None or "path" not in cfg.data:
         raise UserError("bigmodel prepare tokenizes text: use data=text data.path=<file or folder>")
     val, test = cfg.data.get("val_fraction", 0.05), cfg.data.get("test_fraction", 0.05)
     if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
         raise UserError(f"data.val_fraction={val} and data.test_fraction={test} must be fractions (val > 0, "
                         "test >= 0) that leave text to train on")
-    if cfg.tokenizer.vocab_size is not None and cfg.tokenizer.vocab_size < 1:
-        raise UserError(f"tokenizer.vocab_size must be > 0 (got {cfg.tokenizer.vocab_size})")
     path = cfg.data.get("path")
-    text = builtin_corpus() if path is None else read_corpus(path)
-    tokenizer = TOKENIZERS[cfg.tokenizer.kind].fit(text, cfg.tokenizer.vocab_size)
+    tokenizer, text = tokenizer_for_corpus(cfg.tokenizer.kind, cfg.tokenizer.vocab_size, cfg.tokenizer.get("path"),
+                                           lambda: builtin_corpus() if path is None else read_corpus(path))
     ids = tokenizer.encode(text)
     n = len(ids)
     n_val, n_test = int(n * val), int(n * test)

@@ -1,5 +1,6 @@
 """Tokenizers for `bigmodel prepare` and `bigmodel generate`: char, byte and (with the
-optional Hugging Face `tokenizers` package) byte-level BPE.
+optional Hugging Face `tokenizers` package) byte-level BPE, trained here; and GPT-2's and
+any Hugging Face tokenizer.json, made elsewhere (data/pretrained_tokenizers.py).
 
 Each is saved as plain JSON-able state (in meta.json, and in checkpoints), never pickled.
 """
@@ -11,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from bigmodel_cli.data.pretrained_tokenizers import GPT2Tokenizer, HFTokenizer, gpt2_problem, hf_problem
+from bigmodel_cli.data.text_chunks import text_chunks
 from bigmodel_cli.errors import UserError, first_line
 
 
@@ -93,7 +96,7 @@ class BPETokenizer:
         tokenizer.decoder = lib.decoders.ByteLevel()
         trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size or 4096, show_progress=False,
                                           initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet())
-        tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+        tokenizer.train_from_iterator(text_chunks(text), trainer=trainer)
         return cls(tokenizer)
 
     @property
@@ -101,7 +104,7 @@ class BPETokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
-        ids = [i for enc in self.tokenizer.encode_batch(list(_chunks(text))) for i in enc.ids]
+        ids = [i for enc in self.tokenizer.encode_batch(list(text_chunks(text))) for i in enc.ids]
         return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -115,17 +118,30 @@ class BPETokenizer:
         return cls(cls._library().Tokenizer.from_str(state["json"]))
 
 
-def _chunks(text: str, size: int = 1 << 16):
-    """Pieces of about `size` characters, cut at line ends (BPE never merges across them)."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
-        start = end
+#: tokenizers that `bigmodel prepare` trains on the corpus
+TRAINED = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
+#: tokenizers made elsewhere, read from tokenizer.path (or, for gpt2, tiktoken's cache)
+PRETRAINED = {"gpt2": GPT2Tokenizer, "hf": HFTokenizer}
+TOKENIZERS = {**TRAINED, **PRETRAINED}
+KINDS = ", ".join(TOKENIZERS)
 
 
-TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
+def tokenizer_for_corpus(kind: str, vocab_size: Optional[int], path: Optional[str], corpus):
+    """The tokenizer `bigmodel prepare` writes with: one made elsewhere, loaded from `path`
+    (before the corpus is read, so a bad file fails at once), or one trained on `corpus()`."""
+    if kind not in TOKENIZERS:
+        raise UserError(f"tokenizer.kind={kind} is unknown; use tokenizer={KINDS.replace(', ', ', tokenizer=')}")
+    if kind in PRETRAINED:
+        if vocab_size is not None:
+            raise UserError(f"tokenizer.vocab_size is for tokenizer=bpe; tokenizer={kind} has its own vocabulary")
+        return PRETRAINED[kind].load(path), corpus()
+    if path is not None:
+        raise UserError(f"tokenizer.path is for tokenizer=gpt2 or tokenizer=hf; tokenizer={kind} is trained "
+                        "on the corpus")
+    if vocab_size is not None and vocab_size < 1:
+        raise UserError(f"tokenizer.vocab_size must be > 0 (got {vocab_size})")
+    text = corpus()
+    return TRAINED[kind].fit(text, vocab_size), text
 
 
 def tokenizer_problem(state: Any) -> Optional[str]:
@@ -135,11 +151,15 @@ def tokenizer_problem(state: Any) -> Optional[str]:
         return f"it is a {type(state).__name__}, not a table"
     kind = state.get("kind")
     if kind not in TOKENIZERS:
-        return f"unknown tokenizer kind {str(kind)[:40]!r}; expected char, byte or bpe"
+        return f"unknown tokenizer kind {str(kind)[:40]!r}; expected {KINDS}"
     if kind == "char":
         return vocabulary_problem(state.get("vocab"))
     if kind == "bpe":
         return bpe_problem(state.get("json"))
+    if kind == "gpt2":
+        return gpt2_problem(state)
+    if kind == "hf":
+        return hf_problem(state)
     return None
 
 
@@ -182,6 +202,10 @@ def tokenizer_from_state(state: Optional[Dict[str, Any]], where: str = "the data
         return CharTokenizer(state["vocab"])
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "gpt2":
+        return GPT2Tokenizer.from_state(state)
+    if kind == "hf":
+        return HFTokenizer.from_state(state, where)
     try:
         tokenizer = BPETokenizer.from_state(state)
         tokenizer.decode([int(i) for i in tokenizer.encode("a\n")])  # a trial run, before it is relied on

@@ -2,8 +2,9 @@
 
 A data dir holds `train.bin` and `val.bin` (optionally `test.bin`): flat arrays of token
 ids, uint16 when the vocabulary fits, else uint32, the layout nanoGPT-style tools write,
-plus our `meta.json` (dtype, vocabulary size, tokenizer) from `bigmodel prepare`. The
-files are never read whole: each batch gathers its windows from the memory map, so they
+plus our `meta.json` (dtype, vocabulary size, tokenizer) from `bigmodel prepare`, or
+nanoGPT's own `meta.pkl` (read as data only: data/nanogpt_meta.py). The files are never
+read whole: each batch gathers its windows from the memory map, so they
 may be larger than RAM.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from bigmodel_cli.data.base import DataModule, DataSpec, check_split
+from bigmodel_cli.data.nanogpt_meta import META_PKL, read_meta_pkl
 from bigmodel_cli.data.prefetch import Prefetched
 from bigmodel_cli.data.tokenizers import tokenizer_problem
 from bigmodel_cli.data.windows import (
@@ -33,8 +35,8 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 def read_meta(folder: Path) -> dict:
     path = folder / META
-    if not path.is_file():
-        return {}
+    if not path.is_file():  # a nanoGPT folder: its meta.pkl, where it has one
+        return read_meta_pkl(folder / META_PKL) if (folder / META_PKL).is_file() else {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:  # not UTF-8, or not JSON
@@ -79,11 +81,11 @@ class TokenFiles(DataModule):
             raise UserError(f"{where}={dtype} is not supported; use uint16 or uint32")
         vocab = self.vocab_size or self.meta.get("vocab_size")
         if not vocab:
-            raise UserError(f"{self.folder} has no {META} to give the vocabulary size; set data.vocab_size "
-                            "(e.g. 50304 for GPT-2 tokens)")
+            raise UserError(f"{self.folder} has no {META} or {META_PKL} to give the vocabulary size; set "
+                            "data.vocab_size (e.g. 50304 for GPT-2 tokens)")
         if vocab < self.meta.get("vocab_size", 0):
             raise UserError(f"data.vocab_size={vocab} is smaller than the {self.meta['vocab_size']} token ids "
-                            f"of {self.folder}; leave it null to take it from {META}")
+                            f"of {self.folder}; leave it null to take it from its meta file")
         for split in ("train", "val", "test"):
             path = self.folder / f"{split}.bin"
             if path.is_file():
