@@ -355,7 +355,10 @@ class HFDataConfig(DataConfig):
     files: Optional[Any] = None
     text_column: str = "text"  # the column holding the text
     label_column: Optional[str] = None  # classification labels; null: language modelling on the text
-    tokenizer: str = "byte"  # byte | char (fitted on the training text)
+    # byte | char | bpe (fitted on the data's text) | gpt2 | hf (made elsewhere: data.tokenizer_path,
+    # a gpt2.tiktoken ranks file or a tokenizer.json; see tokenizer=gpt2 / tokenizer=hf)
+    tokenizer: str = "byte"
+    tokenizer_path: Optional[str] = None
     block_size: int = 128  # tokens per text (cut or padded) or per language-model window
     batch_size: int = 16
     val_fraction: float = 0.1  # held out from train when the data has no validation split

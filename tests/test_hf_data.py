@@ -124,3 +124,36 @@ def test_a_damaged_token_cache_is_rebuilt(tmp_path):
     again = make()
     again.setup()
     assert again.splits["train"][0].equal(first.splits["train"][0])
+
+
+def test_bert_classifies_a_jsonl_file_through_data_hf(run_cli, tmp_path):
+    """Issue 15, acceptance 1: BertForSequenceClassification (model=hf_classifier) trains on a
+    text-classification JSONL file through data=hf."""
+    pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]' (Hugging Face transformers)")
+    write_reviews(tmp_path / "reviews.jsonl")
+    result = run_cli("train", "model=hf_classifier", "data=hf", "data.files=reviews.jsonl",
+                     "data.label_column=sentiment", "data.block_size=24", "data.cache_dir=cache", "optim=adam",
+                     "optim.lr=1e-3", "trainer.max_steps=100", *FAST, timeout=600)
+    assert result.returncode == 0, result.output
+    summary = json.loads(next(tmp_path.glob("outputs/*/*/summary.json")).read_text())
+    assert summary["test"]["accuracy"] > 0.9, summary["test"]
+
+
+def test_a_tokenizer_json_made_elsewhere_tokenizes_data_hf(run_cli, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
+    words = sorted({w for phrase in POSITIVE + NEGATIVE for w in phrase.split()})
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "words.json"))
+    write_reviews(tmp_path / "reviews.jsonl")
+    (tmp_path / "bag.py").write_text(BAG_OF_EMBEDDINGS)
+    result = run_cli("train", "model=custom", "model._target_=bag.Bag", "data=hf", "data.files=reviews.jsonl",
+                     "data.label_column=sentiment", "data.tokenizer=hf", "data.tokenizer_path=words.json",
+                     "data.block_size=12", "data.cache_dir=cache", "optim=adam", "optim.lr=1e-2",
+                     "trainer.max_steps=40", *FAST)
+    assert result.returncode == 0, result.output
+    summary = json.loads(next(tmp_path.glob("outputs/*/*/summary.json")).read_text())
+    assert summary["test"]["accuracy"] > 0.9
+    cached = json.loads(next((tmp_path / "cache").glob("*/state.json")).read_text())
+    assert cached["tokenizer"]["kind"] == "hf"  # the words, not bytes

@@ -28,14 +28,13 @@ from omegaconf import OmegaConf
 
 from bigmodel_cli.data.base import DataModule, DataSpec, check_split
 from bigmodel_cli.data.hf_files import Files, column, load_splits, source_signature
-from bigmodel_cli.data.tokenizers import CharTokenizer, ByteTokenizer, tokenizer_from_state
+from bigmodel_cli.data.tokenizers import TOKENIZERS, tokenizer_for_corpus, tokenizer_from_state
 from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 
 CACHE_VERSION = 1
-FIT_TOKENIZERS = {"char": CharTokenizer.fit, "byte": ByteTokenizer.fit}
 
 
 def default_cache_dir() -> Path:
@@ -48,11 +47,11 @@ class HFData(DataModule):
 
     def __init__(self, batch_size: int = 16, path: Optional[str] = None, files: Optional[Files] = None,
                  text_column: str = "text", label_column: Optional[str] = None, tokenizer: str = "byte",
-                 block_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                 tokenizer_path: Optional[str] = None, block_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
                  cache_dir: Optional[str] = None):
         super().__init__(batch_size)
-        if tokenizer not in FIT_TOKENIZERS:
-            raise UserError(f"data.tokenizer={tokenizer} is not one of {', '.join(FIT_TOKENIZERS)}")
+        if tokenizer not in TOKENIZERS:
+            raise UserError(f"data.tokenizer={tokenizer} is not one of {', '.join(TOKENIZERS)}")
         if block_size < 1 or not 0 < val_fraction < 1:
             raise UserError(f"data.block_size must be >= 1 and data.val_fraction in (0, 1) "
                             f"(got {block_size}, {val_fraction})")
@@ -60,6 +59,7 @@ class HFData(DataModule):
             files = OmegaConf.to_container(files)
         self.path, self.files = path, files
         self.text_column, self.label_column, self.tokenizer_name = text_column, label_column, tokenizer
+        self.tokenizer_path = tokenizer_path
         self.unit = "samples" if label_column is not None else "tokens"
         self.block_size, self.val_fraction, self.seed = block_size, val_fraction, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -102,6 +102,7 @@ class HFData(DataModule):
     def cache_key(self) -> str:
         settings = {"version": CACHE_VERSION, "source": source_signature(self.path, self.files),
                     "text": self.text_column, "label": self.label_column, "tokenizer": self.tokenizer_name,
+                    "tokenizer_file": source_signature(self.tokenizer_path, None) if self.tokenizer_path else None,
                     "restored": self.state_dict(), "block": self.block_size, "val": self.val_fraction,
                     "seed": self.seed}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -110,9 +111,10 @@ class HFData(DataModule):
         splits = load_splits(self.path, self.files)
         texts = {name: [str(t) for t in column(part, self.text_column, "text_column", name)]
                  for name, part in splits.items()}
-        if self.tokenizer is None:
-            # every split's characters: a val-only character must not stop the run (labels are never seen)
-            self.tokenizer = FIT_TOKENIZERS[self.tokenizer_name]("\n".join("\n".join(t) for t in texts.values()))
+        if self.tokenizer is None:  # char and bpe are fitted on every split's text (never on labels), so
+            # a character only the validation texts hold does not stop the run
+            self.tokenizer, _ = tokenizer_for_corpus(self.tokenizer_name, None, self.tokenizer_path,
+                                                     lambda: "\n".join("\n".join(t) for t in texts.values()))
         if not self.classifies:
             return self.split_stream({name: self.encode_stream(t) for name, t in texts.items()})
         labels = {name: column(part, self.label_column, "label_column", name) for name, part in splits.items()}
