@@ -75,7 +75,8 @@ class TorchDataset(DataModule):
             raise UserError(f"data.vocab_size must be > 0 (got {vocab_size}); null counts the token ids")
         self.source = source
         # Hydra hands a nested node over as a DictConfig: the user's function gets plain values.
-        self.kwargs = OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs or {})
+        plain = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else kwargs
+        self.kwargs = dict(plain or {})
         self.task, self.num_classes, self.vocab_size = task, num_classes, vocab_size
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.num_workers = num_workers
