@@ -286,3 +286,11 @@ def test_an_unusable_image_folder_is_one_line(tmp_path, layout, expected):
         (tmp_path / "other" / "red" / "00.png").rename(folder / "cat" / "00.png")
     message = one_line_error(ImageFolder(path=str(folder)))
     assert expected in message and f"data.path={folder}" in message
+
+
+def test_an_iterable_dataset_is_refused_in_one_line(user_package, tmp_path):
+    module = tmp_path / f"{user_package}_stream.py"
+    module.write_text("from torch.utils.data import IterableDataset\n\n\nclass Stream(IterableDataset):\n"
+                      "    def __iter__(self):\n        yield from ()\n")
+    message = one_line_error(TorchDataset(source=f"{user_package}_stream.Stream"))
+    assert "gave an IterableDataset as its train split" in message and "map-style" in message

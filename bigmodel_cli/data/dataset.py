@@ -74,7 +74,9 @@ class TorchDataset(DataModule):
         if vocab_size is not None and vocab_size < 1:
             raise UserError(f"data.vocab_size must be > 0 (got {vocab_size}); null counts the token ids")
         self.source = source
-        self.kwargs = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs or {})
+        # Hydra hands a nested node over as a DictConfig: the user's function gets plain values.
+        plain = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else kwargs
+        self.kwargs = dict(plain or {})
         self.task, self.num_classes, self.vocab_size = task, num_classes, vocab_size
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.num_workers = num_workers
@@ -122,7 +124,7 @@ class TorchDataset(DataModule):
             named = dict(loaded)
         elif isinstance(loaded, (tuple, list)) and 2 <= len(loaded) <= 3 and all(map(is_map_style, loaded)):
             named = dict(zip(SPLITS, loaded))
-        elif is_map_style(loaded) and not isinstance(loaded, (tuple, list)):
+        elif isinstance(loaded, IterableDataset) or (is_map_style(loaded) and not isinstance(loaded, (tuple, list))):
             named = {"train": loaded}
         else:
             raise UserError(f"{self.label()} gave {what_it_is(loaded)}; expected {EXPECTED}")
@@ -138,6 +140,7 @@ class TorchDataset(DataModule):
     def setup(self) -> None:
         named = self.named_splits(self.load())
         given: List[Dataset] = list(named.values())
+        # Held out of train: val when not given; test too when one Dataset came with data.test_fraction.
         held_out = {name: frac for name, frac in (("val", self.val_fraction), ("test", self.test_fraction))
                     if name not in named and frac is not None and (name == "val" or len(named) == 1)}
         if held_out:
