@@ -187,8 +187,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, _, _ = load_language_model(str(train_char_gpt(args.train_steps, Path(tmp))),
                                                      torch.device("cpu"))
-    if args.new_tokens + 1 > model.block_size:
-        sys.exit(f"--new-tokens must be below the model's block_size ({model.block_size})")
+    if args.new_tokens > model.block_size:  # the one-token prompt and all but the last new token are fed
+        sys.exit(f"--new-tokens must be at most the model's block_size ({model.block_size})")
     hf = as_gpt2(model)
     gap = check_same_logits(model, hf, model.tok_emb.num_embeddings)
     prompt = torch.tensor([[int(i) for i in tokenizer.encode("\n")]], dtype=torch.long)
