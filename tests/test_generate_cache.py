@@ -88,7 +88,7 @@ def run_generate(monkeypatch, capsys, *overrides):
     model = Spy(tiny_gpt(tokenizer.vocab_size))
     spec = SimpleNamespace(block_size=BLOCK)
     monkeypatch.setattr(generate_command, "load_language_model",
-                        lambda ckpt, device, trusted=(): (model, tokenizer, spec, "tiny"))
+                        lambda ckpt, device, trusted=(), chosen=None: (model, tokenizer, spec, "tiny"))
     cfg = compose_config("ckpt=tiny", "device=cpu", "prompt=ab", *overrides, config_name="generate")
     samples = generate_command.generate(cfg)
     return samples, capsys.readouterr().out, model.calls
