@@ -69,15 +69,18 @@ def test_hf_causal_lm_trains_resumes_exactly_and_generates(compose, run_cli, tmp
     assert text.startswith("def") and len(text) == len("def") + 12
 
 
-def test_hf_blocks_are_found_and_flops_are_estimated(compose, tmp_path):
+def test_hf_blocks_are_found_recomputed_in_bf16_and_flops_are_estimated(compose, tmp_path):
     from bigmodel_cli.run import build_run
 
-    run = build_run(compose(*TINY_LM, "trainer.max_steps=1"), tmp_path, {"model": "hf_causal_lm", "data": "text"})
+    cfg = compose(*TINY_LM, "trainer.max_steps=2", "model.activation_checkpointing=true", "trainer.precision=bf16")
+    run = build_run(cfg, tmp_path, {"model": "hf_causal_lm", "data": "text"})
+    assert run.trainer.fit().steps == 2
     run.telemetry.close()
     model = run.trainer.raw_model
     assert isinstance(model, GPT2LMHeadModel)  # no wrapper
     blocks = repeated_blocks(model)
     assert blocks == list(model.transformer.h) and len(blocks) == 2  # what FSDP shards, one by one
+    assert all(block.forward.__name__ == "forward_with_recompute" for block in blocks)
     spec = run.trainer.data.spec
     assert model.config.vocab_size == spec.vocab_size and model.config.n_positions == spec.block_size
     expected = 6.0 * run.parameters + 12.0 * 2 * 16 * 16
@@ -220,8 +223,12 @@ def test_pretrained_from_a_local_folder_never_downloads(compose, tmp_path):
         build_model(cfg, DataSpec("language_modeling", "tokens", (64,), 40, 40, 64))
 
 
-def test_two_rank_ddp_trains_a_hf_causal_lm(run_cli):
-    done = run_cli("train", *TINY_LM, "trainer.devices=2", "trainer.max_steps=3", "trainer.val_every=3")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_train_a_hf_causal_lm(run_cli, strategy):
+    done = run_cli("train", *TINY_LM, "trainer.devices=2", f"trainer.strategy={strategy}", "trainer.max_steps=3",
+                   "trainer.val_every=3")
     assert done.returncode == 0, done.output
     assert done.summary()["steps"] == 3
     assert (done.run_dir() / "train_rank1.log").is_file()
+    last = done.run_dir() / "checkpoints" / ("last.dcp" if strategy == "fsdp" else "last.pt")
+    assert last.exists()

@@ -22,6 +22,7 @@ import difflib
 import logging
 from typing import Any, Dict, Optional
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bigmodel_cli.engine.files import user_path
@@ -58,7 +59,8 @@ sequence_classifier.tasks = ("classification",)
 def build(auto_class: str, source: str, pretrained: bool, shape: tuple, settings: Optional[Dict[str, Any]],
           sizes: Dict[str, int]) -> nn.Module:
     auto = transformers_attr(auto_class)
-    settings = dict(settings or {})
+    # (Hydra hands the nested node over as a DictConfig: transformers wants plain values.)
+    settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings or {})
     # Trained by bigmodel's loop, which feeds whole windows: no key/value cache to keep.
     settings.setdefault("use_cache", False)
     try:
