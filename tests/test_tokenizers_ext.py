@@ -96,9 +96,13 @@ GOOD = {"vocab_size": 10, "itos": ITOS, "stoi": {c: i for i, c in ITOS.items()}}
     ([1, 2], "it is a list, not a dict"),
     (pickle.dumps(GOOD)[:-20], "not a readable pickle"),
     (b"\x80\x04" + b"K\x01" * (1 << 19), "more than a nanoGPT vocabulary needs"),
+    # 50 bytes that claim 2^32 ids: refused by a count, not by building range(2^32)
+    ({"vocab_size": 2**32, "itos": {0: "a"}}, "does not map each id"),
+    # a few kB whose shared lists stand for 10^9 items (pickle's memo): refused within a budget
+    (lambda: {"vocab_size": 1, "a": [[[1] * 1000] * 1000] * 1000}, "more than 1,048,576 items"),
 ])
 def test_a_damaged_meta_pkl_is_one_line(tmp_path, meta, problem):
-    folder = nanogpt_folder(tmp_path / "d", meta)
+    folder = nanogpt_folder(tmp_path / "d", meta() if callable(meta) else meta)
     with pytest.raises(UserError, match=problem) as err:
         TokenFiles(dir=str(folder)).setup()
     assert "\n" not in str(err.value)

@@ -19,6 +19,7 @@ from bigmodel_cli.errors import UserError, first_line
 META_PKL = "meta.pkl"
 MAX_BYTES = 1 << 20  # nanoGPT's char meta.pkl is under 1 kB; a character vocabulary stays small
 PLAIN_TYPES = (dict, list, tuple, str, int)
+MAX_ITEMS = 1 << 20  # keys, values and elements walked in all (a 65-character vocabulary: ~300)
 
 
 class Refused(pickle.UnpicklingError):
@@ -61,19 +62,25 @@ def _damaged(path: Path, problem: str) -> UserError:
                      "stoi: remake it with nanoGPT's prepare.py, or remove it and set data.vocab_size")
 
 
-def plain_data_problem(value: Any, depth: int = 0) -> Optional[str]:
-    """What in `value` is not a dict, list, tuple, str or int (bools and floats included)."""
-    if depth > 4:
-        return "it is nested deeper than a vocabulary"
-    if type(value) not in PLAIN_TYPES:
-        return f"it holds a {type(value).__name__}, not plain data"
-    if isinstance(value, dict):
-        items: List[Any] = [x for pair in value.items() for x in pair]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        return None
-    return next((p for p in (plain_data_problem(x, depth + 1) for x in items) if p), None)
+def plain_data_problem(value: Any, budget: int = MAX_ITEMS) -> Optional[str]:
+    """What in `value` is not a dict, list, tuple, str or int (bools and floats included).
+    Walked with a budget of items, not only a depth: a pickle can reuse one list many times
+    (its memo), so a few kilobytes can stand for billions of items."""
+    stack: List[Any] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return f"it holds more than {MAX_ITEMS:,} items, more than a vocabulary"
+        if depth > 4:
+            return "it is nested deeper than a vocabulary"
+        if type(item) not in PLAIN_TYPES:
+            return f"it holds a {type(item).__name__}, not plain data"
+        if isinstance(item, dict):
+            stack.extend((x, depth + 1) for pair in item.items() for x in pair)
+        elif isinstance(item, (list, tuple)):
+            stack.extend((x, depth + 1) for x in item)
+    return None
 
 
 def meta_problem(meta: Any) -> Optional[str]:
@@ -86,7 +93,7 @@ def meta_problem(meta: Any) -> Optional[str]:
     itos, stoi = meta.get("itos"), meta.get("stoi")
     if itos is None and stoi is None:
         return None  # a vocabulary size alone: the folder trains, but cannot be decoded
-    if not isinstance(itos, dict) or set(itos) != set(range(n)):
+    if not isinstance(itos, dict) or len(itos) != n or set(itos) != set(range(n)):
         return f"its itos does not map each id 0..{n - 1} to a character"
     if not all(isinstance(c, str) and len(c) == 1 for c in itos.values()) or len(set(itos.values())) != n:
         return "its itos maps ids to something other than distinct single characters"
