@@ -157,3 +157,15 @@ def test_a_tokenizer_json_made_elsewhere_tokenizes_data_hf(run_cli, tmp_path):
     assert summary["test"]["accuracy"] > 0.9
     cached = json.loads(next((tmp_path / "cache").glob("*/state.json")).read_text())
     assert cached["tokenizer"]["kind"] == "hf"  # the words, not bytes
+
+
+def test_a_gpt2_classifier_reads_the_last_token_before_the_padding(run_cli, tmp_path):
+    """A decoder classifier needs to know the padding id to classify batches of padded texts."""
+    pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]' (Hugging Face transformers)")
+    write_reviews(tmp_path / "reviews.jsonl")
+    result = run_cli("train", "model=hf_classifier", "model.source=gpt2", "data=hf", "data.files=reviews.jsonl",
+                     "data.label_column=sentiment", "data.block_size=24", "data.cache_dir=cache", "optim=adam",
+                     "optim.lr=1e-3", "trainer.max_steps=60", *FAST, timeout=600)
+    assert result.returncode == 0, result.output
+    summary = json.loads(next(tmp_path.glob("outputs/*/*/summary.json")).read_text())
+    assert summary["test"]["accuracy"] > 0.9, summary["test"]

@@ -5,6 +5,7 @@ nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.errors import UserError, root_cause
+from conftest import outcome_lines
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install 'bigmodel[hf]'")
 try:  # transformers imports its models lazily: a broken dependency shows only now
@@ -232,3 +234,24 @@ def test_two_ranks_train_a_hf_causal_lm(run_cli, strategy):
     assert (done.run_dir() / "train_rank1.log").is_file()
     last = done.run_dir() / "checkpoints" / ("last.dcp" if strategy == "fsdp" else "last.pt")
     assert last.exists()
+
+
+def test_pretrained_weights_that_would_run_code_are_refused(run_cli, tmp_path):
+    """A pytorch_model.bin is a pickle: loaded with weights_only, a file that asks to run code
+    is refused in one line that never suggests turning weights_only off."""
+    import pickle
+
+    folder = tmp_path / "evil_gpt2"
+    transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32).save_pretrained(folder)
+    marker = tmp_path / "ran"
+
+    class RunsShell:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(RunsShell()))
+    result = run_cli("train", "model=hf_causal_lm", f"model.source={folder}", "model.pretrained=true", "data=text",
+                     "data.block_size=16", "trainer.max_steps=1", "trainer.progress=plain", "trainer.threads=1")
+    assert result.returncode != 0 and not marker.exists()
+    lines = outcome_lines(result.stderr)
+    assert len(lines) == 1 and "are refused" in lines[0] and "weights_only" not in lines[0], result.output

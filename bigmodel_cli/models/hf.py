@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,9 @@ def sequence_classifier(vocab_size: int, block_size: int, num_outputs: int, sour
     """A transformers sequence classifier (AutoModelForSequenceClassification), one label per
     token sequence."""
     sizes = {"vocab_size": vocab_size, "max_position_embeddings": block_size, "num_labels": num_outputs}
+    # Padding is the data's last id (data=hf pads texts with it): GPT-2-style classifiers read
+    # the last token before it, and BERT's padding embedding is that id's, not real token 0's.
+    config = {"pad_token_id": vocab_size - 1, **(config or {})}
     return build("AutoModelForSequenceClassification", source, pretrained, (n_layer, n_head, n_embd), config, sizes)
 
 
@@ -153,8 +157,13 @@ def from_folder(auto, source: str, settings: Dict[str, Any], sizes: Dict[str, in
         raise UserError(f"model.pretrained=true needs model.source to be a local folder with config.json and "
                         f"the weights (got {source}); bigmodel never downloads models")
     extra = {"num_labels": sizes["num_labels"]} if "num_labels" in sizes else {}
-    model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                 weights_only=True, **settings, **extra)
+    try:
+        model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                     weights_only=True, **settings, **extra)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that
+        raise UserError(f"the weights in {folder} are refused: loading them would run code (a pickle "
+                        "beyond tensors); use model.safetensors weights, or a folder whose weights are "
+                        "plain tensors") from None
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and sizes["max_position_embeddings"] > limit:
         raise UserError(f"data.block_size={sizes['max_position_embeddings']} is longer than the {limit} positions "
