@@ -111,19 +111,79 @@ def test_a_damaged_file_and_a_missing_extra_are_one_line(run_cli, tmp_path):
                                             "pip install 'bigmodel[datasets]'"]
 
 
-def test_a_damaged_token_cache_is_rebuilt(tmp_path):
+def make_reviews_data(tmp_path, **settings):
     from bigmodel_cli.data.hf import HFData
 
-    write_reviews(tmp_path / "reviews.jsonl", n=40)
-    make = lambda: HFData(files=str(tmp_path / "reviews.jsonl"), label_column="sentiment",  # noqa: E731
-                          block_size=16, cache_dir=str(tmp_path / "cache"))
-    first = make()
+    if not (tmp_path / "reviews.jsonl").exists():
+        write_reviews(tmp_path / "reviews.jsonl", n=40)
+    return HFData(files=str(tmp_path / "reviews.jsonl"), label_column="sentiment", block_size=16,
+                  cache_dir=str(tmp_path / "cache"), **settings)
+
+
+def write_npy(path: Path, array) -> None:
+    import numpy as np
+
+    np.save(path, array, allow_pickle=False)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: (f / "train_x.npy").write_bytes(b"\x93NUMPY garbage"),
+    lambda f: (f / "state.json").write_text('{"tokenizer": null, "labels": ["neg", "pos"]}'),
+    lambda f: (f / "state.json").write_text('{"tokenizer": {"kind": "byte"}, "labels": "xx"}'),
+    lambda f: (f / "state.json").write_text("[1, 2]"),
+    lambda f: write_npy(f / "train_y.npy", __import__("numpy").zeros(0, dtype="int64")),
+    lambda f: write_npy(f / "train_x.npy", __import__("numpy").zeros((3, 5), dtype="int64")),
+    lambda f: write_npy(f / "val_y.npy", __import__("numpy").full(4, 7, dtype="int64")),
+    lambda f: (f / "test_x.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<i8', 'fortran_order': False, "
+                                              b"'shape': (68719476736,), }" + b" " * 40 + b"\n"),
+])
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, damage):
+    first = make_reviews_data(tmp_path)
     first.setup()
     folder = next((tmp_path / "cache").iterdir())
-    (folder / "train_x.npy").write_bytes(b"\x93NUMPY garbage")
-    again = make()
+    damage(folder)
+    again = make_reviews_data(tmp_path)
     again.setup()
     assert again.splits["train"][0].equal(first.splits["train"][0])
+    assert again.splits["val"][1].equal(first.splits["val"][1]) and again.labels == ["neg", "pos"]
+    rebuilt = make_reviews_data(tmp_path)  # and the cache was written again, whole
+    rebuilt.setup()
+    assert rebuilt.splits["test"][0].equal(first.splits["test"][0])
+
+
+def test_a_checkpoint_vocabulary_reuses_the_cache_it_matches_and_never_overwrites_it(tmp_path):
+    first = make_reviews_data(tmp_path, tokenizer="char")
+    first.setup()
+    state = first.state_dict()
+    folder = next((tmp_path / "cache").iterdir())
+    stamp = (folder / "state.json").stat().st_mtime_ns
+    same = make_reviews_data(tmp_path, tokenizer="char")
+    same.load_state_dict(state)  # as eval and resume do
+    same.setup()
+    other = make_reviews_data(tmp_path, tokenizer="char")
+    other.load_state_dict({**state, "tokenizer": {"kind": "char", "vocab": sorted(set(state["tokenizer"]["vocab"]) | {"~"})}})
+    other.setup()
+    assert other.spec.vocab_size == first.spec.vocab_size + 1
+    assert same.splits["train"][0].equal(first.splits["train"][0])
+    assert list((tmp_path / "cache").iterdir()) == [folder] and (folder / "state.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([{"text": "a", "label": [1]}, {"text": "b", "label": [2]}], "labels must be text or finite numbers"),
+    ([{"text": "a", "label": float("nan")}, {"text": "b", "label": 1.0}], "labels must be text or finite numbers"),
+    ([{"text": "a", "label": None}, {"text": "b", "label": "x"}], "labels must be text or finite numbers"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "a single label ('x')"),
+])
+def test_labels_that_cannot_be_classes_are_one_line(tmp_path, rows, expected):
+    from bigmodel_cli.data.hf import HFData
+    from bigmodel_cli.errors import UserError
+
+    with (tmp_path / "rows.jsonl").open("w") as f:
+        for row in rows * 10:
+            f.write(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        HFData(files=str(tmp_path / "rows.jsonl"), label_column="label", cache_dir=str(tmp_path / "cache")).setup()
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
 
 
 def test_bert_classifies_a_jsonl_file_through_data_hf(run_cli, tmp_path):

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -85,15 +87,39 @@ class HFData(DataModule):
     # ---- building the arrays (or reading them from the cache)
     def setup(self) -> None:
         folder = self.cache_dir / self.cache_key()
-        cached = read_cache(folder, self.expected_arrays())
-        if cached is not None:
-            arrays, state = cached
-            self.load_state_dict(state)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged one is replaced
+        restored = self.state_dict() if self.tokenizer is not None else None  # from a checkpoint
+        arrays = self.from_cache(folder, restored)
+        if arrays is None:
             arrays = self.tokenize()
-            write_cache(folder, arrays, self.state_dict())
+            if restored is None:  # a checkpoint's own vocabulary never replaces the data's cache
+                write_cache(folder, arrays, self.state_dict())
         self.fill(arrays)
+
+    def from_cache(self, folder: Path, restored: Optional[dict]) -> Optional[Dict[str, np.ndarray]]:
+        """The cached arrays, or None to tokenize: none cached, a damaged cache (removed, to be
+        written again), or one made with another vocabulary than a checkpoint's."""
+        cached = read_cache(folder, self.expected_arrays())
+        if cached is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        arrays, state = cached
+        if restored is not None:
+            return arrays if state == restored else None
+        try:
+            self.load_state_dict(state)
+            if self.tokenizer is None or (self.classifies and not self.labels):
+                problem = "it holds no tokenizer or labels"
+            else:
+                problem = arrays_problem(arrays, self.classifies, self.block_size, self.tokenizer.vocab_size,
+                                         len(self.labels))
+        except UserError as err:
+            problem = str(err)
+        if problem is None:
+            return arrays
+        log.warning("token cache %s is damaged (%s); tokenizing again", folder, problem)
+        self.tokenizer, self.labels = None, None
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
     def expected_arrays(self) -> List[str]:
         splits = ("train", "val", "test")
@@ -103,13 +129,13 @@ class HFData(DataModule):
         settings = {"version": CACHE_VERSION, "source": source_signature(self.path, self.files),
                     "text": self.text_column, "label": self.label_column, "tokenizer": self.tokenizer_name,
                     "tokenizer_file": source_signature(self.tokenizer_path, None) if self.tokenizer_path else None,
-                    "restored": self.state_dict(), "block": self.block_size, "val": self.val_fraction,
+                    "block": self.block_size, "val": self.val_fraction,
                     "seed": self.seed}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def tokenize(self) -> Dict[str, np.ndarray]:
         splits = load_splits(self.path, self.files)
-        texts = {name: [str(t) for t in column(part, self.text_column, "text_column", name)]
+        texts = {name: ["" if t is None else str(t) for t in column(part, self.text_column, "text_column", name)]
                  for name, part in splits.items()}
         if self.tokenizer is None:  # char and bpe are fitted on every split's text (never on labels), so
             # a character only the validation texts hold does not stop the run
@@ -117,9 +143,13 @@ class HFData(DataModule):
                                                      lambda: "\n".join("\n".join(t) for t in texts.values()))
         if not self.classifies:
             return self.split_stream({name: self.encode_stream(t) for name, t in texts.items()})
-        labels = {name: column(part, self.label_column, "label_column", name) for name, part in splits.items()}
+        labels = {name: checked_labels(column(part, self.label_column, "label_column", name), self.label_column, name)
+                  for name, part in splits.items()}
         if self.labels is None:
             self.labels = sorted(set(labels["train"]), key=lambda v: (str(type(v)), v))
+            if len(self.labels) < 2:
+                raise UserError(f"the training split has a single label ({self.labels[0]!r}) in data.label_column="
+                                f"{self.label_column}; a classifier needs two or more")
         arrays = {}
         for name in texts:
             arrays[f"{name}_x"] = self.encode_texts(texts[name])
@@ -170,7 +200,6 @@ class HFData(DataModule):
 
     def fill(self, arrays: Dict[str, np.ndarray]) -> None:
         vocab = self.tokenizer.vocab_size
-        check_ranges(arrays, vocab + 1 if self.classifies else vocab, len(self.labels or ()))
         if self.classifies:
             self.splits = {name: (torch.from_numpy(arrays[f"{name}_x"]), torch.from_numpy(arrays[f"{name}_y"]))
                            for name in ("train", "val", "test")}
@@ -217,14 +246,34 @@ class HFData(DataModule):
         return f"HFData ({source}): {sizes} tokens; tokenizer {self.tokenizer.kind}"
 
 
-def check_ranges(arrays: Dict[str, np.ndarray], vocab: int, num_labels: int) -> None:
-    """Ids within the embedding and labels within the classes (a damaged cache otherwise
-    reaches the model as an index error)."""
-    for name, array in arrays.items():
-        top = num_labels if name.endswith("_y") else vocab
-        if array.size and (int(array.min()) < 0 or int(array.max()) >= top):
-            raise UserError(f"the cached {name} ids fall outside 0..{top - 1}; delete data.cache_dir "
-                            "(or the folder in it) and run again")
+def checked_labels(values: List[Any], column_name: str, split: str) -> List[Any]:
+    """Labels are text or finite numbers (they are numbered, and stored with the checkpoint)."""
+    for value in values:
+        fine = isinstance(value, (str, int)) or (isinstance(value, float) and math.isfinite(value))
+        if not fine:
+            raise UserError(f"data.label_column={column_name} holds {str(value)[:30]!r} ({type(value).__name__}) "
+                            f"in the {split} split; labels must be text or finite numbers")
+    return values
+
+
+def arrays_problem(arrays: Dict[str, np.ndarray], classifies: bool, block_size: int, vocab: int,
+                   num_labels: int) -> Optional[str]:
+    """What makes cached arrays unusable: shapes that do not fit together, ids outside the
+    embedding, labels outside the classes. None if they are fine."""
+    for split in ("train", "val", "test"):
+        if classifies:
+            x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+            if x.ndim != 2 or x.shape[1] != block_size or y.shape != (len(x),):
+                return f"the {split} arrays have shapes {x.shape} and {y.shape}"
+            ranges = ((x, vocab + 1), (y, num_labels))
+        else:
+            if arrays[split].ndim != 1:
+                return f"the {split} tokens have shape {arrays[split].shape}"
+            ranges = ((arrays[split], vocab),)
+        for array, top in ranges:
+            if array.size and (int(array.min()) < 0 or int(array.max()) >= top):
+                return f"{split} ids fall outside 0..{top - 1}"
+    return None
 
 
 def read_cache(folder: Path, names: List[str]) -> Optional[Tuple[Dict[str, np.ndarray], dict]]:
@@ -238,7 +287,7 @@ def read_cache(folder: Path, names: List[str]) -> Optional[Tuple[Dict[str, np.nd
         if not isinstance(state, dict) or any(a.dtype != np.int64 for a in arrays.values()):
             raise ValueError("unexpected contents")
         return arrays, state
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, MemoryError) as err:  # MemoryError: a header claiming a vast shape
         log.warning("token cache %s is damaged (%s); tokenizing again", folder, err)
         return None
 
@@ -249,6 +298,7 @@ def write_cache(folder: Path, arrays: Dict[str, np.ndarray], state: dict) -> Non
     written (read-only or full disk) only costs the next run the tokenizing."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder.parent)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     except OSError as err:
         log.warning("could not cache the tokens in %s (%s); the next run tokenizes again", folder, err)
@@ -259,6 +309,17 @@ def write_cache(folder: Path, arrays: Dict[str, np.ndarray], state: dict) -> Non
         (tmp / "state.json").write_text(json.dumps(state))
         os.replace(tmp, folder)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / "state.json").is_file():  # else another rank has just put the same cache in place
             log.warning("could not cache the tokens in %s (%s); the next run tokenizes again", folder, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
+
+
+def remove_stale_temporaries(parent: Path, older_than_s: float = 3600) -> None:
+    """Half-written caches of killed runs (a live writer takes seconds, not an hour)."""
+    for tmp in parent.glob(".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
