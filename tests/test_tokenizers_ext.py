@@ -256,3 +256,17 @@ def test_a_damaged_hf_tokenizer_is_one_line_through_prepare(run_cli, tmp_path):
     result = run_cli("prepare", "data.path=corpus.txt", "tokenizer=hf", "tokenizer.path=tokenizer.json", "out=tok")
     assert "is not a Hugging Face tokenizer (not JSON)" in one_error_line(result)
     assert not (tmp_path / "tok").exists()
+
+
+def test_a_sentencepiece_style_tokenizer_encodes_a_long_text_as_a_whole():
+    """A "▁" prepended at each text's start (Metaspace) would change the ids where a long text
+    is cut into pieces: such a tokenizer encodes the text whole."""
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
+    from bigmodel_cli.data.pretrained_tokenizers import HFTokenizer
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("abcdefgh▁\n")}}
+    made = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    made.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    text = "abc def\ngh ab\n" * 20000  # longer than one piece of text_chunks
+    ours = HFTokenizer.from_json(made.to_str(), "a test tokenizer").encode(text)
+    assert ours.tolist() == made.encode(text, add_special_tokens=False).ids

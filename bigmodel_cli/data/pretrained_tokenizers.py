@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -115,8 +115,8 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, chunked: bool = False):
+        self.tokenizer, self.chunked = tokenizer, chunked
 
     @staticmethod
     def _library():
@@ -149,7 +149,7 @@ class HFTokenizer:
         # given (a padding length of 10^12 aborts the process): they are dropped.
         parsed["padding"], parsed["truncation"] = None, None
         lib = cls._library()
-        tokenizer = cls(guarded(lambda: lib.Tokenizer.from_str(json.dumps(parsed)), where))
+        tokenizer = cls(guarded(lambda: lib.Tokenizer.from_str(json.dumps(parsed)), where), cuts_safely(parsed))
         tokenizer.decode([int(i) for i in tokenizer.encode("Hello world\n")])  # a trial run, before it is relied on
         return tokenizer
 
@@ -159,8 +159,8 @@ class HFTokenizer:
         return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> np.ndarray:
-        encodings = guarded(lambda: self.tokenizer.encode_batch(list(text_chunks(text)), add_special_tokens=False),
-                            "the tokenizer")
+        pieces = list(text_chunks(text)) if self.chunked else [text]
+        encodings = guarded(lambda: self.tokenizer.encode_batch(pieces, add_special_tokens=False), "the tokenizer")
         return np.asarray([i for enc in encodings for i in enc.ids], dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -173,6 +173,31 @@ class HFTokenizer:
     @classmethod
     def from_state(cls, state: Dict[str, Any], where: str) -> "HFTokenizer":
         return cls.from_json(state.get("json"), f"the Hugging Face tokenizer in {where}")
+
+
+#: steps that treat every character (normalizers) or every whitespace-separated word
+#: (pre-tokenizers) alike, wherever it stands: a text cut at a line end between words
+#: tokenizes exactly as the whole. A SentencePiece-style "▁" prepended at a text's start
+#: (Metaspace, Prepend) is not among them.
+CUT_SAFE_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"}
+CUT_SAFE_PRE_TOKENIZERS = {"ByteLevel", "Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
+
+
+def cuts_safely(parsed: Dict[str, Any]) -> bool:
+    """Whether a long text may be encoded in pieces (text_chunks) with the same ids; else
+    it is encoded whole."""
+    def steps(node: Any, key: str) -> List[str]:
+        if node is None:
+            return []
+        if not isinstance(node, dict):
+            return ["?"]
+        inner = node.get(key)
+        return [t for child in inner for t in steps(child, key)] if isinstance(inner, list) else [str(node.get("type"))]
+
+    normalizers = steps(parsed.get("normalizer"), "normalizers")
+    pre_tokenizers = steps(parsed.get("pre_tokenizer"), "pretokenizers")
+    return (set(normalizers) <= CUT_SAFE_NORMALIZERS and bool(pre_tokenizers)
+            and set(pre_tokenizers) <= CUT_SAFE_PRE_TOKENIZERS)
 
 
 def hf_json(text: Any):
