@@ -162,7 +162,9 @@ class TorchSchedule:
     def __init__(self, cls: type, node: Dict[str, Any], total_steps: int):
         self.cls, self.name = cls, f"{cls.__module__}.{cls.__qualname__}"
         self.warmup_steps = fitted_warmup(int(node.get("warmup_steps") or 0), total_steps)
-        self.kwargs = self.arguments(node, total_steps - self.warmup_steps)
+        self.run_length = max(1, total_steps - self.warmup_steps)
+        self.kwargs = self.arguments(node, self.run_length)
+        self.check_one_cycle_length()
 
     def arguments(self, node: Dict[str, Any], run_length: int) -> Dict[str, Any]:
         params = inspect.signature(self.cls).parameters
@@ -176,6 +178,15 @@ class TorchSchedule:
             if name in params and (kwargs.get(name, ...) is None or (required and name not in kwargs)):
                 kwargs[name] = max(1, run_length)
         return kwargs
+
+    def check_one_cycle_length(self) -> None:
+        """OneCycleLR raises once stepped past its total_steps: refuse a run longer than that."""
+        given = self.kwargs.get("total_steps")
+        if issubclass(self.cls, torch.optim.lr_scheduler.OneCycleLR) and given is not None \
+                and given < self.run_length:
+            raise UserError(f"scheduler.total_steps={given} is shorter than this run's {self.run_length} steps "
+                            f"after warmup, and {self.name} cannot step past it; leave scheduler.total_steps "
+                            "out (bigmodel fills in the run's length) or raise it")
 
     def build(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps)) \
@@ -220,15 +231,79 @@ def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> Dict[str
     return {**state, "kind": scheduler_kind(scheduler)}
 
 
-def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: Dict[str, Any]) -> None:
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: Dict[str, Any],
+                         fresh_groups: Optional[List[Dict[str, Any]]] = None) -> None:
     """The inverse of scheduler_state; a checkpoint of another kind of scheduler is refused
-    (one written before torch schedulers were supported is LambdaLR)."""
+    (one written before torch schedulers were supported is LambdaLR), and so is a torch
+    scheduler built with other arguments (`fresh_groups`: this run's param-group settings,
+    compared with the loaded optimizer's)."""
     state = dict(state)
     saved, kind = state.pop("kind", "LambdaLR"), scheduler_kind(scheduler)
     if saved != kind:
         raise UserError(f"cannot resume: the checkpoint's LR scheduler is {saved}, this run's {kind} (a changed "
-                        "scheduler._target_ or, for a torch scheduler, scheduler.warmup_steps); resume with the "
+                        "scheduler._target_ or, for a torch scheduler, scheduler.warmup_steps, or a trainer.max_steps that "
+                        "changes the warmup cut to fit the run); resume with the "
                         "checkpoint's scheduler settings, or start from its weights with trainer.init_from")
+    refuse_changed_torch_scheduler(scheduler, state, fresh_groups or [])
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(state)
+
+
+# A torch scheduler continues from its saved state: the arguments it was built with (T_max,
+# total_steps, eta_min, ...) come back with it. bigmodel's own schedules are rebuilt from the
+# config and follow a changed run length; a torch one built differently is refused instead
+# of silently running the checkpoint's schedule (or OneCycleLR failing past its end).
+
+#: values a torch scheduler writes into the optimizer's param groups once, at construction
+GROUP_CONSTANTS = ("max_lr", "min_lr", "max_momentum", "base_momentum", "initial_lr")
+
+
+def refuse_changed_torch_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: Dict[str, Any],
+                                   fresh_groups: List[Dict[str, Any]]) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return  # bigmodel's schedule: rebuilt from this run's config
+    changes = changed_arguments(scheduler, state) or changed_group_constants(scheduler.optimizer, fresh_groups)
+    if changes:
+        shown = ", ".join(f"{name}={old!r} there, {new!r} here" for name, old, new in changes)
+        raise UserError(f"cannot resume: this run's torch LR scheduler is built differently from the checkpoint's "
+                        f"({shown}), and it would continue with the checkpoint's; resume with the checkpoint's "
+                        "trainer.max_steps (T_max, total_iters and total_steps follow it), optim.lr and scheduler.* "
+                        "settings, or use one of bigmodel's schedules (e.g. scheduler=cosine), which follow a "
+                        "changed run length, or start from its weights with trainer.init_from")
+
+
+def changed_group_constants(optimizer: torch.optim.Optimizer, fresh_groups: List[Dict[str, Any]]) -> List[tuple]:
+    """max_lr and the like live in the param groups, loaded with the optimizer's state."""
+    changes: Dict[str, tuple] = {}
+    for fresh, loaded in zip(fresh_groups, optimizer.param_groups):
+        for k in GROUP_CONSTANTS:
+            if k in fresh and k in loaded and not same(fresh[k], loaded[k]):
+                changes.setdefault(k, (k, loaded[k], fresh[k]))
+    return list(changes.values())
+
+
+def changed_arguments(scheduler: torch.optim.lr_scheduler.LRScheduler,
+                      state: Dict[str, Any]) -> List[tuple]:
+    """(name, checkpoint's value, this run's) for each constructor argument of the torch class
+    (after any warmup) that its state records under the same name, and for the warmup."""
+    fresh = scheduler.state_dict()
+    changes = []
+    if isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        if not same(fresh["_milestones"], state.get("_milestones")):
+            changes.append(("warmup_steps", state.get("_milestones"), fresh["_milestones"]))
+        scheduler, fresh = scheduler._schedulers[-1], fresh["_schedulers"][-1]
+        state = (state.get("_schedulers") or [{}])[-1]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return changes
+    params = inspect.signature(type(scheduler)).parameters
+    return changes + [(name, state[name], fresh[name]) for name in params
+                      if name != "last_epoch" and name in fresh and name in state
+                      and not same(fresh[name], state[name])]
+
+
+def same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. tensors: not something a config sets
+        return True

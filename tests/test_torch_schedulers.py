@@ -90,3 +90,41 @@ def test_resume_refuses_a_checkpoint_of_another_kind_of_scheduler(compose, tmp_p
     with pytest.raises(UserError, match="the checkpoint's LR scheduler is LambdaLR, this run's CosineAnnealingLR"):
         train(compose(*BASE, "scheduler=torch_cosine", "trainer.max_steps=8",
                       f"trainer.resume={first / 'checkpoints'}"), tmp_path / "second")
+
+
+@pytest.mark.parametrize("first,changed,message", [
+    # T_max / total_steps were filled in from the run's length: a longer run would follow the
+    # checkpoint's cosine to 0 and back up, and OneCycleLR would fail past its old end.
+    (("scheduler=torch_cosine", "trainer.max_steps=8"), ("trainer.max_steps=12",), "T_max=8 there, 12 here"),
+    (("scheduler=constant", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "+scheduler.max_lr=0.05",
+      "trainer.max_steps=8"),
+     ("trainer.max_steps=12",), "total_steps=8 there, 12 here"),
+    (("scheduler=torch_cosine", "scheduler.warmup_steps=2", "trainer.max_steps=8"), ("scheduler.eta_min=0.001",),
+     "eta_min=0.0 there, 0.001 here"),
+    (("scheduler=constant", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "+scheduler.max_lr=0.05",
+      "trainer.max_steps=8"),
+     ("+scheduler.max_lr=0.1",), "max_lr=0.05 there, 0.1 here"),
+], ids=["cosine-longer", "one-cycle-longer", "changed-argument", "changed-max-lr"])
+def test_resume_refuses_a_torch_scheduler_built_differently(compose, tmp_path, first, changed, message):
+    train(compose(*BASE, *first, "trainer.checkpoint_every=4"), tmp_path / "first")
+    ckpt = tmp_path / "first" / "checkpoints" / "step_00000004.pt"
+    overrides = [o for o in first if o.split("=")[0] not in {c.split("=")[0] for c in changed}]
+    with pytest.raises(UserError) as caught:
+        train(compose(*BASE, *overrides, *changed, f"trainer.resume={ckpt}"), tmp_path / "second")
+    assert message in str(caught.value) and "scheduler=cosine" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_bigmodels_cosine_follows_a_longer_run_on_resume(compose, tmp_path):
+    train(compose(*BASE, "trainer.max_steps=8", "trainer.checkpoint_every=4"), tmp_path / "first")
+    ckpt = tmp_path / "first" / "checkpoints" / "step_00000004.pt"
+    train(compose(*BASE, "trainer.max_steps=12", f"trainer.resume={ckpt}"), tmp_path / "longer")
+    train(compose(*BASE, "trainer.max_steps=12"), tmp_path / "fresh")
+    assert per_step(tmp_path / "longer", "lr") == pytest.approx(
+        {s: v for s, v in per_step(tmp_path / "fresh", "lr").items() if s > 4})
+
+
+def test_one_cycle_shorter_than_the_run_is_one_line():
+    node = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.1, "total_steps": 5})
+    with pytest.raises(UserError, match="scheduler.total_steps=5 is shorter than this run's 10 steps"):
+        build_schedule(node, total_steps=10)

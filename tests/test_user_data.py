@@ -10,7 +10,7 @@ import torch
 
 from bigmodel_cli.commands.train import train
 from bigmodel_cli.data.dataset import TorchDataset
-from bigmodel_cli.data.image_folder import ImageFolder
+from bigmodel_cli.data.image_folder import ImageFolder, find_images
 from bigmodel_cli.errors import UserError
 from conftest import write_image_folder
 
@@ -58,6 +58,13 @@ class Unpaired(Blobs):
 class Regression(Blobs):
     def __getitem__(self, i):
         return self.x[i], float(self.x[i].sum())
+
+
+class BrokenAt5(Blobs):
+    def __getitem__(self, i):
+        if i == 5:
+            raise OSError("cannot read sample 5")
+        return super().__getitem__(i)
 
 
 class Tokens(Dataset):
@@ -294,3 +301,19 @@ def test_an_iterable_dataset_is_refused_in_one_line(user_package, tmp_path):
                       "    def __iter__(self):\n        yield from ()\n")
     message = one_line_error(TorchDataset(source=f"{user_package}_stream.Stream"))
     assert "gave an IterableDataset as its train split" in message and "map-style" in message
+
+
+def test_a_sample_that_cannot_be_read_while_counting_labels_is_one_line(user_package):
+    message = one_line_error(TorchDataset(source=f"{user_package}.BrokenAt5"))
+    assert "reading sample 5 of" in message and "(OSError: cannot read sample 5)" in message
+    assert "fix the Dataset's __getitem__" in message
+
+
+@pytest.mark.parametrize("damaged,normalize", [(0, "imagenet"), (3, "folder")])
+def test_a_damaged_image_is_one_line_naming_it(tmp_path, damaged, normalize):
+    folder = write_image_folder(tmp_path / "images", 4)
+    path = find_images(folder, "data.path")[1][damaged][0]
+    Path(path).write_bytes(b"not an image")
+    message = one_line_error(ImageFolder(path=str(folder), normalize=normalize, num_workers=0))
+    assert "UnidentifiedImageError" in message and message.endswith(f"remove or replace the damaged image {path}")
+    assert ("reading sample 0 of the image folder" if damaged == 0 else "for data.normalize=folder") in message

@@ -23,7 +23,7 @@ from bigmodel_cli.data.dataset import TorchDataset
 from bigmodel_cli.data.loaders import Reading
 from bigmodel_cli.data.samples import batch_check
 from bigmodel_cli.engine.files import user_path
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.errors import UserError, first_line
 
 log = logging.getLogger("bigmodel")
 
@@ -86,6 +86,10 @@ class ImageFiles(Dataset):
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return torch.from_numpy(np.ascontiguousarray(array))
 
+    def read_fix(self, index: int) -> str:
+        """The fix bigmodel offers when image `index` cannot be read (data.samples.sample_at)."""
+        return f"remove or replace the damaged image {self.samples[index][0]}"
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         return (self.pixels(index) - self.mean) / self.std, self.targets[index]
 
@@ -144,10 +148,19 @@ class ImageFolder(TorchDataset):
             return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
         count = min(len(train), STATS_SAMPLE)
         picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[:count]
-        pixels = torch.stack([train.pixels(int(i)) for i in picked]).transpose(0, 1).flatten(1)
+        pixels = torch.stack([folder_pixels(train, int(i)) for i in picked]).transpose(0, 1).flatten(1)
         log.info("normalising with the mean and standard deviation of %d images of %s", count, self.paths["train"])
         return pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-6).tolist()
 
     def reading(self) -> Reading:
         return Reading(self.num_workers, self.device, batch_check(self.spec, self.label()), self.label(),
                        "remove or replace the damaged image")
+
+
+def folder_pixels(images: ImageFiles, index: int) -> torch.Tensor:
+    """An image read for data.normalize=folder, or one line naming the damaged file."""
+    try:
+        return images.pixels(index)
+    except Exception as err:  # Pillow's errors for a damaged or mislabelled file vary
+        raise UserError(f"reading {images.samples[index][0]} for data.normalize=folder failed "
+                        f"({type(err).__name__}: {first_line(err)}); {images.read_fix(index)}") from None

@@ -45,13 +45,21 @@ def describe(value: Any) -> str:
     return f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
 
 
+def sample_at(dataset: Dataset, index: int, source: str) -> Any:
+    """dataset[index], or one line naming the sample, the error and the fix: the Dataset's
+    own `read_fix(index)` where it has one (an image folder names the damaged file)."""
+    try:
+        return dataset[index]
+    except Exception as err:  # the user's __getitem__, a damaged file
+        read_fix = getattr(dataset, "read_fix", None)
+        fix = read_fix(index) if callable(read_fix) else "fix the Dataset's __getitem__"
+        raise UserError(f"reading sample {index} of {source} failed ({type(err).__name__}: {first_line(err)}); "
+                        f"{fix}") from None
+
+
 def read_sample(dataset: Dataset, source: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The first sample as (x, y) tensors, or one line saying what it is instead."""
-    try:
-        sample = dataset[0]
-    except Exception as err:  # the user's __getitem__
-        raise UserError(f"reading sample 0 of {source} failed ({type(err).__name__}: {first_line(err)}); fix "
-                        "the Dataset's __getitem__") from None
+    sample = sample_at(dataset, 0, source)
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         got = f"a {type(sample).__name__} of {len(sample)}" if isinstance(sample, (tuple, list)) else describe(sample)
         raise UserError(f"sample 0 of {source} is {got}; each sample must be an (x, y) pair: (input tensor, label or "
@@ -97,10 +105,17 @@ def largest_id(datasets: Sequence[Dataset], source: str, key: str, fields: Tuple
     largest = 0
     for dataset in datasets:
         for i in range(len(dataset)):
-            sample = dataset[i]
-            largest = max([largest] + [int(torch.as_tensor(sample[f]).max()) for f in fields])
+            largest = max(largest, largest_in(sample_at(dataset, i, source), fields, f"sample {i} of {source}"))
     log.info("read all %s samples of %s to find %s (set %s to skip this)", f"{n:,}", source, key, key)
     return largest
+
+
+def largest_in(sample: Any, fields: Tuple[int, ...], name: str) -> int:
+    try:
+        return max(int(torch.as_tensor(sample[f]).max()) for f in fields)
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise UserError(f"{name} has no integer label or ids to count ({type(err).__name__}: {first_line(err)}); "
+                        "every sample must be an (x, y) pair like sample 0") from None
 
 
 def class_count(datasets: Sequence[Dataset], given: Optional[int], source: str) -> int:

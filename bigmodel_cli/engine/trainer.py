@@ -474,7 +474,7 @@ class Trainer:
         """Weights, optimizer, schedule and scaler from a checkpoint."""
         load_model_and_optimizer(self.state_model if checkpoint.is_sharded else self.raw_model, self.optimizer,
                                  checkpoint)
-        load_scheduler_state(self.scheduler, checkpoint.scheduler)
+        load_scheduler_state(self.scheduler, checkpoint.scheduler, self.configured_hyperparameters)
         if checkpoint.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint.scaler)
 
