@@ -349,16 +349,15 @@ class TokensConfig(DataConfig):
 @dataclass
 class HFDataConfig(DataConfig):
     _target_: str = "bigmodel_cli.data.hf.HFData"
-    # A folder written by datasets' save_to_disk, or (data.files) local files by extension:
-    # .parquet, .jsonl/.json, .csv, .txt; one file, a list, or {train: ..., validation: ...}.
-    path: Optional[str] = None
+    path: Optional[str] = None  # a folder written by datasets' save_to_disk (or give data.files)
+    # Local files, read by extension (.parquet, .jsonl/.json, .csv, .txt): one file, a list,
+    # or {train: ..., validation: ..., test: ...}.
     files: Optional[Any] = None
     text_column: str = "text"  # the column holding the text
     label_column: Optional[str] = None  # classification labels; null: language modelling on the text
-    # byte | char | bpe (fitted on the data's text) | gpt2 | hf (made elsewhere: data.tokenizer_path,
-    # a gpt2.tiktoken ranks file or a tokenizer.json; see tokenizer=gpt2 / tokenizer=hf)
+    # byte | char | bpe (fitted on the data's text) | gpt2 | hf (made elsewhere: see data.tokenizer_path)
     tokenizer: str = "byte"
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None  # gpt2: a gpt2.tiktoken ranks file; hf: a tokenizer.json
     block_size: int = 128  # tokens per text (cut or padded) or per language-model window
     batch_size: int = 16
     val_fraction: float = 0.1  # held out from train when the data has no validation split
