@@ -81,6 +81,7 @@ def test_language_modelling_on_a_saved_dataset_folder_then_generate(run_cli, tmp
     (("data.files=reviews.jsonl", "data.label_column=label"),
      "data.label_column=label is not a column of the train split; its columns are text, sentiment"),
     (("data.files=missing.jsonl",), "data.files: missing.jsonl is not a file"),
+    (("data.files=empty.jsonl",), "data.files: empty.jsonl is empty"),
     (("data.files=reviews.jsonl", "data.path=elsewhere"), "needs exactly one of data.path"),
     (("data.files=notes.doc",), "data.files must all be one of"),
     (("data.path=reviews.jsonl",), "is not a folder"),
@@ -88,6 +89,7 @@ def test_language_modelling_on_a_saved_dataset_folder_then_generate(run_cli, tmp
 def test_bad_sources_are_one_line(run_cli, tmp_path, overrides, expected):
     write_reviews(tmp_path / "reviews.jsonl", n=20)
     (tmp_path / "notes.doc").write_text("hello")
+    (tmp_path / "empty.jsonl").write_text("")
     result = run_cli("train", "data=hf", *overrides, "data.cache_dir=cache", "trainer.max_steps=1", *FAST)
     assert result.returncode != 0
     lines = outcome_lines(result.stderr)

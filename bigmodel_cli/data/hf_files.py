@@ -84,6 +84,8 @@ def check_file(name: Any) -> Path:
     path = user_path(str(name))
     if not path.is_file():
         raise UserError(f"data.files: {name} is not a file")
+    if path.stat().st_size == 0:  # datasets' readers fail on it with a bare StopIteration
+        raise UserError(f"data.files: {name} is empty; give files with at least one row")
     return path
 
 
