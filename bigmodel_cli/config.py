@@ -410,6 +410,21 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0  # how much better than its best the monitor must get to count as improving
 
 
+#: trainer.parallel.schedule's values: how a pipeline orders its micro-batches
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+@dataclass
+class ParallelConfig:
+    # Ranks that split each layer's matrices (tensor parallelism; gpt, transformer, mlp).
+    tp: int = 1
+    # Pipeline stages the repeated blocks are cut into (embeddings first, head and loss last).
+    pp: int = 1
+    # Micro-batches each pipeline step splits its batch into (null: 2 x trainer.parallel.pp).
+    microbatches: Optional[int] = None
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved_1f1b
+
+
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -461,6 +476,9 @@ class TrainerConfig:
     threads: str = "auto"
     # End the run once the monitor stalls: early_stopping.patience=5 (early_stopping.min_delta).
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Model parallelism over the ranks: parallel.tp=T and parallel.pp=P; data parallelism
+    # (trainer.strategy) fills the rest of the world, dp = ranks / (T x P).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Print the plan (memory per rank, steps, FLOPs, launch command) as `bigmodel plan` does,
     # and exit without training or making a run dir.
     dry_run: bool = False
@@ -664,6 +682,7 @@ def validate_trainer(cfg: DictConfig) -> None:
                          ("checkpoint_every", "500"), ("checkpoint_every_min", "30"), ("keep_last", "2")):
         _positive(cfg, f"trainer.{key}", example)
     _positive(cfg, "trainer.early_stopping.patience", "5")
+    validate_parallel(cfg)
     delta = OmegaConf.select(cfg, "trainer.early_stopping.min_delta")
     _require(delta is None or delta >= 0, f"trainer.early_stopping.min_delta must be >= 0 (got {delta})")
     _in_range(cfg, "trainer.seed", 0, MAX_SEED)
@@ -680,6 +699,14 @@ def validate_trainer(cfg: DictConfig) -> None:
     _require(resume != "", "trainer.resume is empty; use auto, none or a checkpoint path")
     _require(t.init_from is None or resume in ("auto", "none"),
              "trainer.init_from and trainer.resume=<path> both name a starting point; use one of them")
+
+
+def validate_parallel(cfg: DictConfig) -> None:
+    for key, example in (("tp", "2"), ("pp", "2"), ("microbatches", "4")):
+        _positive(cfg, f"trainer.parallel.{key}", example)
+    schedule = OmegaConf.select(cfg, "trainer.parallel.schedule")
+    _require(schedule is None or schedule in PIPELINE_SCHEDULES,
+             f"unknown trainer.parallel.schedule={schedule}; use one of {', '.join(PIPELINE_SCHEDULES)}")
 
 
 def validate_data_config(data: DictConfig) -> None:

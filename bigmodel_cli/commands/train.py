@@ -109,9 +109,19 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     job = RankJob(OmegaConf.to_container(plain_config(cfg)), trainer_settings(cfg), Path(run_dir),
                   dict(choices or {}), list(overrides))
     env = distributed.detect()
+    check_layout(job.settings, env)
     if job.settings.devices > 1 and not env.is_distributed:
         return launch_workers(job)
     return run_rank(job, env)
+
+
+def check_layout(settings: TrainerConfig, env) -> None:
+    """Before anything launches: the world the run will have must split into trainer.parallel's
+    tensor x pipeline ranks (one line naming the numbers otherwise)."""
+    from bigmodel_cli.engine.mesh import layout_for
+
+    world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
+    layout_for(world, settings.parallel)
 
 
 def launch_workers(job: RankJob) -> Dict[str, Any]:

@@ -37,6 +37,7 @@ from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
+from bigmodel_cli.engine.mesh import data_share, layout_for
 from bigmodel_cli.engine.outputs import logits_of
 from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
@@ -137,6 +138,9 @@ class Trainer:
                                              enabled=settings.save_checkpoints)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == Precision.fp16)
         self.monitor = Monitor(settings.monitor, settings.monitor_mode, parts.task, settings.early_stopping.min_delta)
+        # The ranks' layout over (pp, dp, tp), and this rank's share of the data (its replica's).
+        self.layout = layout_for(self.env.world_size, settings.parallel)
+        self.share = data_share(self.layout, self.env.rank)
         # Read per step: plain attributes.
         self.accum: int = settings.grad_accum_steps
         self.grad_clip: Optional[float] = settings.grad_clip
@@ -167,17 +171,17 @@ class Trainer:
     # ------------------------------------------------------------------ planning
     def plan_data(self):
         """This rank's training batches, after checking every rank gets evaluation batches."""
-        env = self.env
-        loader = self.data.train_batches(seed=self.settings.seed, rank=env.rank, world_size=env.world_size)
-        for split in ("val", "test"):  # the last rank's share is the smallest; all ranks agree
-            if len(self.data.eval_batches(split, rank=env.world_size - 1, world_size=env.world_size)) == 0:
-                raise UserError(f"the {split} split is too small to share across {env.world_size} ranks; "
-                                "use more data or fewer trainer.devices")
+        share = self.share
+        loader = self.data.train_batches(seed=self.settings.seed, rank=share.rank, world_size=share.world_size)
+        for split in ("val", "test"):  # the last replica's share is the smallest; all ranks agree
+            if len(self.data.eval_batches(split, rank=share.world_size - 1, world_size=share.world_size)) == 0:
+                raise UserError(f"the {split} split is too small to share across {share.world_size} data-parallel "
+                                "ranks; use more data or fewer trainer.devices")
         # Optimizer steps per pass over the training data (fractional when accumulation
         # spans more micro-batches than an epoch has).
         self.steps_per_epoch = len(loader) / self.accum
         # Across all ranks: the effective global batch.
-        self.units_per_step = loader.batch_size * self.data.units_per_sample() * self.accum * env.world_size
+        self.units_per_step = loader.batch_size * self.data.units_per_sample() * self.accum * share.world_size
         return loader
 
     def plan_steps(self) -> int:
@@ -191,7 +195,7 @@ class Trainer:
     def describe(self) -> str:
         return (f"{self.total_steps:,} optimizer steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
                 f"of {self.steps_per_epoch:,.4g} steps); {self.units_per_step:,} {self.data.unit} per step "
-                f"(batch {self.train_loader.batch_size} per device x {self.env.world_size} devices "
+                f"(batch {self.train_loader.batch_size} per replica x {self.share.world_size} replicas "
                 f"x accumulation {self.accum}); "
                 f"device {self.device}, precision {self.precision}")
 
