@@ -124,6 +124,7 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     """Model and data on the device, the model parallelized, and the optimizer over its
     (possibly sharded) parameters."""
     from bigmodel_cli.build import build_optimizer, build_schedule, import_object, takes_key
+    from bigmodel_cli.engine.mesh import build_mesh, layout_for
     from bigmodel_cli.engine.parallelize import parallelize
     from bigmodel_cli.engine.tasks import task_for
 
@@ -133,12 +134,13 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     # the config names, since a builder function may return a class that takes **kwargs.)
     key = "activation_checkpointing"
     recompute = bool(cfg.model.get(key, False)) and not takes_key(import_object(cfg.model._target_), key)
-    model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute)
+    mesh = build_mesh(layout_for(place.env.world_size, settings.parallel), place.device)
+    model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute, mesh=mesh)
     if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = partial(build_schedule, cfg.scheduler)
-    return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task))
+    return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task), mesh)
 
 
 def flops_per_unit(model: nn.Module, cfg: DictConfig, data: DataModule, parameters: int) -> Optional[float]:

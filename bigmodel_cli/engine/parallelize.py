@@ -25,7 +25,7 @@ from bigmodel_cli.engine.distributed import DistEnv, repeated_blocks
 
 
 def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device: torch.device,
-                checkpoint_blocks: bool = False) -> nn.Module:
+                checkpoint_blocks: bool = False, mesh=None) -> nn.Module:
     """The model ready to train: with activation checkpointing, wrapped for the processes, compiled."""
     if checkpoint_blocks:
         checkpoint_activations(model)

@@ -108,6 +108,7 @@ class TrainingParts:
     schedule: Callable[..., Union[Callable[[int], float], TorchSchedule]]
     data: DataModule
     task: Task
+    mesh: Optional[Any] = None  # the run's DeviceMesh ("pp", "dp", "tp"); None in one process
 
 
 @dataclass
