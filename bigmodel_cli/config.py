@@ -758,8 +758,8 @@ def validate_compress_config(cfg: DictConfig) -> None:
     """bigmodel compress's own settings, each failure one line with a fix."""
     _require(not OmegaConf.is_missing(cfg, "ckpt"), "no checkpoint given; run bigmodel compress "
                                                     "ckpt=<checkpoint file or run dir> method=prune|quantize")
-    _require(not OmegaConf.is_missing(cfg, "method") and cfg.method in COMPRESS_METHODS,
-             f"unknown method {cfg.get('method', '???')!r}; use method=prune or method=quantize")
+    _require(not OmegaConf.is_missing(cfg, "method"), "no method given; use method=prune or method=quantize")
+    _require(cfg.method in COMPRESS_METHODS, f"unknown method {cfg.method!r}; use method=prune or method=quantize")
     amount = cfg.prune.amount
     _require(0 < amount < 1, f"prune.amount must be between 0 and 1, exclusive (got {amount}); e.g. prune.amount=0.5")
     steps = cfg.prune.finetune_steps

@@ -93,8 +93,11 @@ def quantize_model(model: nn.Module, trained: TrainedModel, layers: Dict[str, st
                    kept: Dict[str, str]) -> Compressed:
     from bigmodel_cli.compress import quantize
 
+    by_reason: Dict[str, list] = {}
     for name, why in kept.items():
-        log.warning("kept in fp32: %s (%s)", name, why)
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        log.warning("kept in fp32: %s (%s)", ", ".join(names), why)
     int8 = quantize.quantize(model, layers)
     log.info("int8: %s", ", ".join(f"{name} ({scheme})" for name, scheme in layers.items()))
     return Compressed(quantize.int8_state_dict(model, int8, layers), dict(trained.checkpoint.config["model"]),
