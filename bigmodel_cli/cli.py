@@ -23,10 +23,11 @@ COMMANDS = {
     "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
     "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
     "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
+    "compress": ("bigmodel_cli.commands.compress", "Prune or int8-quantize a checkpoint (ckpt=<run dir>); a report of before/after."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
@@ -43,6 +44,7 @@ All but plot and summary are Hydra apps, each with its own config (conf/<command
   bigmodel lr-find model=cnn                     # suggests optim.lr=... for that train command
   bigmodel prepare data.path=corpus.txt out=data/corpus   # then: train data=tokens data.dir=data/corpus
   bigmodel generate ckpt=outputs/<date>/<run> prompt="Once"
+  bigmodel compress ckpt=outputs/<date>/<run> method=quantize   # or method=prune prune.amount=0.5
   bigmodel <command> --help                      # groups, options and what each key means
   bigmodel <command> --cfg job                   # print the composed config
   eval "$(bigmodel -sc install=bash)"            # tab completion of commands and overrides

@@ -566,6 +566,43 @@ class EvalConfig:
     trusted_targets: List[str] = field(default_factory=list)
 
 
+# ----------------------------------------------------------------- compress command
+
+
+@dataclass
+class PruneConfig:
+    # Share removed, in (0, 1): of all weights (unstructured), or of each hidden layer's units
+    # or channels (structured).
+    amount: float = 0.5
+    # true: remove whole hidden units/channels, so the layers really shrink (model=mlp, cnn);
+    # false: zero the smallest weights across the model (global magnitude pruning).
+    structured: bool = False
+    finetune_steps: int = 0  # optimizer steps on the checkpoint's own training data after pruning (0: none)
+    finetune_lr: Optional[float] = None  # learning rate of that fine-tune (null: the checkpoint's optim.lr)
+
+
+@dataclass
+class QuantizeConfig:
+    # One scale per output channel of each Linear (more accurate); false: one per matrix.
+    per_channel: bool = True
+    skip: List[str] = field(default_factory=list)  # module names to keep in fp32, e.g. [head]
+
+
+@dataclass
+class CompressConfig:
+    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file to compress
+    method: str = MISSING  # prune | quantize
+    prune: PruneConfig = field(default_factory=PruneConfig)  # settings of method=prune
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # settings of method=quantize
+    split: str = "test"  # the split whose metric is reported before and after: train | val | test
+    latency_repeats: int = 30  # timed batches whose median is the CPU latency
+    latency_warmup: int = 5  # untimed batches before them
+    threads: int = 1  # CPU threads for the latency measurement and fine-tune
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------ lr-find command
 
 
@@ -607,6 +644,7 @@ def register_configs() -> None:
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(group="schema/lr_find", name="default", node=LrFindConfig)
@@ -738,6 +776,26 @@ def validate_lr_find(cfg: DictConfig) -> None:
     _require(0 <= f.smoothing < 1, f"lr_find.smoothing must be in [0, 1) (got {f.smoothing}); e.g. lr_find.smoothing=0.9")
     _require(f.diverge_factor > 1, f"lr_find.diverge_factor must be > 1 (got {f.diverge_factor}); "
                                    "e.g. lr_find.diverge_factor=4")
+
+
+COMPRESS_METHODS = ("prune", "quantize")
+
+
+def validate_compress_config(cfg: DictConfig) -> None:
+    """bigmodel compress's own settings, each failure one line with a fix."""
+    _require(not OmegaConf.is_missing(cfg, "ckpt"), "no checkpoint given; run bigmodel compress "
+                                                    "ckpt=<checkpoint file or run dir> method=prune|quantize")
+    _require(not OmegaConf.is_missing(cfg, "method"), "no method given; use method=prune or method=quantize")
+    _require(cfg.method in COMPRESS_METHODS, f"unknown method {cfg.method!r}; use method=prune or method=quantize")
+    amount = cfg.prune.amount
+    _require(0 < amount < 1, f"prune.amount must be between 0 and 1, exclusive (got {amount}); e.g. prune.amount=0.5")
+    steps = cfg.prune.finetune_steps
+    _require(steps >= 0, f"prune.finetune_steps must be >= 0 (got {steps}); e.g. prune.finetune_steps=200")
+    _positive(cfg, "prune.finetune_lr", "1e-3")
+    _require(cfg.split in ("train", "val", "test"), f"split must be train, val or test (got {cfg.split!r})")
+    _require(cfg.latency_repeats > 0, f"latency_repeats must be > 0 (got {cfg.latency_repeats}); e.g. latency_repeats=30")
+    _require(cfg.latency_warmup >= 0, f"latency_warmup must be >= 0 (got {cfg.latency_warmup}); e.g. latency_warmup=5")
+    _require(cfg.threads > 0, f"threads must be > 0 (got {cfg.threads}); e.g. threads=1")
 
 
 def trainer_settings(cfg: DictConfig) -> "TrainerConfig":

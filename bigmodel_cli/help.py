@@ -13,7 +13,8 @@ from bigmodel_cli import preflight
 from bigmodel_cli.config_docs import describe
 from bigmodel_cli.config_keys import COMMAND_KEYS, schema_of
 
-COMMAND_SCHEMAS = {"eval": "EvalConfig", "prepare": "PrepareConfig", "generate": "GenerateConfig"}
+COMMAND_SCHEMAS = {"eval": "EvalConfig", "prepare": "PrepareConfig", "generate": "GenerateConfig",
+                   "compress": "CompressConfig"}
 
 
 def print_help(command: str, args: Sequence[str]) -> int:
@@ -69,6 +70,7 @@ def key_lines(command: str, key: str, value, prefix: str = "") -> List[str]:
     if key == "logger" and not prefix:
         return [line for name, node in value.items() for line in key_lines(command, name, node, "logger.")]
     schema = schema_of(dotted.split(".")[0], value) if (command, key) != ("eval", "data") else None
+    schema = schema or nested_schema(command_schema(command), key)  # a command's own nested node (prune)
     return node_lines(dotted, value, schema)
 
 

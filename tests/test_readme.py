@@ -49,6 +49,7 @@ def resolve(line: str, cwd: Path) -> str:
         r"outputs/\d{4}-\d\d-\d\d/[\d-]+_train\b": lambda: str(newest(runs())),
         r"outputs/<date>/<run>": lambda: str(newest(runs())),
         r"outputs/<date>/<time>_train_multirun": lambda: str(newest(outputs.glob("*/*_multirun"))),
+        r"outputs/compress/<date>/<time>": lambda: str(newest(outputs.glob("compress/*/*"))),
         r"outputs/<date>": lambda: str(newest(outputs.glob("2*"))),
         r"runA runB": lambda: " ".join(str(p) for p in runs()[-2:]),
         r"runs/big/checkpoints/step_\d+\.pt": lambda: str(sorted((cwd / "runs/big/checkpoints").glob("step_*.pt"))[-1]),

@@ -11,6 +11,7 @@ record and whose DCP files hold the tensors (engine/sharded.py). In memory it is
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -143,6 +144,10 @@ def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    if any(tensor.is_quantized for tensor in weights.values()):
+        raise UserError(f"checkpoint {path} holds int8-quantized weights (bigmodel compress method=quantize), "
+                        "for CPU inference only; evaluate it with bigmodel eval device=cpu, or train from the "
+                        "checkpoint it was made from")
     # (An FSDP2 parameter is a DTensor whose shape is the whole tensor's, not its shard's.)
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     problems = [f"{k} missing from the checkpoint" for k in own if k not in weights]
@@ -173,7 +178,9 @@ def _read_archive(path: Path, map_location: Any, verify: bool) -> Dict[str, Any]
     if problem:
         raise UserError(f"checkpoint {path} is damaged ({problem}); use another checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # int8 weights (bigmodel compress) rebuild through deprecated torch APIs
+            warnings.filterwarnings("ignore", message=".*(TypedStorage|quantized tensor creation).*")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(f"refused to load {path}: it holds Python objects that could run code when "
                         f"unpickled ({refusal_reason(err)}); only load checkpoints you trust") from None

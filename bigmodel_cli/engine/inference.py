@@ -42,12 +42,27 @@ def ready_model(trained: TrainedModel, device: torch.device, spec: Optional[Data
     fill it with the checkpoint's weights, and put it on `device` in eval mode, with the
     matmul precision it trained with."""
     from bigmodel_cli.build import build_model
+    from bigmodel_cli.compress.quantize import quantized_layers
     from bigmodel_cli.engine.device import use_tf32
 
     checkpoint = trained.checkpoint
     names = checkpoint.choices
     model = build_model(trained.config.model, spec or checkpoint.spec, names.get("model", ""), names.get("data", ""))
-    load_weights(model, checkpoint)
+    int8_layers = quantized_layers(checkpoint.config)
+    if int8_layers:  # written by `bigmodel compress method=quantize`
+        model = load_quantized(model, checkpoint, int8_layers, device)
+    else:
+        load_weights(model, checkpoint)
     use_tf32(bool(trained.config.trainer.get("tf32", True)), device)
     trained.model = model.to(device).eval()
     return trained.model
+
+
+def load_quantized(model: nn.Module, checkpoint: Checkpoint, layers, device: torch.device) -> nn.Module:
+    """The int8 model of a quantized checkpoint, built on its fp32 architecture `model`."""
+    from bigmodel_cli.compress.quantize import load_quantized as int8_model
+    from bigmodel_cli.errors import UserError
+
+    if device.type != "cpu" or checkpoint.is_sharded:
+        raise UserError(f"checkpoint {checkpoint.path} is int8-quantized for CPU inference; run it with device=cpu")
+    return int8_model(model, checkpoint.model, layers, checkpoint.path)

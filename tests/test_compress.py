@@ -1,0 +1,216 @@
+"""bigmodel compress (issue 17): pruning and int8 quantization of trained checkpoints, with
+before/after numbers, a compressed checkpoint that the inference loader reads back, and
+one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bigmodel_cli.commands.train import train
+from bigmodel_cli.compress.pipeline import compress_checkpoint
+from conftest import compose_config, outcome_lines
+
+QUICK = ("trainer.progress=plain", "trainer.threads=1", "trainer.log_every=100")
+MLP = ("trainer.max_steps=300", "trainer.val_every=300", *QUICK)
+LSTM = ("model=rnn", "model.cell=lstm", "optim=adam", "trainer.max_steps=300", "trainer.val_every=300", *QUICK)
+CNN = ("model=cnn", "model.channels=[8,16]", "model.hidden_size=32", "trainer.max_steps=60",
+       "trainer.val_every=60", *QUICK)
+# few timed batches: the tests check that latency is reported, never how fast anything is
+FAST_MEASURE = ("latency_repeats=3", "latency_warmup=1")
+
+
+def trained(tmp_path_factory, name, overrides) -> Path:
+    run = tmp_path_factory.mktemp(name) / "run"
+    train(compose_config(*overrides), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    return trained(tmp_path_factory, "mlp", MLP)
+
+
+@pytest.fixture(scope="module")
+def lstm(tmp_path_factory):
+    return trained(tmp_path_factory, "lstm", LSTM)
+
+
+def compress(ckpt: Path, out: Path, *overrides: str) -> dict:
+    out.mkdir()
+    cfg = compose_config(f"ckpt={ckpt}", *FAST_MEASURE, *overrides, config_name="compress")
+    return compress_checkpoint(cfg, out)
+
+
+def digest(run: Path) -> str:
+    return hashlib.sha256((run / "checkpoints" / "best.pt").read_bytes()).hexdigest()
+
+
+def reloaded_metrics(out: Path, split: str = "test") -> dict:
+    """The compressed run dir's checkpoint evaluated as `bigmodel eval ckpt=<run dir>` does."""
+    from bigmodel_cli.compress.pipeline import checkpoint_data
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.engine.tasks import task_for
+    from bigmodel_cli.engine.trainer import evaluate_model
+
+    model_run = open_trained(str(out))
+    data = checkpoint_data(model_run)
+    model = ready_model(model_run, torch.device("cpu"), data.spec)
+    return evaluate_model(model, data, task_for(data.spec.task), split, "fp32", torch.device("cpu"))
+
+
+def test_unstructured_pruning_with_a_finetune_keeps_accuracy(mlp, tmp_path):
+    source = digest(mlp)
+    out = tmp_path / "pruned"
+    summary = compress(mlp, out, "method=prune", "prune.amount=0.5", "prune.finetune_steps=100")
+    before, after = summary["before"], summary["after"]
+    assert abs(after["metrics"]["accuracy"] - before["metrics"]["accuracy"]) <= 0.02
+    assert before["sparsity"] == 0 and 0.45 < after["sparsity"] < 0.51  # the biases are not pruned
+    assert all(layer["sparsity"] > 0.2 for layer in after["layers"])
+    assert after["parameters"] == before["parameters"]
+    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    matrices = [w for name, w in weights.items() if name.endswith("weight")]
+    assert sum(int((w == 0).sum()) for w in matrices) / sum(w.numel() for w in matrices) == pytest.approx(0.5, abs=0.01)
+    assert (out / "finetune" / "metrics.jsonl").is_file()
+    assert reloaded_metrics(out)["accuracy"] == pytest.approx(after["metrics"]["accuracy"])
+    assert digest(mlp) == source  # the input checkpoint is only read
+
+
+def test_structured_pruning_shrinks_the_mlp(mlp, tmp_path):
+    out = tmp_path / "structured"
+    summary = compress(mlp, out, "method=prune", "prune.amount=0.3", "prune.structured=true")
+    stored = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert stored["config"]["model"]["hidden_sizes"] == [179, 90]  # 256 and 128 less 30%
+    assert stored["model"]["net.1.weight"].shape == (179, 64)
+    assert stored["model"]["net.4.weight"].shape == (90, 179)
+    before, after = summary["before"], summary["after"]
+    assert after["parameters"] == 64 * 179 + 179 + 179 * 90 + 90 + 90 * 10 + 10 < before["parameters"]
+    assert after["weights_bytes"] < before["weights_bytes"]
+    assert before["latency_ms"] > 0 and after["latency_ms"] > 0
+    report = (out / "report.md").read_text()
+    for row in ("| parameters | 50,826 |", "CPU latency per batch", "| test/accuracy |", "| `net.1` | Linear |"):
+        assert row in report
+    assert reloaded_metrics(out)["accuracy"] == pytest.approx(after["metrics"]["accuracy"])
+
+
+def zero_units(weight_in: torch.Tensor, weight_out: torch.Tensor, units: list, block: int = 1) -> None:
+    """Silence hidden units: nothing goes in, nothing comes out."""
+    weight_in[units] = 0
+    for unit in units:
+        weight_out[:, unit * block:(unit + 1) * block] = 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_structured_pruning_removes_silent_units_without_changing_the_outputs(kind):
+    """Units that contribute nothing are the ones removed, and the smaller model, rebuilt
+    from the smaller config, computes what the large one did: the rewiring is exact."""
+    from bigmodel_cli.compress.structured import shrink
+    from bigmodel_cli.models.cnn import CNN
+    from bigmodel_cli.models.mlp import MLP
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = MLP((64,), 10, hidden_sizes=(10, 20)), torch.randn(5, 64)
+        for first, second, units in ((1, 3, [1, 4, 7]), (3, 5, [0, 2, 5, 11, 13, 19])):
+            zero_units(model.net[first].weight, model.net[second].weight, units)
+            model.net[first].bias[units] = 0
+    else:
+        model, x = CNN((1, 8, 8), 10, channels=(10,), hidden_size=10), torch.randn(5, 1, 8, 8)
+        model.features[1].bias.data[[0, 5, 9]] = -5.0  # batch norm's shift: ReLU silences them
+        zero_units(model.features[0].weight, model.head[1].weight, [0, 5, 9], block=16)
+        zero_units(model.head[1].weight, model.head[4].weight, [2, 3, 8])
+    model.eval()
+    state, sizes = shrink(model, kind, 0.3)
+    small = MLP((64,), 10, **sizes) if kind == "mlp" else CNN((1, 8, 8), 10, **sizes)
+    small.load_state_dict(state)
+    small.eval()
+    assert sizes == ({"hidden_sizes": [7, 14]} if kind == "mlp" else {"channels": [7], "hidden_size": 7})
+    torch.testing.assert_close(small(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["mlp", "lstm"])
+def test_int8_quantization_shrinks_the_weights_and_keeps_accuracy(name, mlp, lstm, tmp_path):
+    run = {"mlp": mlp, "lstm": lstm}[name]
+    out = tmp_path / "int8"
+    summary = compress(run, out, "method=quantize")
+    before, after = summary["before"], summary["after"]
+    assert after["weights_bytes"] <= 0.35 * before["weights_bytes"]
+    assert abs(after["metrics"]["accuracy"] - before["metrics"]["accuracy"]) <= 0.01
+    assert before["latency_ms"] > 0 and after["latency_ms"] > 0
+    kinds = {layer["kind"] for layer in after["layers"]}
+    assert kinds == ({"DynamicQuantizedLinear"} if name == "mlp" else {"DynamicQuantizedLSTM", "DynamicQuantizedLinear"})
+    # read without unpickling anything but tensors; the int8 layers hold qint8 weights
+    stored = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert stored["model"]["head.weight" if name == "lstm" else "net.1.weight"].dtype == torch.qint8
+    if name == "lstm":
+        assert stored["model"]["rnn.weight_hh_l0"].dtype == torch.qint8
+    assert reloaded_metrics(out)["accuracy"] == pytest.approx(after["metrics"]["accuracy"])
+    assert_loads_the_very_int8_values(out, stored["model"])
+
+
+def assert_loads_the_very_int8_values(out: Path, stored: dict) -> None:
+    """The loader rebuilds each int8 layer from the stored values and scales, not by
+    quantizing their fp32 approximation again."""
+    from bigmodel_cli.compress.quantize import int8_entries
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+
+    model = ready_model(open_trained(str(out)), torch.device("cpu"))
+    layers = [name for name, module in model.named_modules() if module._get_name().startswith("DynamicQuantized")]
+    assert layers
+    for name in layers:
+        for key, tensor in int8_entries(model.get_submodule(name), f"{name}.").items():
+            if tensor.is_quantized:
+                assert torch.equal(tensor.int_repr(), stored[key].int_repr()), key
+                assert torch.equal(tensor.dequantize(), stored[key].dequantize()), key
+
+
+def test_quantization_names_the_layers_it_leaves_in_fp32():
+    from bigmodel_cli.compress.quantize import plan
+    from bigmodel_cli.errors import UserError
+    from bigmodel_cli.models.gpt import GPT
+
+    chosen, kept = plan(GPT(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16), per_channel=True)
+    assert set(chosen) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"}
+    assert "tied to tok_emb" in kept["lm_head"] and "table lookup" in kept["tok_emb"]
+    assert "normalization" in kept["ln_f"]
+    with pytest.raises(UserError, match="no layer that int8 quantization covers.*convolutions need static"):
+        plan(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), per_channel=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["method=prune", "prune.amount=1.5"], "prune.amount must be between 0 and 1"),
+    (["method=squeeze"], "unknown method 'squeeze'; use method=prune or method=quantize"),
+    (["method=quantize", "quantize.skip=[net.1,net.4,net.7]"], "has no layer that int8 quantization covers"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args, message, mlp, run_cli):
+    source = digest(mlp)
+    result = run_cli("compress", f"ckpt={mlp}", *args)
+    assert result.returncode == 2
+    assert len(outcome_lines(result.stderr)) == 1 and message in result.stderr, result.output
+    assert not list((result.cwd / "outputs").glob("compress/*/*"))
+    assert digest(mlp) == source
+
+
+def test_a_file_that_is_no_bigmodel_checkpoint_is_refused(tmp_path, run_cli):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    result = run_cli("compress", f"ckpt={tmp_path / 'other.pt'}", "method=quantize")
+    assert result.returncode == 2 and "is not a bigmodel checkpoint" in result.stderr, result.output
+
+
+@pytest.mark.slow
+def test_compress_then_eval_from_the_command_line(mlp, run_cli):
+    result = run_cli("compress", f"ckpt={mlp}", "method=quantize", *FAST_MEASURE)
+    assert result.returncode == 0, result.output
+    out = next((result.cwd / "outputs" / "compress").glob("*/*"))
+    summary = json.loads((out / "compress.json").read_text())
+    assert "weights, serialized" in result.stdout and "kept in fp32" not in result.stderr
+    evaluated = run_cli("eval", f"ckpt={out}")
+    assert evaluated.returncode == 0, evaluated.output
+    report = json.loads(next((result.cwd / "outputs" / "eval").glob("*/*/eval.json")).read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(summary["after"]["metrics"]["accuracy"])
