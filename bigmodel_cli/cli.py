@@ -24,10 +24,11 @@ COMMANDS = {
     "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
     "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
     "compress": ("bigmodel_cli.commands.compress", "Prune or int8-quantize a checkpoint (ckpt=<run dir>); a report of before/after."),
+    "export": ("bigmodel_cli.commands.export", "Write a checkpoint as safetensors, TorchScript, ONNX or a Hugging Face folder."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress", "export")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 

@@ -484,6 +484,20 @@ class TrainerConfig:
     dry_run: bool = False
 
 
+# -------------------------------------------------------------------- distillation
+
+
+@dataclass
+class DistillConfig:
+    # A trained checkpoint (run dir or file) of the same data whose softened outputs the
+    # model learns from as well (engine/distill.py); null: no distillation.
+    teacher: Optional[str] = None
+    temperature: float = 4.0  # both models' logits are divided by this before the softmax
+    alpha: float = 0.5  # weight of the distillation term; the task loss gets 1 - alpha
+    # Import paths outside bigmodel that the teacher checkpoint's stored config may name.
+    trusted_targets: List[str] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------------- loggers
 # Several at once: logger=[jsonl,csv,tensorboard]. Each lands under logger.<name>.
 
@@ -603,6 +617,26 @@ class CompressConfig:
     trusted_targets: List[str] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------- export command
+
+
+class ExportFormat(Choice):
+    safetensors = "safetensors"  # weights + bigmodel.json: bigmodel eval and a plain nn.Module load it
+    torchscript = "torchscript"  # torch.jit.trace of the eval-mode model
+    onnx = "onnx"  # torch.onnx.export (extra: onnx)
+    hf = "hf"  # a transformers GPT2LMHeadModel folder, for the GPT models (extra: hf)
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING  # the run dir (its best checkpoint), checkpoint file or exported folder
+    format: ExportFormat = ExportFormat.safetensors  # safetensors | torchscript | onnx | hf
+    # The folder written into (new, or empty); by default a new one under outputs/export/.
+    out: str = "outputs/export/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}"
+    # Import paths outside bigmodel that the checkpoint's stored config may name: [mypkg.nets.MyNet].
+    trusted_targets: List[str] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------ lr-find command
 
 
@@ -647,7 +681,9 @@ def register_configs() -> None:
     cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(group="schema/lr_find", name="default", node=LrFindConfig)
+    cs.store(group="schema/distill", name="default", node=DistillConfig)
     from bigmodel_cli.sweepers import register_optuna_defaults
 
     register_optuna_defaults()
@@ -693,6 +729,15 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_scheduler(cfg)
     validate_data_config(cfg.data)
     validate_trainer(cfg)
+    validate_distill(cfg)
+
+
+def validate_distill(cfg: DictConfig) -> None:
+    temperature = OmegaConf.select(cfg, "distill.temperature")
+    _require(temperature is None or temperature > 0,
+             f"distill.temperature must be > 0 (got {temperature}); e.g. distill.temperature=4")
+    alpha = OmegaConf.select(cfg, "distill.alpha")
+    _require(alpha is None or 0 <= alpha <= 1, f"distill.alpha must be in [0, 1] (got {alpha}); e.g. distill.alpha=0.5")
 
 
 def validate_optim(cfg: DictConfig) -> None:

@@ -15,18 +15,19 @@ import dataclasses
 import difflib
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from bigmodel_cli.config import (SCHEMAS, CompressConfig, EvalConfig, GenerateConfig, LrFindConfig, PrepareConfig,
-                                 TokenizerConfig, TrainerConfig)
+from bigmodel_cli.config import (SCHEMAS, CompressConfig, DistillConfig, EvalConfig, ExportConfig, GenerateConfig,
+                                 LrFindConfig, PrepareConfig, TokenizerConfig, TrainerConfig)
 
 #: top-level keys of each command's config (besides `hydra`)
 COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
-    "train": ("model", "optim", "scheduler", "data", "trainer", "logger"),
-    "plan": ("model", "optim", "scheduler", "data", "trainer", "logger"),  # the train config
+    "train": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill"),
+    "plan": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill"),  # the train config
     "eval": tuple(f.name for f in dataclasses.fields(EvalConfig)),
     "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
     "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
-    "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "lr_find"),
+    "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill", "lr_find"),
     "compress": tuple(f.name for f in dataclasses.fields(CompressConfig)),
+    "export": tuple(f.name for f in dataclasses.fields(ExportConfig)),
 }
 
 #: commands whose Hydra config file is not named after them (conf/<config name>.yaml)
@@ -68,6 +69,8 @@ def schema_of(group: str, node: Mapping) -> Optional[type]:
         return TokenizerConfig
     if group == "lr_find":
         return LrFindConfig
+    if group == "distill":
+        return DistillConfig
     if not isinstance(node, Mapping):
         return None
     return schema_by_target().get(str(node.get("_target_", "")))
@@ -93,7 +96,7 @@ def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
     for key in cfg:
         if key != "hydra" and key not in allowed_top:
             return str(key), list(allowed_top)
-    nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer", "lr_find")]
+    nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer", "lr_find", "distill")]
     if command in TRAIN_LIKE:
         nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
     for where, node in nodes:

@@ -125,6 +125,7 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     (possibly sharded) parameters."""
     from bigmodel_cli.build import build_optimizer, build_schedule, import_object, takes_key
     from bigmodel_cli.engine.mesh import build_mesh, layout_for
+    from bigmodel_cli.engine.distill import objective_for
     from bigmodel_cli.engine.parallelize import parallelize
     from bigmodel_cli.engine.tasks import task_for
 
@@ -140,7 +141,18 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
         torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = partial(build_schedule, cfg.scheduler)
-    return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task), mesh)
+    task = task_for(data.spec.task)
+    objective = objective_for(distill_settings(cfg), task, data, settings.precision, place.device)
+    return TrainingParts(model, optimizer, schedule, data, task, mesh, objective)
+
+
+def distill_settings(cfg: DictConfig):
+    """cfg.distill typed (None where the config has no distill node, e.g. built by hand)."""
+    from bigmodel_cli.config import DistillConfig
+
+    if cfg.get("distill") is None:
+        return None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig), cfg.distill))
 
 
 def flops_per_unit(model: nn.Module, cfg: DictConfig, data: DataModule, parameters: int) -> Optional[float]:

@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import compose_config, write_user_package
 
-from bigmodel_cli.config import (SCHEMAS, EarlyStoppingConfig, EvalConfig, GenerateConfig, PrepareConfig,
-                                 TrainerConfig)
+from bigmodel_cli.config import (SCHEMAS, DistillConfig, EarlyStoppingConfig, EvalConfig, ExportConfig, GenerateConfig,
+                                 PrepareConfig, TrainerConfig)
 from bigmodel_cli.help import describe_key
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
@@ -83,7 +83,8 @@ def test_train_help_shows_the_chosen_options_keys(run_cli):
 
 
 SCHEMA_CLASSES = sorted({s for options in SCHEMAS.values() for s in options.values()}
-                        | {EvalConfig, GenerateConfig, PrepareConfig, EarlyStoppingConfig}, key=lambda s: s.__name__)
+                        | {EvalConfig, GenerateConfig, PrepareConfig, EarlyStoppingConfig, DistillConfig, ExportConfig},
+                       key=lambda s: s.__name__)
 
 
 @pytest.mark.parametrize("schema", SCHEMA_CLASSES, ids=lambda s: s.__name__)

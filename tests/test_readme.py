@@ -20,7 +20,7 @@ PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
            "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
            "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher"}
 #: the optional package each example needs (an extra; skipped where it is not installed)
-EXTRAS = {"data=hf": "datasets", "data=image_folder": "PIL"}
+EXTRAS = {"data=hf": "datasets", "data=image_folder": "PIL", "format=onnx": "onnxscript", "format=hf": "transformers"}
 CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "trainer.eval_batches=2")
 
 

@@ -106,6 +106,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", verify: bool = True) 
                         "use another checkpoint")
     if is_sharded and verify:
         sharded.check_folder(path, state)
+    return checkpoint_from_state(state, path, is_sharded)
+
+
+def checkpoint_from_state(state: Dict[str, Any], path: Path, is_sharded: bool = False) -> Checkpoint:
+    """A Checkpoint from a checked state (`record_problem` found nothing in it)."""
     record = {f.name: state[f.name] for f in fields(CheckpointRecord)}
     spec = state["spec"]
     record["spec"] = DataSpec(**{**{k: spec.get(k) for k in SPEC}, "input_shape": tuple(spec["input_shape"])})

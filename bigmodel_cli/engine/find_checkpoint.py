@@ -1,6 +1,7 @@
 """The one place that finds a checkpoint: named directly, or picked from a run dir.
 
     ckpt=<file or .dcp folder>     that checkpoint, checked byte for byte
+    ckpt=<exported folder>         `bigmodel export format=safetensors`'s weights (engine/exported.py)
     ckpt=<run dir>                 Pick.BEST: best, else last, else the newest step entry
     trainer.resume=<run dir>       Pick.NEWEST_VALID: the newest step entry that loads intact;
     trainer.resume=auto            damaged newer ones are skipped with a warning (and, in the
@@ -26,6 +27,7 @@ from bigmodel_cli.engine.checkpoint_folder import (
     SHARDED_SUFFIX,
     list_step_checkpoints,
 )
+from bigmodel_cli.engine.exported import is_exported_folder, load_exported
 from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
 
@@ -44,6 +46,11 @@ def find_checkpoint(where: Path, pick: Pick = Pick.BEST, setting: str = "ckpt",
     `own_run`: `where` is this run's own dir, whose damaged checkpoints may be renamed aside;
     there, finding none is None rather than an error."""
     where = where if own_run else user_path(where)  # a run's own dir is as Hydra made it
+    if is_exported_folder(where):
+        if pick == Pick.NEWEST_VALID:
+            raise UserError(f"{setting}={where} is an exported model (weights only, no optimizer state) and "
+                            f"cannot be continued; start from its weights with trainer.init_from={where}")
+        return load_exported(where)
     if where.is_dir() and not is_sharded_checkpoint(where):
         if pick == Pick.NEWEST_VALID:
             folder = where / CHECKPOINT_DIR if (where / CHECKPOINT_DIR).is_dir() else where

@@ -34,6 +34,7 @@ from bigmodel_cli.engine.checkpoint import (Checkpoint, CheckpointRecord, Proven
                                            load_model_and_optimizer, load_weights)
 from bigmodel_cli.engine.checkpoint_manager import CheckpointManager
 from bigmodel_cli.engine.device import autocast
+from bigmodel_cli.engine.distill import TaskObjective
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
@@ -109,6 +110,9 @@ class TrainingParts:
     data: DataModule
     task: Task
     mesh: Optional[Any] = None  # the run's DeviceMesh ("pp", "dp", "tp"); None in one process
+    # objective(x, output, y) -> (loss, its named terms to log, or None), e.g. distillation
+    # (engine/distill.py); None: the task's own loss.
+    objective: Optional[Callable] = None
 
 
 @dataclass
@@ -127,6 +131,7 @@ class RunContext:
 class Trainer:
     def __init__(self, parts: TrainingParts, settings: TrainerConfig, context: RunContext):
         self.settings, self.data, self.task = settings, parts.data, parts.task
+        self.objective = parts.objective or TaskObjective(parts.task)
         self.env, self.device, self.telemetry = context.env, context.device, context.telemetry
         self.model, self.optimizer = parts.model, parts.optimizer
         self.raw_model = distributed.unwrap(parts.model)  # what checkpoints hold
@@ -158,6 +163,7 @@ class Trainer:
         # The losses summed since the last log step, on the device: a non-finite step makes
         # the sum non-finite, so reading it at log steps (and before saves) finds it.
         self.loss_sum = torch.zeros((), device=self.device)
+        self.terms_sum = torch.zeros(len(self.objective.terms), device=self.device)  # the objective's terms
         self.finite_until = 0  # last step known to be finite
         self.skipped_steps = 0
         self.resumed_rng: Optional[Dict[str, Any]] = None
@@ -229,8 +235,10 @@ class Trainer:
             with distributed.gradient_sync(self.model, enabled=micro == self.accum - 1):
                 with autocast(self.precision, self.device):
                     output = logits_of(self.model(x))
-                loss = self.task.loss(output, y)
+                loss, terms = self.objective(x, output, y)
                 self.scaler.scale(loss / self.accum).backward()
+            if terms is not None:
+                self.terms_sum += terms / self.accum
             loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         grad_norm = None
         if self.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
@@ -257,6 +265,7 @@ class Trainer:
         batches = self.micro_batches()
         self.telemetry.start(self.total_steps, self.step)
         self.loss_sum.zero_()
+        self.terms_sum.zero_()
         steps_since_log, last_log_time = 0, time.perf_counter()
         val_metrics: Dict[str, float] = {}
         if cfg.val_at_start and self.step == 0:  # the untrained baseline, e.g. ln(vocab) for an LM
@@ -367,14 +376,18 @@ class Trainer:
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
-        # Gradients are synchronised, so the norm is already global; loss and flag are per rank.
-        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone()) / self.env.world_size
-        values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
+        # Gradients are synchronised, so the norm is already global; loss and terms are per rank.
+        local = torch.cat([mean_loss.detach().reshape(1), self.terms_sum / steps])
+        means = distributed.all_reduce_sum(local) / self.env.world_size
+        self.terms_sum.zero_()
+        values = torch.cat([means, (grad_norm if grad_norm is not None else means[0]).reshape(1)]).tolist()
+        terms, values = dict(zip(self.objective.terms, values[1:-1])), [values[0], values[-1]]
         elapsed = time.perf_counter() - since  # after the sync: the device work is done
         if not math.isfinite(values[0]) and not self.skip_nonfinite:
             self.raise_nonfinite()
         self.finite_until = self.step
-        metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": values[0], "lr": self.last_lr}
+        metrics = {"epoch": round(self.step / self.steps_per_epoch, 3), "loss": values[0], **terms,
+                   "lr": self.last_lr}
         if grad_norm is not None:
             metrics["grad_norm"] = values[1]
         metrics.update(self.efficiency(steps, elapsed))
