@@ -123,15 +123,16 @@ def check_pipeline(settings: TrainerConfig, target: str, blocks: Optional[int], 
         how = f"{pp} stages" if v == 1 else f"{pp} ranks x {v} stages each ({parallel.schedule})"
         fix = f"trainer.parallel.pp={max(1, blocks // v)}" if blocks >= v else "trainer.parallel.pp=1"
         also = ", or trainer.parallel.schedule=1f1b" if v > 1 and blocks >= pp else ""
-        raise UserError(f"the model has {blocks} blocks, too few to cut into {how}; use {fix}{also}, "
-                        f"or a model with at least {pp * v} blocks")
+        key = f"model.{plan_for(target).layers_key}"
+        raise UserError(f"the model has {blocks} block{'s' if blocks != 1 else ''}, too few to cut into {how}; "
+                        f"use {fix}{also}, or {key}={pp * v} or more")
     check_microbatches(parallel, batch_size)
 
 
 def check_microbatches(parallel: ParallelConfig, batch_size: Optional[int]) -> None:
     m, pp = microbatches(parallel), parallel.pp
     if batch_size is not None and batch_size % m:
-        raise UserError(f"the batch of {batch_size} does not split into trainer.parallel.microbatches={m} equal "
+        raise UserError(f"data.batch_size={batch_size} does not split into trainer.parallel.microbatches={m} equal "
                         f"micro-batches; use a data.batch_size that is a multiple of {m}, or microbatches that divide "
                         f"{batch_size}")
     if parallel.schedule == "1f1b" and m < pp:
