@@ -257,7 +257,9 @@ def optimizer_layout(flat: bool):
 
 
 def has_flat_optimizer_state(path: Path) -> bool:
-    return "optimizer.param_groups" not in read_index(path).state_dict_metadata
+    # (DCP stores a nested group's parameter list as "optimizer.param_groups.<i>.params"; a flat
+    # checkpoint has no such entry.)
+    return "optimizer.param_groups.0.params" not in read_index(path).state_dict_metadata
 
 
 def load_training_state(model, optimizer, path: Path) -> None:
