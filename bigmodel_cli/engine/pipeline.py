@@ -137,7 +137,8 @@ def check_microbatches(parallel: ParallelConfig, batch_size: Optional[int]) -> N
                         f"{batch_size}")
     if parallel.schedule == "1f1b" and m < pp:
         raise UserError(f"schedule 1f1b needs at least as many micro-batches as stages: "
-                        f"trainer.parallel.microbatches={m} < trainer.parallel.pp={pp}; use trainer.parallel.microbatches={pp} or more")
+                        f"trainer.parallel.microbatches={m} < trainer.parallel.pp={pp}; "
+                        f"use trainer.parallel.microbatches={pp} or more")
     rounds = max(1, m // pp)
     if parallel.schedule == "interleaved_1f1b" and m % rounds:
         raise UserError(f"schedule interleaved_1f1b needs trainer.parallel.microbatches to be a multiple of "
