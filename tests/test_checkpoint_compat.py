@@ -71,3 +71,13 @@ def test_an_old_checkpoint_starts_a_run(run_cli, workdir, start):
         assert "drawn by sampler version 1, this bigmodel's by version 2" in result.output
     else:
         assert "weights from gpt_tiny.pt" in result.output
+
+
+def test_an_old_sharded_checkpoint_resumes_with_its_optimizer_state(run_cli, workdir):
+    """Its optimizer state is nested (one param_groups list), as FSDP wrote it before pipeline
+    parallelism keyed it per parameter: it still loads, in one process."""
+    result = run_cli("train", *TRAIN_ARGS, "trainer.max_steps=6", "trainer.resume=gpt_tiny.dcp", "hydra.run.dir=run",
+                     cwd=workdir)
+    assert result.returncode == 0, result.output
+    assert "resuming from gpt_tiny.dcp at step 4 of 6" in result.output
+    assert json.loads((workdir / "run" / "summary.json").read_text())["steps"] == 6

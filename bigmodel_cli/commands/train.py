@@ -110,6 +110,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
                   dict(choices or {}), list(overrides))
     env = distributed.detect()
     check_layout(job.settings, env)
+    check_pipeline(job.config, job.settings)
     if job.settings.devices > 1 and not env.is_distributed:
         return launch_workers(job)
     return run_rank(job, env)
@@ -122,6 +123,17 @@ def check_layout(settings: TrainerConfig, env) -> None:
 
     world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
     layout_for(world, settings.parallel)
+
+
+def check_pipeline(config: Dict[str, Any], settings: TrainerConfig) -> None:
+    """Before anything launches: trainer.parallel.pp>1 can cut this model (its blocks, from the
+    config) with this batch and schedule (one line naming the numbers otherwise)."""
+    from bigmodel_cli.engine.pipeline import check_config
+
+    check_config(config.get("model") or {}, (config.get("data") or {}).get("batch_size"), settings)
+    if settings.parallel.pp > 1 and (config.get("distill") or {}).get("teacher"):
+        raise UserError(f"distill.teacher with trainer.parallel.pp={settings.parallel.pp} is not supported (a pipeline "
+                        "computes its loss inside the last stage); distill with trainer.parallel.pp=1")
 
 
 def launch_workers(job: RankJob) -> Dict[str, Any]:

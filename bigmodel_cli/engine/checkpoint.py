@@ -129,13 +129,19 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     if checkpoint.is_sharded:  # DCP reads into any layout, sharded or not
         sharded.load_model(model, checkpoint.sharded_dir)
         return
-    check_weights_fit(model, checkpoint.model, checkpoint.path)
+    from bigmodel_cli.engine.pipeline import cut_of
+
+    weights = checkpoint.model
+    if cut_of(model) is not None:  # a pipeline stage takes its own part of the whole model's weights
+        own = model.state_dict()
+        weights = {key: tensor for key, tensor in weights.items() if key in own}
+    check_weights_fit(model, weights, checkpoint.path)
     if distributed.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, checkpoint.model, options=StateDictOptions(full_state_dict=True))
     else:
-        model.load_state_dict(checkpoint.model)
+        model.load_state_dict(weights)
 
 
 def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:

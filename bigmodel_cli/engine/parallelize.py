@@ -6,6 +6,10 @@
                                  repeated block, then the root
     3. torch.compile             last, so it compiles the wrapped model (trainer.compile=true)
 
+Under trainer.parallel.pp>1 the model is first cut into pipeline stages, and each rank then
+recomputes and compiles only the blocks it runs; data parallelism is the pipeline's own
+(engine/pipeline.py, engine/pipeline_step.py).
+
 The optimizer is built afterwards, over the parameters this returns (FSDP replaces them
 with shards). Checkpoints hold the plain model's state-dict keys whatever was applied:
 checkpointing keeps the module tree as it is, and the trainer unwraps DDP and compile.
@@ -27,6 +31,10 @@ from bigmodel_cli.engine.distributed import DistEnv, repeated_blocks
 def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device: torch.device,
                 checkpoint_blocks: bool = False, mesh=None) -> nn.Module:
     """The model ready to train: with activation checkpointing, wrapped for the processes, compiled."""
+    if settings.parallel.pp > 1:  # pipeline stages: cut first (engine/pipeline.py)
+        from bigmodel_cli.engine.pipeline import parallelize_stages
+
+        return parallelize_stages(model, settings, mesh["pp"].get_local_rank(), checkpoint_blocks)
     if checkpoint_blocks:
         checkpoint_activations(model)
     model = distributed.wrap(model, settings.strategy, env, device, settings.precision)

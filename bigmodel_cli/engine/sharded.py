@@ -208,7 +208,7 @@ def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
     if main and tmp.exists():
         shutil.rmtree(tmp)
     distributed.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=optimizer_layout(flat=True))
     _save(dcp, {"model": model_state, "optimizer": optim_state}, tmp, path)
     distributed.barrier()  # every shard is on disk (DCP fsyncs its files)
     # Each rank digests the shards it wrote; rank 0 the index and anything left over.
@@ -245,14 +245,34 @@ def _save(dcp, state: Dict[str, Any], tmp: Path, path: Path) -> None:
 # --------------------------------------------------------------------------- reading
 
 
+def optimizer_layout(flat: bool):
+    """How optimizer state is keyed in a sharded checkpoint. Flat (written since pipeline
+    parallelism): one entry per parameter name and setting ("state.<name>.exp_avg",
+    "param_groups.<name>.lr"), so pipeline stages, each with its own parameters, write
+    disjoint entries that any layout reads back. Nested: one "param_groups" list (older
+    FSDP checkpoints)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def has_flat_optimizer_state(path: Path) -> bool:
+    # (DCP stores a nested group's parameter list as "optimizer.param_groups.<i>.params"; a flat
+    # checkpoint has no such entry.)
+    return "optimizer.param_groups.0.params" not in read_index(path).state_dict_metadata
+
+
 def load_training_state(model, optimizer, path: Path) -> None:
-    """Fill model and optimizer from a sharded checkpoint (DCP reshards to this world size)."""
+    """Fill model and optimizer from a sharded checkpoint (DCP reshards to this world size
+    and to this run's pipeline stages)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = optimizer_layout(flat=has_flat_optimizer_state(path))
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
     _load(state, path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
 
 
 def load_model(model, path: Path) -> None:

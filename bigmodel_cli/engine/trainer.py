@@ -39,6 +39,8 @@ from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
 from bigmodel_cli.engine.mesh import data_share, layout_for
+from bigmodel_cli.engine.pipeline import cut_of
+from bigmodel_cli.engine.pipeline_step import pipeline_step_for
 from bigmodel_cli.engine.outputs import logits_of
 from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
@@ -136,7 +138,10 @@ class Trainer:
         self.model, self.optimizer = parts.model, parts.optimizer
         self.raw_model = distributed.unwrap(parts.model)  # what checkpoints hold
         self.state_model = distributed.uncompiled(parts.model)  # what sharded (DCP) checkpoints hold
-        self.sharded = distributed.is_sharded(parts.model) if self.env.is_distributed else False
+        self.mesh = parts.mesh
+        # Sharded (DCP) checkpoints: FSDP's shards, or each pipeline stage's own parameters.
+        self.sharded = (distributed.is_sharded(parts.model) or cut_of(self.raw_model) is not None
+                        if self.env.is_distributed else False)
         self.precision = settings.precision
         self.provenance = context.provenance or Provenance({}, {}, {}, parts.data.spec)
         self.checkpoints = CheckpointManager(context.run_dir, self.sharded, settings.keep_last,
@@ -174,6 +179,8 @@ class Trainer:
         self.data_wait_s = 0.0  # host time spent fetching batches in this log interval
         self.rate_probe: Optional[tuple] = None  # (step, time) after the first, warm-up step
         self.time_left = TimeLeft()
+        # trainer.parallel.pp > 1: steps and evaluation run through the pipeline's stages.
+        self.pipeline = pipeline_step_for(self) if self.layout.pp > 1 else None
 
     # ------------------------------------------------------------------ planning
     def plan_data(self):
@@ -226,11 +233,11 @@ class Trainer:
     def train_step(self, batches: Iterator, want_grad_norm: bool):
         """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as
         device tensors (grad norm is None unless clipping or asked for)."""
+        if self.pipeline is not None:
+            return self.pipeline.train_step(batches, want_grad_norm)
         loss_total = None
         for micro in range(self.accum):
-            fetch_start = time.perf_counter()
-            x, y = next(batches)
-            self.data_wait_s += time.perf_counter() - fetch_start
+            x, y = self.next_batch(batches)
             # Gradients are reduced across ranks on the last micro-batch only.
             with distributed.gradient_sync(self.model, enabled=micro == self.accum - 1):
                 with autocast(self.precision, self.device):
@@ -245,6 +252,18 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
             grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.apply_update(grad_norm)
+        return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
+
+    def next_batch(self, batches: Iterator):
+        fetch_start = time.perf_counter()
+        batch = next(batches)
+        self.data_wait_s += time.perf_counter() - fetch_start
+        return batch
+
+    def apply_update(self, grad_norm: Optional[torch.Tensor]) -> None:
+        """The optimizer and schedule step on the gradients (skipped where they are not finite
+        and trainer.on_nonfinite=skip)."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         # The norm is of the all-reduced gradients, so every rank takes the same decision.
         if self.skip_nonfinite and not torch.isfinite(grad_norm).item():  # the one per-step sync
@@ -257,7 +276,6 @@ class Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
 
     def fit(self) -> FitResult:
         cfg = self.settings
@@ -376,9 +394,11 @@ class Trainer:
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
-        # Gradients are synchronised, so the norm is already global; loss and terms are per rank.
+        # Gradients are synchronised, so the norm is already global; loss and terms are per rank
+        # (a pipeline's loss is its last stage's, and it has no objective terms).
         local = torch.cat([mean_loss.detach().reshape(1), self.terms_sum / steps])
-        means = distributed.all_reduce_sum(local) / self.env.world_size
+        means = (self.pipeline.global_loss(mean_loss).reshape(1) if self.pipeline is not None
+                 else distributed.all_reduce_sum(local) / self.env.world_size)
         self.terms_sum.zero_()
         values = torch.cat([means, (grad_norm if grad_norm is not None else means[0]).reshape(1)]).tolist()
         terms, values = dict(zip(self.objective.terms, values[1:-1])), [values[0], values[-1]]
@@ -444,6 +464,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: Optional[int] = None) -> Dict[str, float]:
+        if self.pipeline is not None:
+            return self.pipeline.evaluate(split, max_batches)
         if self.env.is_distributed:
             distributed.sync_buffers(self.raw_model)
         was_training = self.model.training
@@ -501,8 +523,8 @@ class Trainer:
         path = checkpoint.path
         if not checkpoint.is_sharded and self.sharded:
             raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
-                            f"run; resume with trainer.strategy=ddp, or start from its weights with "
-                            f"trainer.init_from={path}")
+                            f"or trainer.parallel.pp>1 run; resume with trainer.strategy=ddp and "
+                            f"trainer.parallel.pp=1, or start from its weights with trainer.init_from={path}")
         try:
             self.load_training_state(checkpoint)
             self.monitor.load_state_dict(checkpoint.best)

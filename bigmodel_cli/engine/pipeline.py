@@ -1,0 +1,301 @@
+"""Pipeline parallelism, the cut: a model's repeated blocks split into stages, one (or, for
+the interleaved schedule, INTERLEAVED_STAGES) per pipeline rank.
+
+The first stage runs what comes before the blocks (embeddings), the last what comes after
+(final norm, head; the loss is computed there too). How a model family splits is a
+StagePlan here, keyed by the model's class and naming its own submodules: model files hold
+no pipeline code.
+
+Each rank keeps the whole model object, with what it does not run removed: blocks of other
+stages become parameter-free placeholders in their ModuleList, and the embeddings (head)
+leave every rank that holds no first (last) stage. State-dict keys are therefore the full
+model's, so what the stages save together loads into the whole model in one process. A
+parameter shared by the first and last stage (GPT's tied embedding and head) stays on both
+ranks; its gradient is summed across them (engine/pipeline_step.py).
+
+Order (torchtitan's): stages are cut first; then activation checkpointing and compile of the
+blocks each rank owns; data parallelism averages each stage's gradients over mesh["dp"].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from bigmodel_cli.config import ParallelConfig, TrainerConfig
+from bigmodel_cli.errors import UserError
+
+#: Stages per rank under trainer.parallel.schedule=interleaved_1f1b.
+INTERLEAVED_STAGES = 2
+PIPELINE_ATTRIBUTE = "_bigmodel_pipeline"  # where the cut is kept on the rank's model
+
+
+# ---------------------------------------------------------------------------- stage plans
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one model family runs in stages: its ModuleList of blocks, what runs before them
+    (on the first stage) and after them (on the last), by the model's own attribute names."""
+
+    blocks: str
+    before: Tuple[str, ...]  # modules / parameters only the first stage keeps
+    after: Tuple[str, ...]  # ... only the last stage keeps
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, input) -> first activations
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, last activations) -> output
+    layers_key: str  # the model config's number of blocks
+
+
+def _gpt_embed(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    return model.dropout(model.tok_emb(idx) + model.pos_emb(pos))
+
+
+def _gpt_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.ln_f(x))
+
+
+def _encoder_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = model.embed(model.to_sequence(x))
+    h = torch.cat([model.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+    return model.dropout(h + model.pos[:, : h.shape[1]])
+
+
+def _encoder_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return model.head(model.ln_f(h[:, 0]))
+
+
+#: model._target_ -> its plan (GPT: token + position embeddings, blocks, ln_f + tied lm_head).
+STAGE_PLANS: Dict[str, StagePlan] = {
+    "bigmodel_cli.models.gpt.GPT": StagePlan("blocks", ("tok_emb", "pos_emb"), ("ln_f", "lm_head"),
+                                             _gpt_embed, _gpt_head, "n_layer"),
+    "bigmodel_cli.models.transformer.TransformerEncoder": StagePlan(
+        "blocks", ("embed", "cls_token", "pos"), ("ln_f", "head"), _encoder_embed, _encoder_head, "n_layers"),
+}
+
+
+def class_path(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def plan_for(target: str) -> StagePlan:
+    plan = STAGE_PLANS.get(target)
+    if plan is None:
+        short = target.rsplit(".", 1)[-1]
+        raise UserError(f"trainer.parallel.pp>1 cuts a model's repeated blocks into stages, and {short} has no "
+                        f"stage plan (models that can: gpt, transformer); set trainer.parallel.pp=1")
+    return plan
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def stages_per_rank(parallel: ParallelConfig) -> int:
+    return INTERLEAVED_STAGES if parallel.schedule == "interleaved_1f1b" else 1
+
+
+def microbatches(parallel: ParallelConfig) -> int:
+    return parallel.microbatches if parallel.microbatches is not None else 2 * parallel.pp
+
+
+def check_pipeline(settings: TrainerConfig, target: str, blocks: Optional[int], batch_size: Optional[int]) -> None:
+    """What makes a pipeline impossible, in one line with a setting that works: checked before
+    launch (from the config) and again on each rank (from the built model)."""
+    parallel = settings.parallel
+    pp = parallel.pp
+    if pp == 1:
+        return
+    plan_for(target)
+    if parallel.tp > 1:
+        raise UserError(f"trainer.parallel.tp={parallel.tp} and trainer.parallel.pp={pp} together are not "
+                        "supported yet; use one of them")
+    if settings.strategy != "ddp":
+        raise UserError(f"trainer.parallel.pp={pp} replicates each stage over the data-parallel ranks (ddp); "
+                        f"trainer.strategy={settings.strategy} is not supported with it: use trainer.strategy=ddp")
+    if str(settings.precision) == "fp16":
+        raise UserError("trainer.precision=fp16 needs one loss scale across all pipeline stages, which "
+                        f"trainer.parallel.pp={pp} does not have; use trainer.precision=bf16 or fp32")
+    v = stages_per_rank(parallel)
+    if blocks is not None and blocks < pp * v:
+        how = f"{pp} stages" if v == 1 else f"{pp} ranks x {v} stages each ({parallel.schedule})"
+        fix = f"trainer.parallel.pp={max(1, blocks // v)}" if blocks >= v else "trainer.parallel.pp=1"
+        also = ", or trainer.parallel.schedule=1f1b" if v > 1 and blocks >= pp else ""
+        key = f"model.{plan_for(target).layers_key}"
+        raise UserError(f"the model has {blocks} block{'s' if blocks != 1 else ''}, too few to cut into {how}; "
+                        f"use {fix}{also}, or {key}={pp * v} or more")
+    check_microbatches(parallel, batch_size)
+
+
+def check_microbatches(parallel: ParallelConfig, batch_size: Optional[int]) -> None:
+    m, pp = microbatches(parallel), parallel.pp
+    if batch_size is not None and batch_size % m:
+        raise UserError(f"data.batch_size={batch_size} does not split into trainer.parallel.microbatches={m} equal "
+                        f"micro-batches; use a data.batch_size that is a multiple of {m}, or microbatches that divide "
+                        f"{batch_size}")
+    if parallel.schedule == "1f1b" and m < pp:
+        raise UserError(f"schedule 1f1b needs at least as many micro-batches as stages: "
+                        f"trainer.parallel.microbatches={m} < trainer.parallel.pp={pp}; "
+                        f"use trainer.parallel.microbatches={pp} or more")
+    rounds = max(1, m // pp)
+    if parallel.schedule == "interleaved_1f1b" and m % rounds:
+        raise UserError(f"schedule interleaved_1f1b needs trainer.parallel.microbatches to be a multiple of "
+                        f"trainer.parallel.pp={pp} (or fewer than it); got {m}, use {rounds * pp}")
+
+
+def check_config(model_cfg, batch_size: Optional[int], settings: TrainerConfig) -> None:
+    """Before launch: the pipeline the config asks for can be built (blocks from the config)."""
+    if settings.parallel.pp == 1:
+        return
+    target = str(model_cfg.get("_target_", ""))
+    plan = plan_for(target)
+    blocks = model_cfg.get(plan.layers_key)
+    check_pipeline(settings, target, int(blocks) if isinstance(blocks, int) else None, batch_size)
+
+
+# ---------------------------------------------------------------------------- the cut
+
+
+class Placeholder(nn.Module):
+    """A block another stage runs: no parameters, and never called here."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline placeholder block was called; this stage does not own it")
+
+
+def stage_blocks(n_blocks: int, n_stages: int) -> List[range]:
+    """Block indices of each stage, as even as can be (earlier stages take the remainder:
+    the last one also runs the head and the loss)."""
+    base, extra = divmod(n_blocks, n_stages)
+    bounds, start = [], 0
+    for s in range(n_stages):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append(range(start, end))
+        start = end
+    return bounds
+
+
+class StageModule(nn.Module):
+    """One stage of the cut model, as torch.distributed.pipelining runs it: the rank's model
+    (shared by its stages) run from block `blocks.start` to `blocks.stop`."""
+
+    def __init__(self, model: nn.Module, plan: StagePlan, index: int, n_stages: int, blocks: range):
+        super().__init__()
+        self.model, self.plan, self.index, self.blocks = model, plan, index, blocks
+        self.is_first, self.is_last = index == 0, index == n_stages - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.plan.embed(self.model, x) if self.is_first else x
+        block_list = getattr(self.model, self.plan.blocks)
+        for i in self.blocks:
+            h = block_list[i](h)
+        return self.plan.head(self.model, h) if self.is_last else h
+
+
+@dataclass
+class PipelineCut:
+    """This rank's part of the pipeline: its stages (in order), and the parameters it shares
+    with other ranks (names: tied across the first and last stage)."""
+
+    stages: List[StageModule]
+    n_stages: int
+    pp_rank: int
+    pp_size: int
+    shared: Dict[str, Tuple[int, ...]]  # a parameter's name here -> the pp ranks that hold it
+    tie_ranks: List[Tuple[int, ...]]  # every set of pp ranks that shares a parameter (alike on all ranks)
+
+    @property
+    def has_first(self) -> bool:
+        return self.stages[0].is_first
+
+    @property
+    def has_last(self) -> bool:
+        return self.stages[-1].is_last
+
+
+def cut(model: nn.Module, parallel: ParallelConfig, pp_rank: int) -> PipelineCut:
+    """Cut `model` in place into this pp rank's stages and return them (checked again here,
+    for torchrun/srun runs and models whose config does not name their blocks)."""
+    plan = plan_for(class_path(model))
+    block_list = getattr(model, plan.blocks)
+    pp, v = parallel.pp, stages_per_rank(parallel)
+    n_stages = pp * v
+    if len(block_list) < n_stages:
+        check_pipeline(TrainerConfig(parallel=parallel), class_path(model), len(block_list), None)
+    ranges = stage_blocks(len(block_list), n_stages)
+    mine = [s for s in range(n_stages) if s % pp == pp_rank]  # loop order: stage s on pp rank s % pp
+    owners = owner_of_names(model, plan, ranges, pp)
+    shared = shared_parameters(model, owners)
+    owned = {i for s in mine for i in ranges[s]}
+    for i in range(len(block_list)):
+        if i not in owned:
+            block_list[i] = Placeholder()
+    keep_before, keep_after = 0 in mine, n_stages - 1 in mine
+    for name in (() if keep_before else plan.before) + (() if keep_after else plan.after):
+        delattr(model, name)
+    stages = [StageModule(model, plan, s, n_stages, ranges[s]) for s in mine]
+    cut_record = PipelineCut(stages, n_stages, pp_rank, pp,
+                             {name: ranks for name, ranks in shared.items() if owner(name, owners) == pp_rank},
+                             sorted(set(shared.values())))
+    # (A plain attribute: not a submodule, so it never shows in the state dict.)
+    object.__setattr__(model, PIPELINE_ATTRIBUTE, cut_record)
+    return cut_record
+
+
+def owner_of_names(model: nn.Module, plan: StagePlan, ranges: Sequence[range], pp: int) -> Dict[str, int]:
+    """The pp rank that keeps each top-level name of the model after the cut."""
+    last = len(ranges) - 1
+    owners = {name: 0 for name in plan.before}
+    owners.update({name: last % pp for name in plan.after})
+    for s, blocks in enumerate(ranges):
+        for i in blocks:
+            owners[f"{plan.blocks}.{i}"] = s % pp
+    return owners
+
+
+def shared_parameters(model: nn.Module, owners: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
+    """Parameters that more than one pp rank keeps (one object under several names): each
+    rank's name for it -> the ranks. Refuses anything kept outside the plan's names."""
+    names_of: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    shared: Dict[str, Tuple[int, ...]] = {}
+    for names in names_of.values():
+        ranks = {name: owner(name, owners) for name in names}
+        holders = tuple(sorted(set(ranks.values())))
+        if len(holders) > 1:
+            shared.update({name: holders for name in names})
+    return shared
+
+
+def owner(name: str, owners: Dict[str, int]) -> int:
+    parts = name.split(".")
+    for n in (2, 1):
+        key = ".".join(parts[:n])
+        if key in owners:
+            return owners[key]
+    raise UserError(f"the model's parameter {name} is in no pipeline stage (its stage plan does not name "
+                    f"{parts[0]}); set trainer.parallel.pp=1")
+
+
+def cut_of(model: nn.Module) -> Optional[PipelineCut]:
+    """The pipeline cut of a rank's model, or None for a model that was not cut."""
+    return getattr(model, PIPELINE_ATTRIBUTE, None)
+
+
+def parallelize_stages(model: nn.Module, settings: TrainerConfig, pp_rank: int, checkpoint_blocks: bool) -> nn.Module:
+    """The pipeline step of engine/parallelize.py: cut, then recompute and compile the blocks
+    this rank runs (each block on its own, so state-dict keys stay the model's)."""
+    from bigmodel_cli.engine.parallelize import recomputing
+
+    stages = cut(model, settings.parallel, pp_rank)
+    block_list = getattr(model, stages.stages[0].plan.blocks)
+    own = [block_list[i] for stage in stages.stages for i in stage.blocks]
+    for block in own:
+        if checkpoint_blocks:
+            block.forward = recomputing(block, block.forward)
+        if settings.compile:
+            block.compile()
+    return model
