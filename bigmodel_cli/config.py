@@ -600,6 +600,10 @@ class QuantizeConfig:
     # One scale per output channel of each Linear (more accurate); false: one per matrix.
     per_channel: bool = True
     skip: List[str] = field(default_factory=list)  # module names to keep in fp32, e.g. [head]
+    # auto: weight-only int8 for language models (gpt, hf_causal_lm), dynamic int8 for the
+    # others; dynamic: int8 weights and activations (Linear/LSTM/GRU); weight_only: int8
+    # weights with a scale per output channel, float activations (Linear and a tied embedding).
+    scheme: str = "auto"
 
 
 @dataclass
@@ -824,6 +828,7 @@ def validate_lr_find(cfg: DictConfig) -> None:
 
 
 COMPRESS_METHODS = ("prune", "quantize")
+QUANTIZE_SCHEMES = ("auto", "dynamic", "weight_only")
 
 
 def validate_compress_config(cfg: DictConfig) -> None:
@@ -832,6 +837,8 @@ def validate_compress_config(cfg: DictConfig) -> None:
                                                     "ckpt=<checkpoint file or run dir> method=prune|quantize")
     _require(not OmegaConf.is_missing(cfg, "method"), "no method given; use method=prune or method=quantize")
     _require(cfg.method in COMPRESS_METHODS, f"unknown method {cfg.method!r}; use method=prune or method=quantize")
+    _require(cfg.quantize.scheme in QUANTIZE_SCHEMES, f"unknown quantize.scheme {cfg.quantize.scheme!r}; "
+                                                      "use auto, dynamic or weight_only")
     amount = cfg.prune.amount
     _require(0 < amount < 1, f"prune.amount must be between 0 and 1, exclusive (got {amount}); e.g. prune.amount=0.5")
     steps = cfg.prune.finetune_steps

@@ -19,6 +19,8 @@ from conftest import compose_config, outcome_lines
 QUICK = ("trainer.progress=plain", "trainer.threads=1", "trainer.log_every=100")
 MLP = ("trainer.max_steps=300", "trainer.val_every=300", *QUICK)
 LSTM = ("model=rnn", "model.cell=lstm", "optim=adam", "trainer.max_steps=300", "trainer.val_every=300", *QUICK)
+GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "data.block_size=32",
+       "data.batch_size=16", "trainer.max_steps=150", "trainer.val_every=150", *QUICK)
 CNN = ("model=cnn", "model.channels=[8,16]", "model.hidden_size=32", "trainer.max_steps=60",
        "trainer.val_every=60", *QUICK)
 # few timed batches: the tests check that latency is reported, never how fast anything is
@@ -39,6 +41,11 @@ def mlp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lstm(tmp_path_factory):
     return trained(tmp_path_factory, "lstm", LSTM)
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    return trained(tmp_path_factory, "gpt", GPT)
 
 
 def compress(ckpt: Path, out: Path, *overrides: str) -> dict:
@@ -183,10 +190,109 @@ def test_quantization_names_the_layers_it_leaves_in_fp32():
         plan(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), per_channel=True)
 
 
+@torch.no_grad()
+def test_gpt_gets_weight_only_int8_that_reloads_exactly(gpt, tmp_path):
+    """Weight-only int8 of a char GPT: int8 weights with a scale per output channel, the
+    tied head and embedding one table stored once, a file far smaller than fp32's weights,
+    val perplexity within 1%, and the reloaded model computes exactly what the model did
+    right after quantization."""
+    from bigmodel_cli.compress import weight_only
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+
+    source = digest(gpt)
+    out = tmp_path / "int8"
+    summary = compress(gpt, out, "method=quantize", "split=val")
+    before, after = summary["before"], summary["after"]
+    assert {entry["scheme"] for entry in summary["quantized"]} == {"weight_only"}
+    tied = {entry["name"]: entry.get("tied_to") for entry in summary["quantized"]}
+    assert tied["lm_head"] == "tok_emb" and tied["tok_emb"] == "lm_head" and tied["blocks.1.mlp.fc"] is None
+    assert set(summary["kept"]) == {"pos_emb", "ln_f"} | {f"blocks.{i}.ln_{j}" for i in (0, 1) for j in (1, 2)}
+    assert after["weights_bytes"] <= 0.35 * before["weights_bytes"]  # measured 0.31 (pos_emb, norms, scales fp32)
+    assert after["file_bytes"] <= 0.40 * before["weights_bytes"]  # the whole file, config included: 0.36
+    assert abs(after["metrics"]["perplexity"] / before["metrics"]["perplexity"] - 1) <= 0.01
+    assert {layer["kind"] for layer in after["layers"]} >= {"Int8WeightOnlyLinear", "Int8WeightOnlyEmbedding"}
+    assert "| `lm_head` | weight-only int8 | one per output channel | `tok_emb`" in (out / "report.md").read_text()
+
+    stored = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]  # plain tensors only
+    assert stored["blocks.0.attn.qkv.weight"].dtype == torch.int8
+    assert stored["blocks.0.attn.qkv.weight_scale"].shape == (3 * 64,)
+    assert stored["pos_emb.weight"].dtype == torch.float32
+    head, table = stored["lm_head.weight"], stored["tok_emb.weight"]
+    assert head.dtype == torch.int8 and head.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+
+    fp32 = ready_model(open_trained(str(gpt)), torch.device("cpu"))
+    tokens = torch.randint(0, fp32.tok_emb.num_embeddings, (4, 32), generator=torch.Generator().manual_seed(0))
+    fp32_logits = fp32(tokens)
+    quantized = weight_only.convert(fp32, weight_only.plan(fp32)[0])  # as compress did it
+    expected = quantized(tokens)
+    reloaded = ready_model(open_trained(str(out)), torch.device("cpu"))
+    assert isinstance(reloaded.lm_head, weight_only.Int8WeightOnlyLinear) and reloaded.lm_head.weight is reloaded.tok_emb.weight
+    assert torch.equal(reloaded(tokens), expected)
+    assert not torch.equal(expected, fp32_logits)  # it really is int8
+    torch.testing.assert_close(expected, fp32_logits, atol=0.05, rtol=0)
+    assert reloaded_metrics(out, "val")["perplexity"] == pytest.approx(after["metrics"]["perplexity"])
+    assert digest(gpt) == source
+
+
+def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
+    from bigmodel_cli.engine.checkpoint import save_checkpoint
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.errors import UserError
+
+    out = tmp_path / "int8"
+    compress(gpt, out, "method=quantize", "latency_repeats=1", "latency_warmup=0")
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["blocks.0.mlp.fc.weight"] = state["model"]["blocks.0.mlp.fc.weight"].float()
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+    with pytest.raises(UserError, match="damaged: its config lists blocks.0.mlp.fc as weight-only int8"):
+        ready_model(open_trained(str(out)), torch.device("cpu"))
+
+
+def test_weight_only_rounding_is_torchaos():
+    """Our int8 values and scales are those of torchao's Int8WeightOnlyConfig."""
+    pytest.importorskip("torchao", reason="a cross-check against torchao, which bigmodel does not need: pip install torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from bigmodel_cli.compress.weight_only import quantize_rows
+
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 40)
+    with torch.no_grad():
+        layer.weight[3] = 0  # a row of zeros: the smallest scale, all zeros
+    values, scale = quantize_rows(layer.weight)
+    quantize_(nn.Sequential(layer), Int8WeightOnlyConfig())
+    assert torch.equal(values, layer.weight.qdata)
+    assert torch.equal(scale, layer.weight.scale.flatten())
+
+
+@torch.no_grad()
+def test_weight_only_covers_gpt2s_conv1d_layers():
+    """hf_causal_lm's GPT-2 stores its Linear layers transposed (transformers' Conv1D)."""
+    transformers = pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]'")
+    from bigmodel_cli.compress.weight_only import convert, plan
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 50, (2, 16))
+    fp32_logits = model(tokens).logits
+    layers, kept = plan(model)
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "lm_head", "transformer.wte"} <= set(layers)
+    assert "transformer.wpe" in kept
+    convert(model, layers)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    logits = model(tokens).logits
+    assert not torch.equal(logits, fp32_logits)
+    torch.testing.assert_close(logits, fp32_logits, atol=0.02, rtol=0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["method=prune", "prune.amount=1.5"], "prune.amount must be between 0 and 1"),
     (["method=squeeze"], "unknown method 'squeeze'; use method=prune or method=quantize"),
     (["method=quantize", "quantize.skip=[net.1,net.4,net.7]"], "has no layer that int8 quantization covers"),
+    (["method=quantize", "quantize.scheme=weight_only", "quantize.per_channel=false"],
+     "weight-only int8 always has one scale per output channel"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, mlp, run_cli):
     source = digest(mlp)

@@ -34,7 +34,7 @@ class LayerCount:
 class Measurement:
     parameters: int
     nonzero: int
-    weights_bytes: int  # the weights alone, serialized as a checkpoint stores them
+    weights_bytes: int  # the weights alone (with int8 scales), serialized as a checkpoint stores them
     latency_ms: float  # median CPU time of one forward pass over a batch
     batch_size: int
     metrics: Dict[str, float]
@@ -55,7 +55,7 @@ class Measurement:
 def weight_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The entries of a state dict that are weights (not buffers such as batch-norm
     statistics), each tensor once although tied weights appear under two names."""
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}  # a tied layer's scales too
     seen, out = set(), {}
     for name, tensor in state.items():
         if name in buffers or name.endswith("num_batches_tracked"):
@@ -80,6 +80,13 @@ def layer_counts(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> List[
         layer.parameters += values.numel()
         layer.nonzero += int(torch.count_nonzero(values))
     return list(layers.values())
+
+
+def int8_scales(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The row scales of weight-only int8 layers: buffers, yet part of what their weights cost."""
+    from bigmodel_cli.compress.weight_only import SCALE
+
+    return {name: tensor for name, tensor in state.items() if name.rpartition(".")[2] == SCALE}
 
 
 def serialized_bytes(weights: Mapping[str, torch.Tensor]) -> int:
@@ -114,6 +121,6 @@ def measure(model: nn.Module, state: Mapping[str, torch.Tensor], data: DataModul
     batch, _ = next(iter(data.eval_batches(split)))
     return Measurement(
         parameters=sum(layer.parameters for layer in layers), nonzero=sum(layer.nonzero for layer in layers),
-        weights_bytes=serialized_bytes(weights), latency_ms=cpu_latency_ms(model, batch, repeats, warmup),
+        weights_bytes=serialized_bytes({**weights, **int8_scales(state)}), latency_ms=cpu_latency_ms(model, batch, repeats, warmup),
         batch_size=int(batch.shape[0]), metrics=evaluate_model(model, data, task, split, "fp32", CPU),
         layers=layers)

@@ -50,12 +50,14 @@ def compress_checkpoint(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     data = checkpoint_data(trained)
     model = ready_model(trained, CPU, data.spec)
     task = task_for(data.spec.task)
-    layers = quantize.plan(model, cfg.quantize.per_channel, cfg.quantize.skip) if cfg.method == "quantize" else None
+    scheme = quantize.resolve_scheme(cfg.quantize.scheme, data.spec.task)
+    check_scheme(scheme, cfg)
+    layers = quantize.plan(model, cfg.quantize.per_channel, cfg.quantize.skip, scheme) if cfg.method == "quantize" else None
     log.info("measuring %s before compression", source)
     before = measure(model, model.state_dict(), data, task, cfg.split, cfg.latency_repeats, cfg.latency_warmup)
     before.file_bytes = size_on_disk(source)
     if layers is not None:
-        compressed = quantize_model(model, trained, *layers)
+        compressed = quantize_model(model, trained, scheme, *layers)
     else:
         compressed = prune_model(model, trained, data, cfg, run_dir)
     path = save_compressed(trained.checkpoint, compressed.model_config, compressed.compression,
@@ -89,19 +91,35 @@ def measure_saved(path: Path, cfg: DictConfig, data: DataModule) -> Measurement:
     return after
 
 
-def quantize_model(model: nn.Module, trained: TrainedModel, layers: Dict[str, str],
+def check_scheme(scheme: str, cfg: DictConfig) -> None:
+    from bigmodel_cli.compress.weight_only import WEIGHT_ONLY
+
+    if cfg.method == "quantize" and scheme == WEIGHT_ONLY and not cfg.quantize.per_channel:
+        raise UserError("weight-only int8 always has one scale per output channel; drop quantize.per_channel=false, "
+                        "or use quantize.scheme=dynamic for one scale per matrix")
+
+
+def quantize_model(model: nn.Module, trained: TrainedModel, scheme: str, layers: Dict[str, str],
                    kept: Dict[str, str]) -> Compressed:
-    from bigmodel_cli.compress import quantize
+    """The int8 copy of `model` (left as it is) and the state dict the checkpoint stores."""
+    import copy
+
+    from bigmodel_cli.compress import quantize, weight_only
 
     by_reason: Dict[str, list] = {}
     for name, why in kept.items():
         by_reason.setdefault(why, []).append(name)
     for why, names in by_reason.items():
         log.warning("kept in fp32: %s (%s)", ", ".join(names), why)
-    int8 = quantize.quantize(model, layers)
-    log.info("int8: %s", ", ".join(f"{name} ({scheme})" for name, scheme in layers.items()))
-    return Compressed(quantize.int8_state_dict(model, int8, layers), dict(trained.checkpoint.config["model"]),
-                      quantize.compression_record(layers, kept, trained.checkpoint.path), kept)
+    if scheme == weight_only.WEIGHT_ONLY:
+        weights = dict(weight_only.convert(copy.deepcopy(model), layers).state_dict())
+        log.info("weight-only int8: %s", ", ".join(f"{name} (tied to {tied}: one int8 table for both)" if tied
+                                                   else name for name, tied in layers.items()))
+    else:
+        weights = quantize.int8_state_dict(model, quantize.quantize(model, layers), layers)
+        log.info("dynamic int8: %s", ", ".join(f"{name} ({scheme})" for name, scheme in layers.items()))
+    return Compressed(weights, dict(trained.checkpoint.config["model"]),
+                      quantize.compression_record(layers, kept, trained.checkpoint.path, scheme), kept)
 
 
 def prune_model(model: nn.Module, trained: TrainedModel, data: DataModule, cfg: DictConfig,

@@ -1,5 +1,14 @@
-"""Post-training dynamic int8 quantization for CPU inference (torch.ao.quantization):
-Linear, LSTM and GRU weights stored as int8, activations quantized on the fly per batch.
+"""Post-training int8 quantization for CPU inference, one of two schemes per checkpoint:
+
+- dynamic int8 (torch.ao.quantization): Linear, LSTM and GRU weights stored as int8,
+  activations quantized on the fly per batch. The default for every model but language
+  models.
+- weight-only int8 (weight_only.py): Linear weights int8 with a scale per output channel,
+  activations float. The default for language models (model=gpt, gpt_small, gpt2,
+  hf_causal_lm): their output head is tied to the token embedding, which it quantizes
+  too, and decoding one token at a time gains nothing from quantizing activations.
+
+The rest of this docstring is about dynamic int8.
 
 Which layers: every nn.Linear, nn.LSTM and nn.GRU, except those named in quantize.skip and
 a Linear whose weight is tied to another layer's (GPT's output head shares its
@@ -23,11 +32,17 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from bigmodel_cli.compress import weight_only
+from bigmodel_cli.compress.weight_only import WEIGHT_ONLY
 from bigmodel_cli.errors import UserError
 
 #: the layer kinds dynamic int8 covers, and what the config calls each scheme
 KERNELS = (nn.Linear, nn.LSTM, nn.GRU)
 PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
+#: quantize.scheme and each layer's scheme in the stored record
+AUTO, DYNAMIC = "auto", "dynamic"
+SCHEME_NAMES = {DYNAMIC: "dynamic int8 (torch.ao.quantization)",
+                WEIGHT_ONLY: "weight-only int8 (int8 weights, a fp32 scale per output channel, float activations)"}
 
 #: why a layer with weights of another kind stays fp32
 WHY_NOT = (
@@ -73,16 +88,35 @@ def why_not(module: nn.Module) -> str:
     return f"{type(module).__name__} has no dynamic int8 kernel (it covers Linear, LSTM and GRU)"
 
 
-def plan(model: nn.Module, per_channel: bool, skip: Sequence[str] = ()) -> Tuple[Dict[str, str], Dict[str, str]]:
+def resolve_scheme(scheme: str, task: str) -> str:
+    """quantize.scheme=auto: weight-only int8 for language models, dynamic for the others."""
+    if scheme != AUTO:
+        return scheme
+    return WEIGHT_ONLY if task == "language_modeling" else DYNAMIC
+
+
+def plan(model: nn.Module, per_channel: bool, skip: Sequence[str] = (), scheme: str = DYNAMIC
+         ) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(layer -> weight scheme) for the layers to quantize, and (layer -> why not) for every
-    other layer holding weights. A Linear gets one scale per output channel if `per_channel`;
-    LSTM and GRU one per matrix (torch's recurrent int8 kernels take no other)."""
-    tied = tied_names(model)
+    other layer holding weights. Dynamic: a Linear gets one scale per output channel if
+    `per_channel`; LSTM and GRU one per matrix (torch's recurrent int8 kernels take no other).
+    Weight-only: see weight_only.plan (layer -> the layer it shares its weight with, or '')."""
     names = {name for name, _ in model.named_modules()}
     unknown = [name for name in skip if name not in names]
     if unknown:
         raise UserError(f"quantize.skip names {unknown[0]!r}, which is no layer of {type(model).__name__}; "
                         f"its layers: {', '.join(n for n in sorted(names) if n)[:300]}")
+    chosen, kept = weight_only.plan(model, skip) if scheme == WEIGHT_ONLY else dynamic_plan(model, per_channel, skip)
+    if not chosen:
+        covered = "Linear" if scheme == WEIGHT_ONLY else "Linear, LSTM, GRU"
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
+        raise UserError(f"{type(model).__name__} has no layer that int8 quantization covers ({covered})"
+                        f"{' - ' + reasons if reasons else ''}; use method=prune for it")
+    return chosen, kept
+
+
+def dynamic_plan(model: nn.Module, per_channel: bool, skip: Sequence[str]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    tied = tied_names(model)
     chosen, kept = {}, {}
     for name, module in model.named_modules():
         if not any(True for _ in module.parameters(recurse=False)):
@@ -98,10 +132,6 @@ def plan(model: nn.Module, per_channel: bool, skip: Sequence[str] = ()) -> Tuple
             chosen[name] = PER_TENSOR
         else:
             kept[label] = why_not(module)
-    if not chosen:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
-        raise UserError(f"{type(model).__name__} has no layer that int8 quantization covers (Linear, LSTM, GRU)"
-                        f"{' - ' + reasons if reasons else ''}; use method=prune for it")
     return chosen, kept
 
 
@@ -139,25 +169,34 @@ def int8_state_dict(fp32: nn.Module, quantized: nn.Module, layers: Mapping[str, 
     return state
 
 
-def compression_record(layers: Mapping[str, str], kept: Mapping[str, str], source: Path) -> Dict[str, Any]:
-    """What the compressed checkpoint's config says about itself (read by `load_quantized`)."""
-    return {"method": "quantize", "scheme": "dynamic int8 (torch.ao.quantization)", "source": str(source),
-            "layers": [{"name": name, "weights": scheme} for name, scheme in layers.items()],
+def compression_record(layers: Mapping[str, str], kept: Mapping[str, str], source: Path,
+                       scheme: str = DYNAMIC) -> Dict[str, Any]:
+    """What the compressed checkpoint's config says about itself (read by `load_quantized`):
+    each layer's scheme, and for weight-only int8 the layer a tied weight is shared with."""
+    if scheme == WEIGHT_ONLY:
+        entries = [{"name": name, "scheme": WEIGHT_ONLY, "weights": PER_CHANNEL, **({"tied_to": tied} if tied else {})}
+                   for name, tied in layers.items()]
+    else:
+        entries = [{"name": name, "scheme": DYNAMIC, "weights": weights} for name, weights in layers.items()]
+    return {"method": "quantize", "scheme": SCHEME_NAMES[scheme], "source": str(source), "layers": entries,
             "kept_fp32": [{"name": name, "reason": why} for name, why in kept.items()]}
 
 
-def quantized_layers(config: Mapping[str, Any]) -> Dict[str, str]:
-    """layer -> scheme, from a stored config; empty for a checkpoint that is not quantized."""
+def quantized_layers(config: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
+    """layer -> its stored entry (scheme, weights, tied_to), from a stored config; empty for a
+    checkpoint that is not quantized. Entries without a scheme are dynamic int8 (the first
+    checkpoints of bigmodel compress)."""
     record = config.get("compression")
     if not isinstance(record, Mapping) or record.get("method") != "quantize":
         return {}
     entries = record.get("layers")
     if not (isinstance(entries, Sequence) and entries and all(
             isinstance(e, Mapping) and isinstance(e.get("name"), str) and isinstance(e.get("weights"), str)
+            and e.get("scheme", DYNAMIC) in (DYNAMIC, WEIGHT_ONLY) and isinstance(e.get("tied_to", ""), str)
             for e in entries)):
         raise UserError("the checkpoint's stored config lists no readable int8 layers under 'compression' "
                         "(damaged or edited); use another checkpoint")
-    return {entry["name"]: entry["weights"] for entry in entries}
+    return {entry["name"]: entry for entry in entries}
 
 
 def damaged_layer(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str]) -> Optional[str]:
@@ -173,10 +212,40 @@ def damaged_layer(model: nn.Module, weights: Mapping[str, torch.Tensor], layers:
     return None
 
 
-def load_quantized(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str],
+def load_quantized(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, Mapping[str, Any]],
                    path: Path) -> nn.Module:
     """The quantized model a compressed checkpoint holds, from its fp32 architecture
-    `model`: the other layers get their weights, the quantized ones their exact int8 values."""
+    `model` and the stored entries of its int8 layers (`quantized_layers`)."""
+    schemes = {entry.get("scheme", DYNAMIC) for entry in layers.values()}
+    if schemes == {WEIGHT_ONLY}:
+        return load_weight_only(model, weights, {name: e.get("tied_to", "") for name, e in layers.items()}, path)
+    if schemes != {DYNAMIC}:
+        raise UserError(f"checkpoint {path} is damaged: its config mixes int8 schemes ({', '.join(sorted(schemes))}), "
+                        "which bigmodel compress never writes; use another checkpoint")
+    return load_dynamic(model, weights, {name: entry["weights"] for name, entry in layers.items()}, path)
+
+
+def load_weight_only(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str],
+                     path: Path) -> nn.Module:
+    """Weight-only int8: the int8 layers take the stored int8 values and scales as they are."""
+    from bigmodel_cli.engine.checkpoint import check_weights_fit
+
+    modules = dict(model.named_modules())
+    bad = next((name for name in layers if name not in modules or not (
+        weight_only.is_linear(modules[name]) or type(modules[name]) is nn.Embedding)), None)
+    bad = bad or weight_only.damaged_layer(weights, layers)
+    if bad:
+        raise UserError(f"checkpoint {path} is damaged: its config lists {bad} as weight-only int8, but the model "
+                        "has no such Linear/Embedding with int8 weights and a scale per row; use another checkpoint")
+    weight_only.convert(model, layers, empty=True)
+    check_weights_fit(model, weights, path)
+    model.load_state_dict(weights)
+    return model
+
+
+def load_dynamic(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str],
+                 path: Path) -> nn.Module:
+    """Dynamic int8: the other layers get their weights, the quantized ones their exact int8 values."""
     from bigmodel_cli.engine.checkpoint import check_weights_fit
 
     plain = {name: t.dequantize() if t.is_quantized else t for name, t in weights.items()}

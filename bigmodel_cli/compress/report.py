@@ -58,8 +58,10 @@ def layer_rows(before: Measurement, after: Measurement) -> List[str]:
     return out
 
 
-def describe_method(cfg: DictConfig) -> str:
+def describe_method(cfg: DictConfig, compressed) -> str:
     if cfg.method == "quantize":
+        if compressed.compression["layers"][0]["scheme"] == "weight_only":
+            return compressed.compression["scheme"]
         return (f"dynamic int8 quantization (torch.ao.quantization), Linear weights "
                 f"{'per output channel' if cfg.quantize.per_channel else 'per matrix'}")
     p = cfg.prune
@@ -71,7 +73,7 @@ def describe_method(cfg: DictConfig) -> str:
 def markdown(source: Path, output: Path, cfg: DictConfig, rows: List[Row], before: Measurement,
              after: Measurement, compressed) -> str:
     lines = ["# Compression report", "", f"- source: `{source}` (read only)", f"- compressed: `{output}` "
-             f"(`bigmodel eval ckpt={output.parent.parent}` loads it)", f"- method: {describe_method(cfg)}", "",
+             f"(`bigmodel eval ckpt={output.parent.parent}` loads it)", f"- method: {describe_method(cfg, compressed)}", "",
              "| | before | after | change |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {what} | {old} | {new} | {change} |" for what, old, new, change in rows]
     lines += ["", "The checkpoint file before holds the optimizer state too; the compressed one holds none.",
@@ -84,9 +86,27 @@ def markdown(source: Path, output: Path, cfg: DictConfig, rows: List[Row], befor
                      + " (curve in finetune/metrics.jsonl)")
     lines += ["", "## Layers", "", "| layer | kind | parameters before | after | sparsity before | after |",
               "| --- | --- | ---: | ---: | ---: | ---: |", *layer_rows(before, after)]
+    if cfg.method == "quantize":
+        lines += ["", "## Quantized layers", "", "| layer | scheme | scales | shares its weight with |",
+                  "| --- | --- | --- | --- |", *quantized_rows(compressed.compression["layers"])]
     if compressed.kept:
         lines += ["", "## Left as they were", ""] + [f"- `{name}`: {why}" for name, why in compressed.kept.items()]
     return "\n".join(lines) + "\n"
+
+
+SCHEME_LABELS = {"dynamic": "dynamic int8 (weights and activations)", "weight_only": "weight-only int8"}
+SCALE_LABELS = {"per_channel": "one per output channel", "per_tensor": "one per matrix"}
+
+
+def quantized_rows(entries: List[Dict[str, Any]]) -> List[str]:
+    """One markdown row per int8 layer; a tied weight is quantized and stored once."""
+    rows = []
+    for entry in entries:
+        tied = entry.get("tied_to")
+        shared = f"`{tied}` (one int8 table and scales, stored once)" if tied else ""
+        rows.append(f"| `{entry['name']}` | {SCHEME_LABELS[entry['scheme']]} | {SCALE_LABELS[entry['weights']]} "
+                    f"| {shared} |")
+    return rows
 
 
 def print_table(rows: List[Row], title: str) -> None:
@@ -111,10 +131,11 @@ def write_report(run_dir: Path, cfg: DictConfig, source: Path, output: Path, bef
     summary = {"source": str(source.absolute()), "checkpoint": str(output.absolute()), "method": cfg.method,
                "settings": OmegaConf.to_container(cfg[cfg.method], resolve=True), "split": cfg.split,
                "before": before.as_dict(), "after": after.as_dict(), "kept": compressed.kept,
-               "finetune": compressed.finetune, "weights_ratio": after.weights_bytes / before.weights_bytes}
+               "finetune": compressed.finetune, "quantized": compressed.compression.get("layers", []),
+               "weights_ratio": after.weights_bytes / before.weights_bytes}
     write_json(run_dir / "compress.json", summary)
     (run_dir / "report.md").write_text(markdown(source, output, cfg, rows, before, after, compressed),
                                        encoding="utf-8")
-    print_table(rows, f"{describe_method(cfg)} | {source}")
+    print_table(rows, f"{describe_method(cfg, compressed)} | {source}")
     print(f"compressed checkpoint: {output}\nreport: {run_dir / 'report.md'}", flush=True)
     return summary
