@@ -134,10 +134,12 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     # the config names, since a builder function may return a class that takes **kwargs.)
     key = "activation_checkpointing"
     recompute = bool(cfg.model.get(key, False)) and not takes_key(import_object(cfg.model._target_), key)
-    mesh = build_mesh(layout_for(place.env.world_size, settings.parallel), place.device)
+    layout = layout_for(place.env.world_size, settings.parallel)
+    mesh = build_mesh(layout, place.device)
     model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute, mesh=mesh)
-    if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
-        torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
+    if place.env.is_distributed:  # same initial weights everywhere, but each replica its own dropout
+        # (a replica's tp ranks hold the same activations between split layers: the same masks)
+        torch.manual_seed(settings.seed + 1_000_003 * layout.coordinates(place.env.rank).dp)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = partial(build_schedule, cfg.scheduler)
     return TrainingParts(model, optimizer, schedule, data, task_for(data.spec.task), mesh)

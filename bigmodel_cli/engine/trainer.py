@@ -37,7 +37,7 @@ from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
-from bigmodel_cli.engine.mesh import data_share, layout_for
+from bigmodel_cli.engine.mesh import DataShare, data_share, layout_for
 from bigmodel_cli.engine.outputs import logits_of
 from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
@@ -46,7 +46,7 @@ from bigmodel_cli.errors import Diverged, UserError, first_line
 from bigmodel_cli.optim import TorchSchedule, load_scheduler_state, lr_scheduler, scheduler_state
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
-from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
+from bigmodel_cli.telemetry.efficiency import held_bytes, peak_flops, peak_memory_mb
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
 log = logging.getLogger("bigmodel")
@@ -131,7 +131,8 @@ class Trainer:
         self.model, self.optimizer = parts.model, parts.optimizer
         self.raw_model = distributed.unwrap(parts.model)  # what checkpoints hold
         self.state_model = distributed.uncompiled(parts.model)  # what sharded (DCP) checkpoints hold
-        self.sharded = distributed.is_sharded(parts.model) if self.env.is_distributed else False
+        # Split across ranks (FSDP shards, tensor-parallel layers): sharded checkpoints, written by every rank.
+        self.sharded = distributed.holds_dtensors(parts.model) if self.env.is_distributed else False
         self.precision = settings.precision
         self.provenance = context.provenance or Provenance({}, {}, {}, parts.data.spec)
         self.checkpoints = CheckpointManager(context.run_dir, self.sharded, settings.keep_last,
@@ -142,6 +143,10 @@ class Trainer:
         # The ranks' layout over (pp, dp, tp), and this rank's share of the data (its replica's).
         self.layout = layout_for(self.env.world_size, settings.parallel)
         self.share = data_share(self.layout, self.env.rank)
+        self.mesh = parts.mesh
+        # The ranks of this rank's data-parallel group: they read different batches, so losses and
+        # evaluation sums are reduced over them (a replica's tp ranks hold the same numbers).
+        self.dp_group = parts.mesh.get_group("dp") if parts.mesh is not None else None
         # Read per step: plain attributes.
         self.accum: int = settings.grad_accum_steps
         self.grad_clip: Optional[float] = settings.grad_clip
@@ -168,6 +173,7 @@ class Trainer:
         self.data_wait_s = 0.0  # host time spent fetching batches in this log interval
         self.rate_probe: Optional[tuple] = None  # (step, time) after the first, warm-up step
         self.time_left = TimeLeft()
+        self.memory_logged = False
 
     # ------------------------------------------------------------------ planning
     def plan_data(self):
@@ -236,7 +242,7 @@ class Trainer:
         if self.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = distributed.clip_grad_norm(self.params, max_norm)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         # The norm is of the all-reduced gradients, so every rank takes the same decision.
         if self.skip_nonfinite and not torch.isfinite(grad_norm).item():  # the one per-step sync
@@ -247,15 +253,34 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if not self.memory_logged:  # the first step of this process: gradients and state exist now
+            self.log_memory()
+            self.memory_logged = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
+
+    def log_layout(self) -> None:
+        """Once, at start (every rank, into its own log): how the ranks divide the work."""
+        if not self.env.is_distributed:
+            return
+        at = self.layout.coordinates(self.env.rank)
+        log.info("parallel layout: %s under trainer.strategy=%s; rank %d is at pp=%d dp=%d tp=%d",
+                 self.layout.describe(), self.settings.strategy, self.env.rank, at.pp, at.dp, at.tp)
+
+    def log_memory(self) -> None:
+        """After the first step's backward (every rank, into its own log): what this rank holds."""
+        held = held_bytes(self.model, self.optimizer)
+        peak = f"; CUDA max allocated {peak_memory_mb(self.device):,.1f} MiB" if self.device.type == "cuda" else ""
+        log.info("memory on rank %d: parameters %s, gradients %s, optimizer state %s%s", self.env.rank,
+                 *(f"{held[k] / 2**20:,.2f} MiB" for k in ("params", "grads", "optimizer")), peak)
 
     def fit(self) -> FitResult:
         cfg = self.settings
         self.model.train()
         batches = self.micro_batches()
         self.telemetry.start(self.total_steps, self.step)
+        self.log_layout()
         self.loss_sum.zero_()
         steps_since_log, last_log_time = 0, time.perf_counter()
         val_metrics: Dict[str, float] = {}
@@ -367,8 +392,8 @@ class Trainer:
     def log_train(self, mean_loss: torch.Tensor, grad_norm: Optional[torch.Tensor], steps: int,
                   since: float) -> None:
         """Report one log interval. The single host sync of the interval happens here."""
-        # Gradients are synchronised, so the norm is already global; loss and flag are per rank.
-        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone()) / self.env.world_size
+        # Gradients are synchronised, so the norm is already global; the loss is per replica.
+        mean_loss = distributed.all_reduce_sum(mean_loss.detach().clone(), self.dp_group) / self.share.world_size
         values = torch.stack([mean_loss, grad_norm if grad_norm is not None else mean_loss]).tolist()
         elapsed = time.perf_counter() - since  # after the sync: the device work is done
         if not math.isfinite(values[0]) and not self.skip_nonfinite:
@@ -438,7 +463,7 @@ class Trainer:
         # The unwrapped model: DDP's forward would sync buffers, and ranks may run different
         # numbers of eval batches.
         metrics = evaluate_model(self.raw_model, self.data, self.task, split, self.precision,
-                                 self.device, max_batches, self.env)
+                                 self.device, max_batches, self.share, self.dp_group)
         self.model.train(was_training)
         return metrics
 
@@ -487,9 +512,9 @@ class Trainer:
         """Continue from a checkpoint (collective under FSDP)."""
         path = checkpoint.path
         if not checkpoint.is_sharded and self.sharded:
-            raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
-                            f"run; resume with trainer.strategy=ddp, or start from its weights with "
-                            f"trainer.init_from={path}")
+            raise UserError(f"{path} was written by an unsharded run and cannot resume a run that splits the model "
+                            f"(trainer.strategy=fsdp or trainer.parallel.tp>1); resume with trainer.strategy=ddp "
+                            f"and trainer.parallel.tp=1, or start from its weights with trainer.init_from={path}")
         try:
             self.load_training_state(checkpoint)
             self.monitor.load_state_dict(checkpoint.best)
@@ -518,14 +543,15 @@ class Trainer:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, precision: str,
                    device: torch.device, max_batches: Optional[int] = None,
-                   env: DistEnv = DistEnv()) -> Dict[str, float]:
-    """Metrics over a split (or its first `max_batches` batches per rank); one host sync at
-    the end. Ranks evaluate disjoint shares and sum them, so each sample counts once."""
-    loader = data.eval_batches(split, rank=env.rank, world_size=env.world_size)
+                   share: DataShare = DataShare(), group=None) -> Dict[str, float]:
+    """Metrics over a split (or its first `max_batches` batches per replica); one host sync
+    at the end. Data-parallel replicas (`share`, reduced over `group`) evaluate disjoint
+    shares and sum them, so each sample counts once; a replica's tp ranks run the same batches."""
+    loader = data.eval_batches(split, rank=share.rank, world_size=share.world_size)
     count = len(loader) if max_batches is None else min(len(loader), max_batches)
-    # Under FSDP every forward is a collective, so all ranks must run as many; a rank with
-    # fewer batches repeats its last one and does not count it.
-    forwards = distributed.all_reduce_max(count, device) if distributed.is_sharded(model) else count
+    # With the model split (FSDP, TP) every forward is a collective, so all ranks must run as
+    # many; a rank with fewer batches repeats its last one and does not count it.
+    forwards = distributed.all_reduce_max(count, device) if distributed.holds_dtensors(model) else count
     sums, batches, batch = None, iter(loader), None
     for i in range(forwards):
         if i < count:
@@ -538,4 +564,4 @@ def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, p
             sums = stats if sums is None else sums + stats
     if sums is None:
         raise UserError(f"the {split} split is empty")
-    return task.finalize(distributed.all_reduce_sum(sums))
+    return task.finalize(distributed.all_reduce_sum(sums, group))
