@@ -64,7 +64,7 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
     log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
     start = starting_checkpoint(settings.resume, run_dir, env)
     if start is not None:
-        log_config_changes(start, cfg)
+        log_config_changes(start, cfg, settings, env)
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     use_threads(settings.threads, env)
@@ -87,11 +87,17 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
     return Run(trainer, telemetry, cfg, choices, parameters, start.path if start is not None else None)
 
 
-def log_config_changes(start: Checkpoint, cfg: DictConfig) -> None:
+def log_config_changes(start: Checkpoint, cfg: DictConfig, settings: TrainerConfig, env: DistEnv) -> None:
     """Refuses changes a resumed run cannot take; logs the others."""
+    from bigmodel_cli.engine.mesh import layout_for
     from bigmodel_cli.engine.resume import config_changes
 
-    changes = config_changes(start.config, OmegaConf.to_container(cfg))
+    then = start.config.get("trainer", {}).get("parallel") or {}
+    split_then = 1
+    for key in ("tp", "pp"):  # (a stored config is read, not trusted: anything odd counts as 1)
+        split_then *= then.get(key) if isinstance(then.get(key), int) and then.get(key) > 0 else 1
+    replicas = (max(1, start.world_size // split_then), layout_for(env.world_size, settings.parallel).dp)
+    changes = config_changes(start.config, OmegaConf.to_container(cfg), replicas)
     if changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
 
