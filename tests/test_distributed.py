@@ -113,7 +113,7 @@ def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path, strategy):
     run_dir = ddp.run_dir()
     assert len(ddp.run_dirs()) == 1
     assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
-    assert "per device x 2 devices" in ddp.stderr  # the effective global batch is printed
+    assert "per replica x 2 replicas" in ddp.stderr  # the effective global batch is printed
 
 
 def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
