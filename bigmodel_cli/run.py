@@ -64,7 +64,7 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
     log.info("config:\n%s", OmegaConf.to_yaml(cfg).rstrip())
     start = starting_checkpoint(settings.resume, run_dir, env)
     if start is not None:
-        log_config_changes(start, cfg)
+        log_config_changes(start, cfg, settings, env)
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     use_threads(settings.threads, env)
@@ -87,11 +87,17 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
     return Run(trainer, telemetry, cfg, choices, parameters, start.path if start is not None else None)
 
 
-def log_config_changes(start: Checkpoint, cfg: DictConfig) -> None:
+def log_config_changes(start: Checkpoint, cfg: DictConfig, settings: TrainerConfig, env: DistEnv) -> None:
     """Refuses changes a resumed run cannot take; logs the others."""
+    from bigmodel_cli.engine.mesh import layout_for
     from bigmodel_cli.engine.resume import config_changes
 
-    changes = config_changes(start.config, OmegaConf.to_container(cfg))
+    then = start.config.get("trainer", {}).get("parallel") or {}
+    split_then = 1
+    for key in ("tp", "pp"):  # (a stored config is read, not trusted: anything odd counts as 1)
+        split_then *= then.get(key) if isinstance(then.get(key), int) and then.get(key) > 0 else 1
+    replicas = (max(1, start.world_size // split_then), layout_for(env.world_size, settings.parallel).dp)
+    changes = config_changes(start.config, OmegaConf.to_container(cfg), replicas)
     if changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
 
@@ -135,10 +141,12 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     # the config names, since a builder function may return a class that takes **kwargs.)
     key = "activation_checkpointing"
     recompute = bool(cfg.model.get(key, False)) and not takes_key(import_object(cfg.model._target_), key)
-    mesh = build_mesh(layout_for(place.env.world_size, settings.parallel), place.device)
+    layout = layout_for(place.env.world_size, settings.parallel)
+    mesh = build_mesh(layout, place.device)
     model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute, mesh=mesh)
-    if place.env.is_distributed:  # same initial weights everywhere, but each rank its own dropout
-        torch.manual_seed(settings.seed + 1_000_003 * place.env.rank)
+    if place.env.is_distributed:  # same initial weights everywhere, but each replica its own dropout
+        # (a replica's tp ranks hold the same activations between split layers: the same masks)
+        torch.manual_seed(settings.seed + 1_000_003 * layout.coordinates(place.env.rank).dp)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = partial(build_schedule, cfg.scheduler)
     task = task_for(data.spec.task)

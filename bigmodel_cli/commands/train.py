@@ -109,20 +109,27 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     job = RankJob(OmegaConf.to_container(plain_config(cfg)), trainer_settings(cfg), Path(run_dir),
                   dict(choices or {}), list(overrides))
     env = distributed.detect()
-    check_layout(job.settings, env)
+    check_layout(job.settings, env, job.config.get("model", {}))
     check_pipeline(job.config, job.settings)
     if job.settings.devices > 1 and not env.is_distributed:
         return launch_workers(job)
     return run_rank(job, env)
 
 
-def check_layout(settings: TrainerConfig, env) -> None:
+def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> None:
     """Before anything launches: the world the run will have must split into trainer.parallel's
-    tensor x pipeline ranks (one line naming the numbers otherwise)."""
+    tensor x pipeline ranks, the model into T tensor-parallel parts (heads, hidden widths), and
+    the strategy must fit the layout; one line naming the numbers otherwise."""
     from bigmodel_cli.engine.mesh import layout_for
+    from bigmodel_cli.engine.parallelize import check_strategy
+    from bigmodel_cli.engine.tensor_parallel import config_split_problem
 
     world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
-    layout_for(world, settings.parallel)
+    layout = layout_for(world, settings.parallel)
+    problem = config_split_problem(model_cfg, layout.tp)
+    if problem:
+        raise UserError(problem)
+    check_strategy(settings.strategy, layout.dp, layout.tp)
 
 
 def check_pipeline(config: Dict[str, Any], settings: TrainerConfig) -> None:

@@ -123,7 +123,7 @@ def checkpoint_from_state(state: Dict[str, Any], path: Path, is_sharded: bool = 
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Fill `model` (sharded by FSDP or not) with a checkpoint's weights: the one way weights
+    """Fill `model` (split by FSDP or TP, or not) with a checkpoint's weights: the one way weights
     get into a model for eval, generate, init_from and the final test. Keys or shapes that
     differ are named in one line."""
     if checkpoint.is_sharded:  # DCP reads into any layout, sharded or not
@@ -136,7 +136,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
         own = model.state_dict()
         weights = {key: tensor for key, tensor in weights.items() if key in own}
     check_weights_fit(model, weights, checkpoint.path)
-    if distributed.is_sharded(model):
+    if distributed.holds_dtensors(model):  # FSDP shards or tensor-parallel layers: each rank takes its part
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, checkpoint.model, options=StateDictOptions(full_state_dict=True))

@@ -144,18 +144,10 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
-         precision: str = "fp32") -> nn.Module:
-    """DDP or FSDP2 as trainer.strategy says, under several processes (step 2 of
-    engine/parallelize.py)."""
-    if not env.is_distributed:
-        return model
-    if strategy == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if strategy == "fsdp":
-        return shard_fully(model, env, device, precision)
-    raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
+def replicate(model: nn.Module, device: torch.device, group=None) -> nn.Module:
+    """DDP over the data-parallel ranks `group` (step 4 of engine/parallelize.py)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=group)
 
 
 def repeated_blocks(model: nn.Module) -> list:
@@ -168,17 +160,16 @@ def repeated_blocks(model: nn.Module) -> list:
     return blocks
 
 
-def shard_fully(model: nn.Module, env: DistEnv, device: torch.device, precision: str) -> nn.Module:
-    """FSDP2: shard each repeated block, then the root (embeddings, head, the rest)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_fully(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
+    """FSDP2 over the run mesh's "dp" dimension: shard each repeated block, then the root
+    (embeddings, head, the rest). Tensor-parallel DTensors become 2-D (dp, tp) ones."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (env.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
     for block in repeated_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
 
 
@@ -186,6 +177,14 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(uncompiled(model), FSDPModule)
+
+
+def holds_dtensors(model: nn.Module) -> bool:
+    """Whether the model's state is split across ranks (FSDP shards, tensor-parallel
+    layers): its checkpoints are then sharded ones, written and read by every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in uncompiled(model).parameters())
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
@@ -218,6 +217,29 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """The norm of the whole gradient (every rank's part of it), clipped to `max_norm`.
+
+    torch's clip_grad_norm_ takes parameters of one kind: plain tensors, or DTensors of one
+    layout. A tensor-parallel model mixes layouts (column- and row-wise shards, replicated
+    biases) and plain tensors (its norms and embeddings, whole on every rank): each group's
+    norm is made whole over the ranks by DTensor, then they are combined."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            key = (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    if len(groups) <= 1:  # one kind: torch's own, as it always was
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [full_tensor(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in groups.values()]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (FSDP2's gradient norm is one)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -239,9 +261,10 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum over `group`'s ranks (all ranks by default), in place."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -1,18 +1,28 @@
 """How a model runs, applied in one place and in one order; model files never do any of it.
 
-    1. activation checkpointing  each repeated block recomputes its activations in the
+The run's one DeviceMesh has the dimensions ("pp", "dp", "tp") (engine/mesh.py). Without
+pipeline stages (below), the steps are:
+
+    1. tensor parallelism        trainer.parallel.tp=T: each planned layer's weights are
+                                 split over mesh["tp"] (engine/tensor_parallel.py)
+    2. activation checkpointing  each repeated block recomputes its activations in the
                                  backward pass (model.activation_checkpointing=true)
-    2. DDP or FSDP2              under several processes (trainer.strategy); FSDP shards each
-                                 repeated block, then the root
-    3. torch.compile             last, so it compiles the wrapped model (trainer.compile=true)
+    3. torch.compile             each repeated block (or the whole model, if it has none),
+                                 in place, so module names and state-dict keys stay as they
+                                 are (trainer.compile=true)
+    4. FSDP2 or DDP              data parallelism over mesh["dp"] (trainer.strategy): FSDP
+                                 shards each repeated block, then the root, composing with
+                                 tensor parallelism into 2-D (dp, tp) DTensors; DDP
+                                 replicates a model that is not split (with tp>1 there is
+                                 nothing left for DDP to do when dp=1, and dp>1 takes fsdp)
 
 Under trainer.parallel.pp>1 the model is first cut into pipeline stages, and each rank then
 recomputes and compiles only the blocks it runs; data parallelism is the pipeline's own
 (engine/pipeline.py, engine/pipeline_step.py).
 
-The optimizer is built afterwards, over the parameters this returns (FSDP replaces them
-with shards). Checkpoints hold the plain model's state-dict keys whatever was applied:
-checkpointing keeps the module tree as it is, and the trainer unwraps DDP and compile.
+The optimizer is built afterwards, over the parameters this returns (FSDP and TP replace
+them with DTensors). Checkpoints hold the plain model's state-dict keys whatever was
+applied: checkpointing and compile keep the module tree as it is, and the trainer unwraps DDP.
 """
 
 from __future__ import annotations
@@ -26,21 +36,59 @@ from torch.utils.checkpoint import checkpoint
 from bigmodel_cli.config import TrainerConfig
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.distributed import DistEnv, repeated_blocks
+from bigmodel_cli.errors import UserError
 
 
 def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device: torch.device,
                 checkpoint_blocks: bool = False, mesh=None) -> nn.Module:
-    """The model ready to train: with activation checkpointing, wrapped for the processes, compiled."""
+    """The model ready to train: split over the tp ranks, with activation checkpointing,
+    compiled, and sharded or replicated over the data-parallel ranks."""
     if settings.parallel.pp > 1:  # pipeline stages: cut first (engine/pipeline.py)
         from bigmodel_cli.engine.pipeline import parallelize_stages
 
         return parallelize_stages(model, settings, mesh["pp"].get_local_rank(), checkpoint_blocks)
+    tp = int(settings.parallel.tp)
+    if tp > 1:
+        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
+
+        if mesh is None:
+            raise UserError(f"trainer.parallel.tp={tp} needs {tp} processes; start them with "
+                            f"trainer.devices={tp}, torchrun or srun")
+        apply_tensor_parallel(model, mesh["tp"])
     if checkpoint_blocks:
         checkpoint_activations(model)
-    model = distributed.wrap(model, settings.strategy, env, device, settings.precision)
     if settings.compile:
-        model = torch.compile(model)
+        compile_in_place(model)
+    if env.is_distributed:
+        model = data_parallel(model, settings, device, mesh)
     return model
+
+
+def data_parallel(model: nn.Module, settings: TrainerConfig, device: torch.device, mesh) -> nn.Module:
+    """DDP or FSDP2 over the mesh's "dp" dimension, as trainer.strategy says."""
+    check_strategy(settings.strategy, mesh["dp"].size(), int(settings.parallel.tp))
+    if settings.strategy == "fsdp":
+        return distributed.shard_fully(model, mesh["dp"], settings.precision)
+    if int(settings.parallel.tp) > 1:  # dp=1: one replica, nothing to keep in step
+        return model
+    return distributed.replicate(model, device, mesh.get_group("dp"))
+
+
+def check_strategy(strategy: str, dp: int, tp: int) -> None:
+    """trainer.strategy=ddp replicates plain tensors only: with the layers split over tp ranks,
+    several replicas are kept in step by fsdp (one line before launch otherwise)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
+    if strategy == "ddp" and tp > 1 and dp > 1:
+        raise UserError(f"trainer.strategy=ddp cannot replicate a model split by trainer.parallel.tp={tp} over "
+                        f"{dp} data-parallel replicas; use trainer.strategy=fsdp (it shards each replica "
+                        "over the data-parallel ranks and composes with tensor parallelism)")
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """torch.compile each repeated block (or the whole model), keeping the module tree."""
+    for module in repeated_blocks(model) or [model]:
+        module.compile()
 
 
 def checkpoint_activations(model: nn.Module) -> None:
@@ -49,8 +97,6 @@ def checkpoint_activations(model: nn.Module) -> None:
     replaced in place, so module names (and state-dict keys) stay as they are."""
     blocks = repeated_blocks(model)
     if not blocks:
-        from bigmodel_cli.errors import UserError
-
         raise UserError(f"model.activation_checkpointing=true needs repeated blocks (a ModuleList), and "
                         f"{type(model).__name__} has none; set model.activation_checkpointing=false")
     for block in blocks:

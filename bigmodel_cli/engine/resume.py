@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,12 +40,20 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
-    """Refuse changes that cannot continue a run; return the others, as "key: old -> new"."""
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   replicas: Tuple[int, int] = (1, 1)) -> List[str]:
+    """Refuse changes that cannot continue a run; return the others, as "key: old -> new".
+    `replicas`: the data-parallel replicas then and now. data.batch_size may change with
+    them when the global batch stays (a tp=2 run resumed on 2 DDP ranks at half the batch):
+    every step then reads the same samples."""
     old, new = flatten(saved), flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in IGNORED_KEYS)
     fixed = [k for k in changed
              if (k.split(".")[0] in FIXED_SECTIONS and k not in FREE_KEYS) or k in FIXED_KEYS]
+    batch = "data.batch_size"
+    if batch in fixed and isinstance(old.get(batch), int) and isinstance(new.get(batch), int) \
+            and old[batch] * replicas[0] == new[batch] * replicas[1]:
+        fixed.remove(batch)
     if fixed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed[:4])
         more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""

@@ -38,7 +38,7 @@ from bigmodel_cli.engine.distill import TaskObjective
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
-from bigmodel_cli.engine.mesh import data_share, layout_for
+from bigmodel_cli.engine.mesh import DataShare, data_share, layout_for
 from bigmodel_cli.engine.pipeline import cut_of
 from bigmodel_cli.engine.pipeline_step import pipeline_step_for
 from bigmodel_cli.engine.outputs import logits_of
@@ -49,7 +49,7 @@ from bigmodel_cli.errors import Diverged, UserError, first_line
 from bigmodel_cli.optim import TorchSchedule, load_scheduler_state, lr_scheduler, scheduler_state
 from bigmodel_cli.slurm import slurm_job_id
 from bigmodel_cli.telemetry import Telemetry
-from bigmodel_cli.telemetry.efficiency import peak_flops, peak_memory_mb
+from bigmodel_cli.telemetry.efficiency import held_bytes, peak_flops, peak_memory_mb
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
 log = logging.getLogger("bigmodel")
@@ -139,8 +139,9 @@ class Trainer:
         self.raw_model = distributed.unwrap(parts.model)  # what checkpoints hold
         self.state_model = distributed.uncompiled(parts.model)  # what sharded (DCP) checkpoints hold
         self.mesh = parts.mesh
-        # Sharded (DCP) checkpoints: FSDP's shards, or each pipeline stage's own parameters.
-        self.sharded = (distributed.is_sharded(parts.model) or cut_of(self.raw_model) is not None
+        # Split across ranks (FSDP shards, tensor-parallel layers, pipeline stages): sharded
+        # checkpoints, written by every rank.
+        self.sharded = (distributed.holds_dtensors(parts.model) or cut_of(self.raw_model) is not None
                         if self.env.is_distributed else False)
         self.precision = settings.precision
         self.provenance = context.provenance or Provenance({}, {}, {}, parts.data.spec)
@@ -152,6 +153,10 @@ class Trainer:
         # The ranks' layout over (pp, dp, tp), and this rank's share of the data (its replica's).
         self.layout = layout_for(self.env.world_size, settings.parallel)
         self.share = data_share(self.layout, self.env.rank)
+        self.mesh = parts.mesh
+        # The ranks of this rank's data-parallel group: they read different batches, so losses and
+        # evaluation sums are reduced over them (a replica's tp ranks hold the same numbers).
+        self.dp_group = parts.mesh.get_group("dp") if parts.mesh is not None else None
         # Read per step: plain attributes.
         self.accum: int = settings.grad_accum_steps
         self.grad_clip: Optional[float] = settings.grad_clip
@@ -181,6 +186,7 @@ class Trainer:
         self.time_left = TimeLeft()
         # trainer.parallel.pp > 1: steps and evaluation run through the pipeline's stages.
         self.pipeline = pipeline_step_for(self) if self.layout.pp > 1 else None
+        self.memory_logged = False
 
     # ------------------------------------------------------------------ planning
     def plan_data(self):
@@ -251,7 +257,7 @@ class Trainer:
         if self.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = distributed.clip_grad_norm(self.params, max_norm)
         self.apply_update(grad_norm)
         return (loss_total if self.accum == 1 else loss_total / self.accum), grad_norm
 
@@ -274,14 +280,33 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if not self.memory_logged:  # the first step of this process: gradients and state exist now
+            self.log_memory()
+            self.memory_logged = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def log_layout(self) -> None:
+        """Once, at start (every rank, into its own log): how the ranks divide the work."""
+        if not self.env.is_distributed:
+            return
+        at = self.layout.coordinates(self.env.rank)
+        log.info("parallel layout: %s under trainer.strategy=%s; rank %d is at pp=%d dp=%d tp=%d",
+                 self.layout.describe(), self.settings.strategy, self.env.rank, at.pp, at.dp, at.tp)
+
+    def log_memory(self) -> None:
+        """After the first step's backward (every rank, into its own log): what this rank holds."""
+        held = held_bytes(self.model, self.optimizer)
+        peak = f"; CUDA max allocated {peak_memory_mb(self.device):,.1f} MiB" if self.device.type == "cuda" else ""
+        log.info("memory on rank %d: parameters %s, gradients %s, optimizer state %s%s", self.env.rank,
+                 *(f"{held[k] / 2**20:,.2f} MiB" for k in ("params", "grads", "optimizer")), peak)
 
     def fit(self) -> FitResult:
         cfg = self.settings
         self.model.train()
         batches = self.micro_batches()
         self.telemetry.start(self.total_steps, self.step)
+        self.log_layout()
         self.loss_sum.zero_()
         self.terms_sum.zero_()
         steps_since_log, last_log_time = 0, time.perf_counter()
@@ -398,7 +423,7 @@ class Trainer:
         # (a pipeline's loss is its last stage's, and it has no objective terms).
         local = torch.cat([mean_loss.detach().reshape(1), self.terms_sum / steps])
         means = (self.pipeline.global_loss(mean_loss).reshape(1) if self.pipeline is not None
-                 else distributed.all_reduce_sum(local) / self.env.world_size)
+                 else distributed.all_reduce_sum(local, self.dp_group) / self.share.world_size)
         self.terms_sum.zero_()
         values = torch.cat([means, (grad_norm if grad_norm is not None else means[0]).reshape(1)]).tolist()
         terms, values = dict(zip(self.objective.terms, values[1:-1])), [values[0], values[-1]]
@@ -473,7 +498,7 @@ class Trainer:
         # The unwrapped model: DDP's forward would sync buffers, and ranks may run different
         # numbers of eval batches.
         metrics = evaluate_model(self.raw_model, self.data, self.task, split, self.precision,
-                                 self.device, max_batches, self.env)
+                                 self.device, max_batches, self.share, self.dp_group)
         self.model.train(was_training)
         return metrics
 
@@ -522,9 +547,10 @@ class Trainer:
         """Continue from a checkpoint (collective under FSDP)."""
         path = checkpoint.path
         if not checkpoint.is_sharded and self.sharded:
-            raise UserError(f"{path} was written by an unsharded run and cannot resume a trainer.strategy=fsdp "
-                            f"or trainer.parallel.pp>1 run; resume with trainer.strategy=ddp and "
-                            f"trainer.parallel.pp=1, or start from its weights with trainer.init_from={path}")
+            raise UserError(f"{path} was written by an unsharded run and cannot resume a run that splits the model "
+                            f"(trainer.strategy=fsdp, trainer.parallel.tp>1 or trainer.parallel.pp>1); resume with "
+                            f"trainer.strategy=ddp and trainer.parallel.tp=1 pp=1, or start from its weights with "
+                            f"trainer.init_from={path}")
         try:
             self.load_training_state(checkpoint)
             self.monitor.load_state_dict(checkpoint.best)
@@ -553,14 +579,15 @@ class Trainer:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, precision: str,
                    device: torch.device, max_batches: Optional[int] = None,
-                   env: DistEnv = DistEnv()) -> Dict[str, float]:
-    """Metrics over a split (or its first `max_batches` batches per rank); one host sync at
-    the end. Ranks evaluate disjoint shares and sum them, so each sample counts once."""
-    loader = data.eval_batches(split, rank=env.rank, world_size=env.world_size)
+                   share: DataShare = DataShare(), group=None) -> Dict[str, float]:
+    """Metrics over a split (or its first `max_batches` batches per replica); one host sync
+    at the end. Data-parallel replicas (`share`, reduced over `group`) evaluate disjoint
+    shares and sum them, so each sample counts once; a replica's tp ranks run the same batches."""
+    loader = data.eval_batches(split, rank=share.rank, world_size=share.world_size)
     count = len(loader) if max_batches is None else min(len(loader), max_batches)
-    # Under FSDP every forward is a collective, so all ranks must run as many; a rank with
-    # fewer batches repeats its last one and does not count it.
-    forwards = distributed.all_reduce_max(count, device) if distributed.is_sharded(model) else count
+    # With the model split (FSDP, TP) every forward is a collective, so all ranks must run as
+    # many; a rank with fewer batches repeats its last one and does not count it.
+    forwards = distributed.all_reduce_max(count, device) if distributed.holds_dtensors(model) else count
     sums, batches, batch = None, iter(loader), None
     for i in range(forwards):
         if i < count:
@@ -573,4 +600,4 @@ def evaluate_model(model: nn.Module, data: DataModule, task: Task, split: str, p
             sums = stats if sums is None else sums + stats
     if sums is None:
         raise UserError(f"the {split} split is empty")
-    return task.finalize(distributed.all_reduce_sum(sums))
+    return task.finalize(distributed.all_reduce_sum(sums, group))

@@ -24,22 +24,26 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, causal: bool = False,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self.heads(x)
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
-                   for z in self.qkv(x).split(c, dim=2))
         # key_padding_mask is True at padded positions; SDPA wants True where attending.
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, -1)))
+
+    def heads(self, x: torch.Tensor):
+        """q, k and v, each (B, heads, T, head_dim). The head count is read from the
+        projection's output: a tensor-parallel rank computes only its own heads."""
+        b, t, c = x.shape
+        return (z.view(b, t, -1, c // self.n_heads).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=2))
 
     def forward_cached(self, x: torch.Tensor, cache: "LayerCache", start: int) -> torch.Tensor:
         """Causal attention of the tokens `x` (B, t) at positions start.. over themselves and
         the `start` tokens before them, whose keys and values are in `cache` (inference only)."""
+        q, k, v = self.heads(x)
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
-                   for z in self.qkv(x).split(c, dim=2))
         cache.keys[:, :, start:start + t] = k
         cache.values[:, :, start:start + t] = v
         if start == 0:  # a fresh prompt: exactly the training forward's attention
@@ -49,7 +53,7 @@ class SelfAttention(nn.Module):
             mask = None if t == 1 else (torch.arange(start + t, device=x.device)
                                         <= torch.arange(start, start + t, device=x.device)[:, None])
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class LayerCache:

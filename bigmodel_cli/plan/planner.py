@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -68,8 +68,12 @@ def make_plan(cfg: DictConfig, settings: TrainerConfig, choices: dict, overrides
               gpu: Optional[Gpu]) -> Plan:
     device = target_device(settings)
     check_world(settings, device)
-    layout = Layout(str(settings.strategy), settings.devices * settings.num_nodes, str(settings.precision))
-    data = plan_data(cfg, choices, overrides, layout.world_size)
+    from bigmodel_cli.engine.mesh import layout_for
+
+    layout_for(settings.devices * settings.num_nodes, settings.parallel)  # a world that does not factor: one line
+    layout = Layout(str(settings.strategy), settings.devices * settings.num_nodes, str(settings.precision),
+                    int(settings.parallel.tp), int(settings.parallel.pp))
+    data = plan_data(cfg, choices, overrides, layout.dp)  # a replica's tp and pp ranks read the same batches
     if data.note:
         cfg.data = {"_target_": "bigmodel_cli.data.tokens.TokenFiles", "batch_size": data.batch_size,
                     "block_size": data.spec.block_size, "vocab_size": data.spec.vocab_size}
@@ -77,12 +81,12 @@ def make_plan(cfg: DictConfig, settings: TrainerConfig, choices: dict, overrides
     step = simulate_step(cfg, data.spec, data.batch, layout.precision, count_flops=not gpt_like)
     memory = per_rank(step, layout)
     accum = settings.grad_accum_steps
-    global_batch = data.batch_size * accum * layout.world_size
+    global_batch = data.batch_size * accum * layout.dp
     units = global_batch * data.units_per_sample
     per_epoch = data.batches_per_epoch / accum if data.batches_per_epoch else None
     plan = Plan(step.count, device, layout, data, step, memory, global_batch, units, per_epoch,
                 total_steps(settings, per_epoch), None, "", launch_command(overrides, settings, data), gpu)
-    plan.flops_per_step, plan.flops_how = flops_per_step(cfg, step, data, units, accum * layout.world_size)
+    plan.flops_per_step, plan.flops_how = flops_per_step(cfg, step, data, units, accum * layout.dp)
     if data.note:
         plan.notes.append(data.note)
     if gpu is not None and not fits(memory.peak, gpu.nbytes):
@@ -130,8 +134,8 @@ def launch_command(overrides: Sequence[str], settings: TrainerConfig, data: Plan
 def remedies(cfg: DictConfig, plan: Plan, settings: TrainerConfig) -> List[str]:
     """Settings that would bring the per-rank peak under the GPU's memory, each with its peak."""
     gpu, layout, step, out = plan.gpu, plan.layout, plan.step, []
-    if layout.world_size > 1 and layout.strategy == "ddp" and layout.precision != "fp16":
-        sharded = per_rank(step, Layout("fsdp", layout.world_size, layout.precision)).peak
+    if layout.dp > 1 and layout.strategy == "ddp" and layout.precision != "fp16":
+        sharded = per_rank(step, replace(layout, strategy="fsdp")).peak
         out.append(f"trainer.strategy=fsdp: {gib(sharded)} per rank" + ("" if fits(sharded, gpu.nbytes) else " (still too much)"))
     if "activation_checkpointing" in cfg.model and not cfg.model.activation_checkpointing:
         cfg.model.activation_checkpointing = True

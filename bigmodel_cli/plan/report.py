@@ -12,14 +12,17 @@ def summary_lines(plan: Plan, choices: Dict[str, str]) -> List[str]:
     from bigmodel_cli.build import human_count
 
     layout, data, world = plan.layout, plan.data, plan.layout.world_size
+    dp = layout.dp
+    split = f"dp={dp} x tp={layout.tp} x pp={layout.pp}," if layout.tp * layout.pp > 1 else ""
+    unit = "replica" if split else "rank"  # a replica's tp and pp ranks read the same batch
     where = "GPUs" if plan.device == "cuda" else "CPU processes"
     per_epoch = (f"{plan.steps_per_epoch:,.4g}" if plan.steps_per_epoch else "unknown (no data files at hand)")
     flops = f"{plan.flops_per_step:.3g}" if plan.flops_per_step else "n/a"
     return [
         f"model      {choices.get('model', '')}: {plan.parameters:,} parameters ({human_count(plan.parameters)})",
         f"world      {world} rank{'s' if world > 1 else ''} on {where}, strategy {layout.strategy if world > 1 else 'single process'}, "
-        f"precision {layout.precision}, activation checkpointing {'on' if plan.step.recomputes else 'off'}",
-        f"batch      {data.batch_size} per rank x {world} rank{'s' if world > 1 else ''} x {plan.global_batch // (data.batch_size * world)} "
+        f"{split} precision {layout.precision}, activation checkpointing {'on' if plan.step.recomputes else 'off'}",
+        f"batch      {data.batch_size} per {unit} x {dp} {unit}{'s' if dp > 1 else ''} x {plan.global_batch // (data.batch_size * dp)} "
         f"accumulation = global batch {plan.global_batch:,} samples = {plan.units_per_step:,} {data.unit} per step",
         f"steps      {per_epoch} per epoch; {plan.total_steps:,} in all" if plan.total_steps else f"steps      {per_epoch} per epoch",
         f"FLOPs      {flops} per optimizer step ({plan.flops_how})",

@@ -57,6 +57,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Bytes of parameters, gradients and optimizer state this rank holds: its own shards of
+    split (DTensor) tensors, all of plain ones. Metadata only: no device sync."""
+    def local(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    return {"params": sum(local(p) for p in params),
+            "grads": sum(local(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(local(v) for v in state)}
+
+
 def model_flops_per_token(model: torch.nn.Module, model_cfg, task: str, context: Optional[int],
                           n_params: int) -> Optional[float]:
     """The estimate above for a GPT-style language model, counting parameters without the

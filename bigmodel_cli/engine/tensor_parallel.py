@@ -1,0 +1,175 @@
+"""Tensor parallelism: each model's plan, keyed by its own submodule names, and the checks
+that a model splits across trainer.parallel.tp=T ranks.
+
+The plans use PyTorch's torch.distributed.tensor.parallel, Megatron-style:
+
+    gpt, transformer  per block: attn.qkv and mlp.fc column-wise (each rank computes its
+                      heads' q, k, v and its share of the MLP's hidden units), attn.proj
+                      and mlp.proj row-wise (partial sums, all-reduced: the block's output
+                      is whole on every rank). Embeddings, norms and the head stay whole,
+                      so the loss is computed on full logits, as in one process.
+    mlp               the Linear layers in pairs, column-wise then row-wise; with an odd
+                      number of layers the last one (the head) stays whole.
+
+The fused qkv projection holds q, k and v one after the other ([q; k; v] rows), so a
+contiguous column shard would hand a rank q's and k's columns but not its heads'. Its
+output is regathered and each rank keeps its own heads' q, k and v (one all-gather forward,
+one reduce-scatter backward per block); the weights stay in their ordinary layout, so
+checkpoints reshard between any meshes.
+
+Weights become DTensors sharded over the mesh's "tp" dimension; everything else stays a
+plain tensor, the same on every tp rank (they read the same batches and seed their random
+numbers alike). Checks run twice: from the model config before any worker starts
+(commands/train.py), and on the built model for torchrun and srun.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from bigmodel_cli.errors import UserError
+
+# Models with a plan: the config target each is built from, and the name users choose it by.
+PLANNED = {"bigmodel_cli.models.gpt.GPT": "gpt", "bigmodel_cli.models.transformer.TransformerEncoder": "transformer",
+           "bigmodel_cli.models.mlp.MLP": "mlp"}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]:
+    """Why the model `model_cfg` describes cannot be split across `tp` ranks, or None (from
+    the config alone, before anything is built)."""
+    if tp == 1:
+        return None
+    target = str(model_cfg.get("_target_", ""))
+    name = PLANNED.get(target)
+    if name is None:
+        return no_plan(target.rsplit(".", 1)[-1] or "this model", tp)
+    if name == "gpt":
+        return heads_problem("model.n_head", int(model_cfg.get("n_head", 4)), tp)
+    if name == "transformer":
+        return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp)
+    return widths_problem([int(w) for w in model_cfg.get("hidden_sizes", [])], tp)
+
+
+def check_split(model: nn.Module, tp: int) -> None:
+    """The built model splits across `tp` ranks, or one line saying why not and what would."""
+    problem = split_problem(model, tp)
+    if problem:
+        raise UserError(problem)
+
+
+def split_problem(model: nn.Module, tp: int) -> Optional[str]:
+    if tp == 1:
+        return None
+    kind = model_kind(model)
+    if kind is None:
+        return no_plan(type(model).__name__, tp)
+    if kind == "mlp":
+        return widths_problem(mlp_hidden_widths(model), tp)
+    key = "model.n_head" if kind == "gpt" else "model.n_heads"
+    return heads_problem(key, model.blocks[0].attn.n_heads, tp) if len(model.blocks) else None
+
+
+def no_plan(name: str, tp: int) -> str:
+    return (f"trainer.parallel.tp={tp} splits the layers of model=gpt, transformer or mlp, and {name} has no "
+            "tensor-parallel plan; use trainer.parallel.tp=1 (and trainer.strategy=fsdp to shard it)")
+
+
+def heads_problem(key: str, heads: int, tp: int) -> Optional[str]:
+    if heads % tp == 0:
+        return None
+    return (f"{key}={heads} attention heads do not split across trainer.parallel.tp={tp} ranks; use a head "
+            f"count that is a multiple of {tp} (e.g. {key}={suggest_multiple(heads, tp)}) or "
+            f"trainer.parallel.tp={largest_divisor(heads, tp)}")
+
+
+def widths_problem(widths: List[int], tp: int) -> Optional[str]:
+    """The hidden widths that column-wise layers split (every other one, from the first)."""
+    for index in range(0, len(widths), 2):
+        if widths[index] % tp:
+            fixed = list(widths)
+            fixed[index] = suggest_multiple(widths[index], tp)
+            return (f"model.hidden_sizes[{index}]={widths[index]} hidden units do not split across "
+                    f"trainer.parallel.tp={tp} ranks; use a multiple of {tp} (e.g. model.hidden_sizes="
+                    f"[{','.join(map(str, fixed))}]) or trainer.parallel.tp={largest_divisor(widths[index], tp)}")
+    return None
+
+
+def suggest_multiple(value: int, unit: int) -> int:
+    return max(unit, round(value / unit) * unit)
+
+
+def largest_divisor(value: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if value % d == 0)
+
+
+def model_kind(model: nn.Module) -> Optional[str]:
+    from bigmodel_cli.models.gpt import GPT
+    from bigmodel_cli.models.mlp import MLP
+    from bigmodel_cli.models.transformer import TransformerEncoder
+
+    for cls, kind in ((GPT, "gpt"), (TransformerEncoder, "transformer"), (MLP, "mlp")):
+        if isinstance(model, cls):
+            return kind
+    return None
+
+
+def mlp_linears(model: nn.Module) -> List[str]:
+    return [name for name, module in model.net.named_children() if isinstance(module, nn.Linear)]
+
+
+def mlp_hidden_widths(model: nn.Module) -> List[int]:
+    return [model.net.get_submodule(name).out_features for name in mlp_linears(model)[:-1]]
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def tp_plan(model: nn.Module) -> Dict[str, Any]:
+    """{submodule name: ParallelStyle} for `model` (one of the planned kinds)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if model_kind(model) == "mlp":
+        names = mlp_linears(model)
+        plan = {}
+        for first, second in zip(names[0::2], names[1::2]):
+            plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
+        return plan
+    plan = {}
+    for i in range(len(model.blocks)):
+        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(use_local_output=False),
+                     f"blocks.{i}.attn.proj": RowwiseParallel(),
+                     f"blocks.{i}.mlp.fc": ColwiseParallel(),
+                     f"blocks.{i}.mlp.proj": RowwiseParallel()})
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+    """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    check_split(model, tp_mesh.size())
+    parallelize_module(model, tp_mesh, tp_plan(model))
+    if model_kind(model) != "mlp":
+        for block in model.blocks:
+            block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+    return model
+
+
+def own_heads_of(tp_mesh):
+    """A forward hook for the fused qkv projection: from its column-sharded output (a DTensor),
+    this rank's heads' [q; k; v], as a plain tensor."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    def own_heads(module: nn.Module, inputs: Any, output) -> torch.Tensor:
+        rank, ranks = tp_mesh.get_local_rank(), tp_mesh.size()
+        # Each rank's gradient covers only its heads: the sum over ranks is the full one.
+        whole = output.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        return torch.cat([part.chunk(ranks, dim=-1)[rank] for part in whole.chunk(3, dim=-1)], dim=-1)
+
+    return own_heads

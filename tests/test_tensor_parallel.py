@@ -1,0 +1,163 @@
+"""Tensor parallelism (trainer.parallel.tp) on CPU over gloo: tiny models, 2 to 4 ranks.
+
+A TP run must report what one process reports: the same losses and gradient norms step by
+step, checkpoints that resume under other meshes, and one line for a model that does not split.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bigmodel_cli.config import ParallelConfig, TrainerConfig
+from bigmodel_cli.engine.distributed import DistEnv
+from bigmodel_cli.engine.tensor_parallel import config_split_problem
+from bigmodel_cli.errors import UserError
+from conftest import outcome_lines
+
+# Dropout off, per-step logging: runs compare step by step.
+GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",
+       "data.block_size=16", "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10",
+       "trainer.eval_batches=2", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+MLP = ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0", "trainer.log_every=1",
+       "trainer.val_every=6", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in records(run_dir) if key in r}
+
+
+def assert_same_curve(got, expected, steps):
+    assert sorted(got) == sorted(expected) and len(got) == steps, (got, expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}: {got[step]} vs {expected[step]}"
+
+
+def trained(run_cli, tmp_path, name, *args):
+    result = run_cli("train", *args, f"hydra.run.dir={name}", cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.output
+    return tmp_path / name
+
+
+# --------------------------------------------------------------- one line before launch
+
+
+@pytest.mark.parametrize("model, tp, expect", [
+    ({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 3}, 2, "model.n_head=3 attention heads"),
+    ({"_target_": "bigmodel_cli.models.transformer.TransformerEncoder", "n_heads": 4}, 3, "model.n_heads=4"),
+    ({"_target_": "bigmodel_cli.models.mlp.MLP", "hidden_sizes": [33, 16]}, 2, "model.hidden_sizes[0]=33"),
+    ({"_target_": "bigmodel_cli.models.cnn.CNN"}, 2, "CNN has no tensor-parallel plan"),
+])
+def test_a_model_that_does_not_split_is_one_line_naming_a_setting_that_would(model, tp, expect):
+    problem = config_split_problem(model, tp)
+    assert problem and expect in problem and "\n" not in problem
+    assert f"trainer.parallel.tp={tp}" in problem
+    assert config_split_problem(model, 1) is None
+
+
+def test_splits_that_work_pass_and_suggestions_do_split():
+    assert config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}, 2) is None
+    # Only the column-wise layers' widths are split: [32, 7] is fine for tp=2 (7 feeds the head row-wise).
+    assert config_split_problem({"_target_": "bigmodel_cli.models.mlp.MLP", "hidden_sizes": [32, 7]}, 2) is None
+    assert "model.n_head=4" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 3}, 2)
+    assert "trainer.parallel.tp=3" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 6}, 4)
+
+
+def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
+    from bigmodel_cli.commands.train import check_layout
+
+    settings = TrainerConfig(devices=4, parallel=ParallelConfig(tp=2))
+    gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
+    with pytest.raises(UserError, match="use trainer.strategy=fsdp"):
+        check_layout(settings, DistEnv(), gpt)
+    check_layout(TrainerConfig(devices=2, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)  # tp alone: fine
+
+
+def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
+    result = run_cli("train", *GPT, "model.n_head=1", "trainer.devices=2", "trainer.parallel.tp=2", timeout=120)
+    assert result.returncode != 0
+    lines = outcome_lines(result.stderr)
+    assert len(lines) == 1 and "model.n_head=1 attention heads do not split" in lines[0], result.output
+    assert "Traceback" not in result.stderr and "worker" not in result.stderr.lower()
+
+
+# --------------------------------------------------------------- the same numbers as one process
+
+
+def test_gpt_under_tp2_follows_one_process_and_its_checkpoint_resumes_anywhere(run_cli, tmp_path):
+    """tp=2 matches one process step by step (loss and the global gradient norm); its sharded
+    step-10 checkpoint resumes in one process with the uninterrupted run's next losses, and
+    evaluates in one process."""
+    args = (*GPT, "data.batch_size=8", "trainer.checkpoint_every=10")
+    single = trained(run_cli, tmp_path, "single", *args)
+    tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2")
+    assert_same_curve(curve(tp), curve(single), 20)
+    assert_same_curve(curve(tp, "grad_norm"), curve(single, "grad_norm"), 20)
+    shards = tp / "checkpoints" / "step_00000010.dcp"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in shards.iterdir()}
+    assert "parallel layout: dp=1 x tp=2 x pp=1 (2 ranks)" in (tp / "train_rank1.log").read_text()
+    assert "rank 1 is at pp=0 dp=0 tp=1" in (tp / "train_rank1.log").read_text()
+    resumed = trained(run_cli, tmp_path, "resumed_single", *args, f"trainer.resume={shards}")
+    expected = {s: v for s, v in curve(single).items() if s > 10}
+    assert_same_curve(curve(resumed), expected, 10)
+    evaluated = run_cli("eval", f"ckpt={tp}", "eval_batches=2", cwd=tmp_path)  # as the run's own test
+    assert evaluated.returncode == 0, evaluated.output
+    report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
+    assert report["metrics"]["loss"] == pytest.approx(json.loads((tp / "summary.json").read_text())["test"]["loss"],
+                                                      rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_path):
+    """Saved under tp=2 (one replica, batch 16), resumed under dp=2 (two replicas of batch 8).
+    Digits' sampler shards one permutation, so both read the same samples each step: the
+    resumed run continues with the uninterrupted run's losses."""
+    args = (*MLP, "trainer.max_steps=12", "trainer.checkpoint_every=6")
+    tp = trained(run_cli, tmp_path, "tp", *args, "data.batch_size=16", "trainer.devices=2", "trainer.parallel.tp=2")
+    shards = tp / "checkpoints" / "step_00000006.dcp"
+    dp = trained(run_cli, tmp_path, "dp", *args, "data.batch_size=8", "trainer.devices=2",
+                 f"trainer.resume={shards}")
+    assert_same_curve(curve(dp), {s: v for s, v in curve(tp).items() if s > 6}, 6)
+
+
+@pytest.mark.slow
+def test_fsdp_times_tp_on_four_ranks_follows_fsdp_on_two(run_cli, tmp_path):
+    """dp=2 x tp=2 under FSDP reads the same data shares as dp=2 alone: the same curve."""
+    args = (*GPT, "data.batch_size=4", "trainer.strategy=fsdp", "trainer.max_steps=12")
+    fsdp = trained(run_cli, tmp_path, "fsdp", *args, "trainer.devices=2")
+    # Four ranks through torchrun (our launcher keeps to one process per CPU core).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "bigmodel_cli",
+           "train", *args, "trainer.parallel.tp=2", "hydra.run.dir=both"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    both = tmp_path / "both"
+    assert_same_curve(curve(both), curve(fsdp), 12)
+    assert_same_curve(curve(both, "grad_norm"), curve(fsdp, "grad_norm"), 12)
+    assert {"__0_0.distcp", "__3_0.distcp"} <= {p.name for p in (both / "checkpoints" / "last.dcp").iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [
+    ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0"),
+    ("model=transformer", "data=digits", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+     "model.dropout=0.0"),
+], ids=["mlp", "transformer"])
+def test_mlp_and_transformer_under_tp2_follow_one_process(run_cli, tmp_path, model):
+    args = (*model, "data.batch_size=16", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=12",
+            "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+    single = trained(run_cli, tmp_path, "single", *args)
+    tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2")
+    assert_same_curve(curve(tp), curve(single), 12)
+    assert_same_curve(curve(tp, "val/loss"), curve(single, "val/loss"), 2)  # at start and at the end
