@@ -23,10 +23,12 @@ COMMANDS = {
     "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
     "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
     "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
+    "explain": ("bigmodel_cli.commands.explain", "Why a checkpoint predicted what it did: attribution maps, LIME, SHAP."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
 HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find")
+HYDRA_COMMANDS += ("explain",)
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 

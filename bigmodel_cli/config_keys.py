@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from bigmodel_cli.config import (SCHEMAS, EvalConfig, GenerateConfig, LrFindConfig, PrepareConfig,
+from bigmodel_cli.config import (SCHEMAS, EvalConfig, ExplainConfig, GenerateConfig, LrFindConfig, PrepareConfig,
                                  TokenizerConfig, TrainerConfig)
 
 #: top-level keys of each command's config (besides `hydra`)
@@ -26,6 +26,7 @@ COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
     "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
     "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
     "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "lr_find"),
+    "explain": tuple(f.name for f in dataclasses.fields(ExplainConfig)),
 }
 
 #: commands whose Hydra config file is not named after them (conf/<config name>.yaml)

@@ -14,6 +14,7 @@ from bigmodel_cli.config_docs import describe
 from bigmodel_cli.config_keys import COMMAND_KEYS, schema_of
 
 COMMAND_SCHEMAS = {"eval": "EvalConfig", "prepare": "PrepareConfig", "generate": "GenerateConfig"}
+COMMAND_SCHEMAS["explain"] = "ExplainConfig"
 
 
 def print_help(command: str, args: Sequence[str]) -> int:
