@@ -189,3 +189,29 @@ def test_a_model_without_a_token_embedding_is_explained_by_perturbation(tmp_path
     features = np.load(out / "attributions.npz")["occlusion_features"]
     # The model reads only each position's own token: the last one decides the next token alone.
     assert features.shape == (2, 8) and np.all(features[:, :-1] == 0) and np.all(features[:, -1] != 0)
+
+
+def test_help_answers_without_torch_and_describes_each_key():
+    import dataclasses
+
+    from bigmodel_cli.config import ExplainConfig
+    from bigmodel_cli.help import describe_key
+
+    probe = ("import sys\nfrom bigmodel_cli.cli import main\ncode = main(['explain', '--help'])\n"
+             "sys.exit(3 if 'torch' in sys.modules else code)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "methods=[]" in proc.stdout and "kernel_shap" in proc.stdout
+    missing = [f.name for f in dataclasses.fields(ExplainConfig) if not describe_key(ExplainConfig, f.name)]
+    assert not missing, f"add a comment to ExplainConfig: {missing}"
+
+
+def test_rank_correlations_treat_a_flat_map_as_sharing_no_ranking():
+    from bigmodel_cli.explain.checks import rank_correlations
+
+    a = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = np.array([[2.0, 4.0, 6.0, 8.0], [0.0, 0.0, 0.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    compared = np.ones_like(a, dtype=bool)
+    assert rank_correlations(a, b, compared) == pytest.approx([1.0, 0.0, -1.0])
+    compared[0, :2] = False  # fewer than 3 compared groups: no number
+    assert np.isnan(rank_correlations(a, b, compared)[0])
