@@ -215,3 +215,12 @@ def test_rank_correlations_treat_a_flat_map_as_sharing_no_ranking():
     assert rank_correlations(a, b, compared) == pytest.approx([1.0, 0.0, -1.0])
     compared[0, :2] = False  # fewer than 3 compared groups: no number
     assert np.isnan(rank_correlations(a, b, compared)[0])
+
+
+def test_target_true_survives_hydra_reading_it_as_a_boolean():
+    from bigmodel_cli.errors import UserError
+    from bigmodel_cli.explain.examples import parse_target
+
+    assert [parse_target(v) for v in ("True", "true", "predicted", "3")] == ["true", "true", "predicted", 3]
+    with pytest.raises(UserError, match="target=cat is neither"):
+        parse_target("cat")

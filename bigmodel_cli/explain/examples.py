@@ -4,7 +4,7 @@ predictions for them, and the output each explanation is of (`target=`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -68,14 +68,16 @@ def background_inputs(data, batch_size: int) -> torch.Tensor:
     return x[:BACKGROUND_SIZE]
 
 
-def parse_target(target: str) -> Optional[int]:
-    """None for predicted/true, else the output index; anything else is one line."""
-    if target in ("predicted", "true"):
-        return None
+def parse_target(target) -> Union[str, int]:
+    """'predicted', 'true' or the output index; anything else is one line. (Hydra reads
+    target=true as a boolean, which a string key then holds as 'True'.)"""
+    text = str(target)
+    if text.lower() in ("predicted", "true"):
+        return text.lower()
     try:
-        return int(target)
+        return int(text)
     except ValueError:
-        raise UserError(f"target={target} is neither predicted, true nor an output index; e.g. target=predicted "
+        raise UserError(f"target={text} is neither predicted, true nor an output index; e.g. target=predicted "
                         "or target=3") from None
 
 
@@ -83,7 +85,8 @@ def parse_target(target: str) -> Optional[int]:
 def predict(model, examples: Examples, task: str, target: str, batch_size: int) -> Predictions:
     """The model's predictions and the output index explained for each example."""
     scores = torch.cat([output_scores(model(x), task) for x in examples.x.split(batch_size)])
-    index = parse_target(target)
+    target = parse_target(target)
+    index = target if isinstance(target, int) else None
     if index is not None and not 0 <= index < scores.shape[1]:
         raise UserError(f"target={index} is not an output of this model (it has {scores.shape[1]}: 0 to "
                         f"{scores.shape[1] - 1})")

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from omegaconf import DictConfig
 
+from bigmodel_cli.explain.examples import parse_target
 from bigmodel_cli.explain.methods import METHODS
 from bigmodel_cli.telemetry import write_json
 
@@ -47,7 +48,7 @@ def summary(explained, cfg: DictConfig, files: List[Path]) -> Dict[str, object]:
         "checkpoint": str(checkpoint.path.absolute()), "step": checkpoint.step, "model": explained.model_name,
         "task": explained.spec.task, "input_kind": explained.spec.input_kind, "unit": explained.space.unit,
         "examples": {"source": explained.examples.source, "count": len(explained.examples.x)},
-        "target": str(cfg.target), "methods": explained.names,
+        "target": str(parse_target(cfg.target)), "methods": explained.names,
         "settings": {"n_steps": cfg.n_steps, "n_samples": cfg.n_samples, "seed": cfg.seed},
         "predictions": predictions(explained),
         **explained.trust,
