@@ -25,10 +25,12 @@ COMMANDS = {
     "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
     "compress": ("bigmodel_cli.commands.compress", "Prune or int8-quantize a checkpoint (ckpt=<run dir>); a report of before/after."),
     "export": ("bigmodel_cli.commands.export", "Write a checkpoint as safetensors, TorchScript, ONNX or a Hugging Face folder."),
+    "explain": ("bigmodel_cli.commands.explain", "Why a checkpoint predicted what it did: attribution maps, LIME, SHAP."),
 }
 
 #: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress", "export")
+HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress", "export",
+                  "explain")
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 

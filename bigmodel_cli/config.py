@@ -621,6 +621,42 @@ class CompressConfig:
     trusted_targets: List[str] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------ explain command
+
+
+class ExplainMethod(Choice):
+    ig = "ig"  # integrated gradients
+    saliency = "saliency"
+    occlusion = "occlusion"
+    lime = "lime"
+    kernel_shap = "kernel_shap"
+    gradient_shap = "gradient_shap"
+
+
+@dataclass
+class ExplainConfig:
+    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
+    method: ExplainMethod = ExplainMethod.ig  # the attribution method (methods=[...] for several)
+    # Several methods at once, compared with each other: methods=[ig,lime,kernel_shap]. Overrides method.
+    methods: List[ExplainMethod] = field(default_factory=list)
+    split: str = "test"  # train | val | test: where the examples come from
+    num_examples: int = 16  # the first N examples of the split
+    # The output explained: predicted (class or next token), true (the label), or an output index.
+    target: str = "predicted"
+    prompt: Optional[str] = None  # language models: explain the next-token prediction after this text
+    n_steps: int = 50  # integrated gradients: steps along the path from the baseline to the input
+    n_samples: int = 200  # LIME, kernel SHAP: perturbed inputs per example; gradient SHAP: samples
+    batch_size: Optional[int] = None  # examples attributed together (null: the batch size it trained with)
+    sanity_check: bool = True  # the model-randomisation check (runs every method again)
+    seed: int = 0  # LIME's, kernel SHAP's and gradient SHAP's samples, and the re-initialised weights
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
+    data: Dict[str, Any] = field(default_factory=dict)
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------- export command
 
 
@@ -686,6 +722,7 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="explain_schema", node=ExplainConfig)
     cs.store(group="schema/lr_find", name="default", node=LrFindConfig)
     cs.store(group="schema/distill", name="default", node=DistillConfig)
     from bigmodel_cli.sweepers import register_optuna_defaults
@@ -848,6 +885,15 @@ def validate_compress_config(cfg: DictConfig) -> None:
     _require(cfg.latency_repeats > 0, f"latency_repeats must be > 0 (got {cfg.latency_repeats}); e.g. latency_repeats=30")
     _require(cfg.latency_warmup >= 0, f"latency_warmup must be >= 0 (got {cfg.latency_warmup}); e.g. latency_warmup=5")
     _require(cfg.threads > 0, f"threads must be > 0 (got {cfg.threads}); e.g. threads=1")
+def validate_explain(cfg: DictConfig) -> None:
+    """bigmodel explain's own settings, each failure one line with a fix."""
+    _require(not OmegaConf.is_missing(cfg, "ckpt"), "no checkpoint given; run bigmodel explain ckpt=<checkpoint file "
+                                                    "or run dir>")
+    for key, example in (("num_examples", "16"), ("n_steps", "50"), ("n_samples", "200"), ("batch_size", "16")):
+        _positive(cfg, key, example)
+    _in_range(cfg, "seed", 0, MAX_SEED)
+    _require(cfg.prompt is None or cfg.prompt != "", "prompt is empty; give the text whose next token to explain, "
+                                                     "e.g. prompt=\"The \", or leave prompt out")
 
 
 def trainer_settings(cfg: DictConfig) -> "TrainerConfig":

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from bigmodel_cli.config import (SCHEMAS, CompressConfig, DistillConfig, EvalConfig, ExportConfig, GenerateConfig,
+from bigmodel_cli.config import (SCHEMAS, CompressConfig, DistillConfig, EvalConfig, ExplainConfig, ExportConfig, GenerateConfig,
                                  LrFindConfig, PrepareConfig, TokenizerConfig, TrainerConfig)
 
 #: top-level keys of each command's config (besides `hydra`)
@@ -28,6 +28,7 @@ COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
     "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill", "lr_find"),
     "compress": tuple(f.name for f in dataclasses.fields(CompressConfig)),
     "export": tuple(f.name for f in dataclasses.fields(ExportConfig)),
+    "explain": tuple(f.name for f in dataclasses.fields(ExplainConfig)),
 }
 
 #: commands whose Hydra config file is not named after them (conf/<config name>.yaml)

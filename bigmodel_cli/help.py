@@ -14,7 +14,8 @@ from bigmodel_cli.config_docs import describe
 from bigmodel_cli.config_keys import COMMAND_KEYS, schema_of
 
 COMMAND_SCHEMAS = {"eval": "EvalConfig", "prepare": "PrepareConfig", "generate": "GenerateConfig",
-                   "compress": "CompressConfig", "export": "ExportConfig"}
+                   "compress": "CompressConfig", "export": "ExportConfig",
+                   "explain": "ExplainConfig"}
 
 
 def print_help(command: str, args: Sequence[str]) -> int:
