@@ -36,7 +36,8 @@ def format_named(name: str) -> Format:
     missing = [m for m in fmt.modules if importlib.util.find_spec(m) is None]
     if missing:
         fix = f"pip install 'bigmodel[{fmt.extra}]'" if fmt.extra else f"pip install {' '.join(missing)}"
-        raise UserError(f"format={name} needs {', '.join(missing)}, which is not installed; {fix}")
+        raise UserError(f"format={name} needs {' and '.join(missing)}, "
+                        f"which {'is' if len(missing) == 1 else 'are'} not installed; {fix}")
     return fmt
 
 
