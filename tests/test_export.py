@@ -264,3 +264,18 @@ def test_an_exporter_failure_is_one_line_naming_the_format(digits_runs, tmp_path
                                         r"operator aten::weird\); use another format$"):
         export(str(digits_runs["mlp"]), "torchscript", tmp_path / "out")
     assert not (tmp_path / "out" / ".export-partial").exists()
+
+
+def test_an_export_whose_weights_are_integers_is_refused(digits_runs, tmp_path):
+    """load_state_dict would cast int64 weights into the float layers and evaluate garbage."""
+    from safetensors.torch import load_file, save_file
+
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.export.export import export
+
+    export(str(digits_runs["mlp"]), "safetensors", tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({name: t.round().to(torch.int64) for name, t in weights.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=r"does not fit this model: .*weight holds torch.int64 in the checkpoint "
+                                        r"but torch.float32 here"):
+        ready_model(open_trained(str(tmp_path)), torch.device("cpu"))
