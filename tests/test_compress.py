@@ -249,6 +249,46 @@ def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
         ready_model(open_trained(str(out)), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("damage", ["nan_scale", "quint8"])
+def test_a_dynamic_int8_checkpoint_with_damaged_int8_weights_is_refused(damage, mlp, tmp_path):
+    """A NaN scale crashed torch's kernels (or made every output NaN); quint8 values crashed them."""
+    from bigmodel_cli.engine.checkpoint import save_checkpoint
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.errors import UserError
+
+    out = tmp_path / "int8"
+    compress(mlp, out, "method=quantize", "latency_repeats=1", "latency_warmup=0")
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    values = state["model"]["net.1.weight"].dequantize()
+    if damage == "nan_scale":
+        rows = values.shape[0]
+        state["model"]["net.1.weight"] = torch.quantize_per_channel(
+            values, torch.full((rows,), float("nan"), dtype=torch.double), torch.zeros(rows, dtype=torch.long), 0,
+            torch.qint8)
+    else:
+        state["model"]["net.1.weight"] = torch.quantize_per_tensor(values, 0.01, 128, torch.quint8)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+    with pytest.raises(UserError, match="damaged: its config lists net.1 as int8-quantized, .* qint8 weights and "
+                                        "finite scales"):
+        ready_model(open_trained(str(out)), torch.device("cpu"))
+
+
+def test_a_weight_only_checkpoint_with_a_nan_scale_is_refused(gpt, tmp_path):
+    from bigmodel_cli.engine.checkpoint import save_checkpoint
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.errors import UserError
+
+    out = tmp_path / "int8"
+    compress(gpt, out, "method=quantize", "latency_repeats=1", "latency_warmup=0")
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["blocks.0.mlp.fc.weight_scale"][0] = float("nan")
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+    with pytest.raises(UserError, match="lists blocks.0.mlp.fc as weight-only int8.*a finite scale per row"):
+        ready_model(open_trained(str(out)), torch.device("cpu"))
+
+
 def test_weight_only_rounding_is_torchaos():
     """Our int8 values and scales are those of torchao's Int8WeightOnlyConfig."""
     pytest.importorskip("torchao", reason="a cross-check against torchao, which bigmodel does not need: pip install torchao")

@@ -232,3 +232,50 @@ def test_the_gpt2_mapping_computes_the_same_function_for_any_weights(bias):
         expected, got = ours(ids), hf(ids).logits
     assert expected.abs().max() > 1
     assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+
+
+def test_an_int8_checkpoint_is_refused_in_one_line_where_the_format_cannot_hold_it(digits_runs, tmp_path):
+    """A `bigmodel compress method=quantize` checkpoint: safetensors would rebuild the fp32
+    class (which crashed on the int8 weights); TorchScript traces the int8 kernels."""
+    from bigmodel_cli.compress.pipeline import compress_checkpoint
+    from bigmodel_cli.export.export import export
+    from tests.conftest import compose_config
+
+    quantized = tmp_path / "int8"
+    quantized.mkdir()
+    compress_checkpoint(compose_config(f"ckpt={digits_runs['mlp']}", "method=quantize", "latency_repeats=1",
+                                       "latency_warmup=0", config_name="compress"), quantized)
+    with pytest.raises(UserError, match=r"format=safetensors cannot export .*int8-quantized \(dynamic\).*"
+                                        r"export the fp32 checkpoint it was compressed from, or use format=torchscript"):
+        export(str(quantized), "safetensors", tmp_path / "st")
+    assert not (tmp_path / "st").exists()
+    assert export(str(quantized), "torchscript", tmp_path / "ts")["check"]["checked"]
+
+
+def test_an_exporter_failure_is_one_line_naming_the_format(digits_runs, tmp_path, monkeypatch):
+    from bigmodel_cli.export.export import export
+    from bigmodel_cli.export.torchscript_format import TorchScript
+
+    def unsupported(*args):
+        raise RuntimeError("Could not export operator aten::weird\nlong details")
+
+    monkeypatch.setattr(TorchScript, "write", unsupported)
+    with pytest.raises(UserError, match=r"format=torchscript cannot export .*\(RuntimeError: Could not export "
+                                        r"operator aten::weird\); use another format$"):
+        export(str(digits_runs["mlp"]), "torchscript", tmp_path / "out")
+    assert not (tmp_path / "out" / ".export-partial").exists()
+
+
+def test_an_export_whose_weights_are_integers_is_refused(digits_runs, tmp_path):
+    """load_state_dict would cast int64 weights into the float layers and evaluate garbage."""
+    from safetensors.torch import load_file, save_file
+
+    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.export.export import export
+
+    export(str(digits_runs["mlp"]), "safetensors", tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({name: t.round().to(torch.int64) for name, t in weights.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=r"does not fit this model: .*weight holds torch.int64 in the checkpoint "
+                                        r"but torch.float32 here"):
+        ready_model(open_trained(str(tmp_path)), torch.device("cpu"))

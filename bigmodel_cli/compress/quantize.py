@@ -207,9 +207,23 @@ def damaged_layer(model: nn.Module, weights: Mapping[str, torch.Tensor], layers:
         if type(modules.get(name)) not in KERNELS or scheme not in (PER_CHANNEL, PER_TENSOR):
             return name
         own = [k for k in weights if k.startswith(f"{name}.") and k.rpartition(".")[2].startswith("weight")]
-        if not own or not all(weights[k].is_quantized for k in own):
+        if not own or not all(is_int8(weights[k]) for k in own):
             return name
     return None
+
+
+def is_int8(tensor: torch.Tensor) -> bool:
+    """A qint8 tensor with finite, positive scales: what torch's dynamic int8 kernels take
+    (a NaN scale, say, would crash them or turn every output into NaN)."""
+    if not tensor.is_quantized or tensor.dtype != torch.qint8:
+        return False
+    if tensor.qscheme() == torch.per_tensor_affine:
+        scales = torch.tensor([tensor.q_scale()])
+    elif tensor.qscheme() == torch.per_channel_affine:
+        scales = tensor.q_per_channel_scales()
+    else:
+        return False
+    return bool(torch.isfinite(scales).all() and (scales > 0).all())
 
 
 def load_quantized(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, Mapping[str, Any]],
@@ -236,7 +250,7 @@ def load_weight_only(model: nn.Module, weights: Mapping[str, torch.Tensor], laye
     bad = bad or weight_only.damaged_layer(weights, layers)
     if bad:
         raise UserError(f"checkpoint {path} is damaged: its config lists {bad} as weight-only int8, but the model "
-                        "has no such Linear/Embedding with int8 weights and a scale per row; use another checkpoint")
+                        "has no such Linear/Embedding with int8 weights and a finite scale per row; use another checkpoint")
     weight_only.convert(model, layers, empty=True)
     check_weights_fit(model, weights, path)
     model.load_state_dict(weights)
@@ -254,7 +268,7 @@ def load_dynamic(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: 
     bad = damaged_layer(model, weights, layers)
     if bad:
         raise UserError(f"checkpoint {path} is damaged: its config lists {bad} as int8-quantized, but the model "
-                        "has no such Linear/LSTM/GRU with int8 weights; use another checkpoint")
+                        "has no such Linear/LSTM/GRU with qint8 weights and finite scales; use another checkpoint")
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
     quantized = quantize(model, layers)

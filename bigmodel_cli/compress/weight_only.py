@@ -163,10 +163,11 @@ def convert(model: nn.Module, layers: Mapping[str, str], empty: bool = False) ->
 
 
 def damaged_layer(weights: Mapping[str, torch.Tensor], layers: Mapping[str, str]) -> str | None:
-    """The first layer whose stored weight is not int8 with a float scale per row, if any."""
+    """The first layer whose stored weight is not int8 with a finite, positive float scale per row, if any."""
     for name in layers:
         values, scale = weights.get(f"{name}.weight"), weights.get(f"{name}.{SCALE}")
         if values is None or scale is None or values.dtype != torch.int8 or values.dim() != 2 \
-                or scale.dtype != torch.float32 or tuple(scale.shape) != (values.shape[0],):
+                or scale.dtype != torch.float32 or tuple(scale.shape) != (values.shape[0],) \
+                or not bool((torch.isfinite(scale) & (scale > 0)).all()):
             return name
     return None

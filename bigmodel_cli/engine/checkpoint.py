@@ -160,11 +160,15 @@ def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], pat
                         "for CPU inference only; evaluate it with bigmodel eval device=cpu, or train from the "
                         "checkpoint it was made from")
     # (An FSDP2 parameter is a DTensor whose shape is the whole tensor's, not its shard's.)
-    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    own = {name: tuple(tensor.shape) for name, tensor in state.items()}
     problems = [f"{k} missing from the checkpoint" for k in own if k not in weights]
     problems += [f"{k} is not in this model" for k in weights if k not in own]
     problems += [f"{k} has shape {tuple(weights[k].shape)} in the checkpoint but {own[k]} here"
                  for k in own if k in weights and tuple(weights[k].shape) != own[k]]
+    # load_state_dict would cast integers into float weights (or back) without a word
+    problems += [f"{k} holds {weights[k].dtype} in the checkpoint but {state[k].dtype} here" for k in own
+                 if k in weights and weights[k].is_floating_point() != state[k].is_floating_point()]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"checkpoint {path} does not fit this model: {'; '.join(problems[:3])}{more}; "

@@ -9,7 +9,7 @@ import importlib.util
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Type
 
 import torch
 
@@ -31,14 +31,18 @@ STAGING = ".export-partial"
 def format_named(name: str) -> Format:
     if name not in FORMATS:
         raise UserError(f"unknown export format '{name}'; choose one of {', '.join(FORMATS)}")
-    module, cls = FORMATS[name]
-    fmt = getattr(importlib.import_module(f"bigmodel_cli.export.{module}"), cls)()
+    fmt = format_class(name)()
     missing = [m for m in fmt.modules if importlib.util.find_spec(m) is None]
     if missing:
         fix = f"pip install 'bigmodel[{fmt.extra}]'" if fmt.extra else f"pip install {' '.join(missing)}"
         raise UserError(f"format={name} needs {' and '.join(missing)}, "
                         f"which {'is' if len(missing) == 1 else 'are'} not installed; {fix}")
     return fmt
+
+
+def format_class(name: str) -> Type[Format]:
+    module, cls = FORMATS[name]
+    return getattr(importlib.import_module(f"bigmodel_cli.export.{module}"), cls)
 
 
 def example_input(spec: DataSpec, batch: int = 2) -> torch.Tensor:
@@ -56,20 +60,48 @@ def export(ckpt: str, name: str, out: Path, trusted: Sequence[str] = ()) -> Dict
     fmt = format_named(name)
     trained = open_trained(ckpt, trusted, sections=("model",))
     model = ready_model(trained, torch.device("cpu"))
-    refusal = fmt.refusal(trained, model)
+    refusal = int8_refusal(fmt, trained) or fmt.refusal(trained, model)
     if refusal:
         raise UserError(f"format={name} cannot export {trained.checkpoint.path}: {refusal}")
     example = example_input(trained.checkpoint.spec)
     staging = out / STAGING
     staging.mkdir(parents=True)
     try:
-        files = fmt.write(trained, model, example, staging)
+        files = written(fmt, trained, model, example, staging)
         check = compare(fmt, staging, trained, model, example)
         for entry in sorted(staging.iterdir()):
             entry.rename(out / entry.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report(trained, name, files, check, fmt.notes)
+
+
+def int8_refusal(fmt: Format, trained) -> Optional[str]:
+    """Why `fmt` cannot hold the int8 layers of a `bigmodel compress method=quantize`
+    checkpoint, or None (the checkpoint is not quantized, or the format takes its scheme)."""
+    from bigmodel_cli.compress.quantize import DYNAMIC, quantized_layers
+
+    layers = quantized_layers(trained.checkpoint.config)
+    schemes = sorted({entry.get("scheme", DYNAMIC) for entry in layers.values()})
+    if not layers or set(schemes) <= set(fmt.int8_schemes):
+        return None
+    takes = [n for n in FORMATS if set(schemes) <= set(format_class(n).int8_schemes)]
+    return (f"its layers {', '.join(list(layers)[:3])} are int8-quantized ({'/'.join(schemes)}) and {fmt.int8_why}; "
+            f"export the fp32 checkpoint it was compressed from{', or use format=' + ' or '.join(takes) if takes else ''}")
+
+
+def written(fmt: Format, trained, model: torch.nn.Module, example: torch.Tensor, staging: Path):
+    """fmt.write, an exporter's failure on this model (an op it cannot express) as one line
+    naming the format and the exporter's reason; the traceback goes to the log file."""
+    try:
+        return fmt.write(trained, model, example, staging)
+    except (UserError, OSError, MemoryError):
+        raise
+    except Exception as err:
+        log.debug("format=%s failed", fmt.name, exc_info=True)
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"format={fmt.name} cannot export {trained.checkpoint.path} "
+                        f"({type(err).__name__}: {reason[:200]}); use another format") from None
 
 
 def compare(fmt: Format, folder: Path, trained, model: torch.nn.Module, example: torch.Tensor) -> Dict[str, Any]:

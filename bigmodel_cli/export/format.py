@@ -20,6 +20,9 @@ class Format:
     modules: Tuple[str, ...] = ()  # what must be importable to write it
     check_modules: Tuple[str, ...] = ()  # what must be importable to read it back (else not checked)
     tolerance = 1e-4  # the largest difference from the model's logits that passes the check
+    #: the int8 schemes of `bigmodel compress` (quantize.py) it writes faithfully, and why not the others
+    int8_schemes: Tuple[str, ...] = ()
+    int8_why = "it has no int8 layers"
 
     def __init__(self) -> None:
         self.notes: List[str] = []  # what a user of the files should know (written to export.json)

@@ -37,6 +37,7 @@ class HuggingFaceGPT2(Format):
     extra = "hf"
     modules = ("transformers", "safetensors", "tokenizers")
     check_modules = ("transformers",)
+    int8_why = "GPT2LMHeadModel's layers hold float weights only"
 
     def refusal(self, trained: TrainedModel, model: nn.Module) -> Optional[str]:
         target = trained.config.model.get("_target_")

@@ -24,6 +24,8 @@ class Onnx(Format):
     extra = "onnx"
     modules = ("onnx", "onnxscript")
     check_modules = ("onnxruntime",)
+    int8_schemes = ("weight_only",)  # its int8 matmuls are plain ops; dynamic int8 runs torch's own kernels
+    int8_why = "torch.onnx cannot export torch's dynamic int8 kernels (quantized::linear_dynamic and the like)"
 
     def write(self, trained: TrainedModel, model: nn.Module, example: torch.Tensor, out: Path) -> List[str]:
         dims = {0: torch.export.Dim("batch", min=1)}

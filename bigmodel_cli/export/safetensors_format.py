@@ -30,6 +30,7 @@ class Safetensors(Format):
     name = "safetensors"
     modules = ("safetensors",)
     check_modules = ("safetensors",)
+    int8_why = "bigmodel.json rebuilds the model's fp32 class, whose layers cannot take int8 weights"
 
     def write(self, trained: TrainedModel, model: nn.Module, example: torch.Tensor, out: Path) -> List[str]:
         from safetensors.torch import save_model

@@ -19,6 +19,7 @@ FILE = "model.torchscript"
 
 class TorchScript(Format):
     name = "torchscript"
+    int8_schemes = ("dynamic", "weight_only")  # tracing records the int8 kernels as they run
 
     def write(self, trained: TrainedModel, model: nn.Module, example: torch.Tensor, out: Path) -> List[str]:
         with warnings.catch_warnings():
