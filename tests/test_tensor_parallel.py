@@ -92,6 +92,23 @@ def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
     assert "Traceback" not in result.stderr and "worker" not in result.stderr.lower()
 
 
+@pytest.mark.parametrize("overrides, expect", [
+    (("model=cnn", "trainer.devices=2", "trainer.parallel.tp=2"), "CNN has no tensor-parallel plan"),
+    (("model=gpt", "data=text", "model.n_head=3", "model.n_embd=24", "trainer.devices=2", "trainer.parallel.tp=2"),
+     "model.n_head=3 attention heads do not split"),
+    (("model=gpt", "data=text", "model.n_layer=1", "trainer.devices=2", "trainer.parallel.pp=2"),
+     "too few to cut into 2 stages"),
+])
+def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, expect):
+    """`bigmodel plan` (and trainer.dry_run=true) must not plan, with a launch line, a run that fails."""
+    from bigmodel_cli.commands.plan import show_plan
+    from conftest import compose_config
+
+    cfg = compose_config(*overrides)
+    with pytest.raises(UserError, match=expect):
+        show_plan(cfg, {"model": overrides[0].split("=")[1]}, list(overrides))
+
+
 # --------------------------------------------------------------- the same numbers as one process
 
 
