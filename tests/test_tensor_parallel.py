@@ -109,6 +109,22 @@ def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, exp
         show_plan(cfg, {"model": overrides[0].split("=")[1]}, list(overrides))
 
 
+def test_lr_find_runs_a_split_model_whole_with_the_global_batch_of_its_replicas():
+    """lr-find is one process: tp x pp ranks compute one replica's numbers, so only the
+    data-parallel replicas become accumulation (tp=2 on 2 ranks is 1 replica, not 2)."""
+    from bigmodel_cli.commands.lr_find import probe_config, refuse_what_train_refuses
+    from bigmodel_cli.config import LrFindConfig
+    from conftest import compose_config
+
+    for devices, tp, accum in ((2, 2, 1), (4, 2, 2)):
+        cfg = compose_config("model=gpt", "data=text", f"trainer.devices={devices}", f"trainer.parallel.tp={tp}",
+                             "trainer.strategy=fsdp")
+        probe = probe_config(cfg, LrFindConfig())
+        assert (probe.trainer.grad_accum_steps, probe.trainer.parallel.tp, probe.trainer.devices) == (accum, 1, 1)
+    with pytest.raises(UserError, match="CNN has no tensor-parallel plan"):
+        refuse_what_train_refuses(compose_config("model=cnn", "trainer.devices=2", "trainer.parallel.tp=2"))
+
+
 # --------------------------------------------------------------- the same numbers as one process
 
 
