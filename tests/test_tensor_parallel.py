@@ -84,6 +84,17 @@ def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
     check_layout(TrainerConfig(devices=2, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)  # tp alone: fine
 
 
+def test_fp16_under_tp_is_refused_before_launch():
+    """GradScaler decides on each rank's own gradient shards: an overflow in one would skip the
+    step there only. (fsdp and pp refuse fp16 for the same reason.)"""
+    from bigmodel_cli.commands.train import check_layout
+
+    gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
+    with pytest.raises(UserError, match="use trainer.precision=bf16"):
+        check_layout(TrainerConfig(devices=2, precision="fp16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
+    check_layout(TrainerConfig(devices=2, precision="bf16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
+
+
 def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
     result = run_cli("train", *GPT, "model.n_head=1", "trainer.devices=2", "trainer.parallel.tp=2", timeout=120)
     assert result.returncode != 0
