@@ -72,6 +72,10 @@ def test_splits_that_work_pass_and_suggestions_do_split():
     assert config_split_problem({"_target_": "bigmodel_cli.models.mlp.MLP", "hidden_sizes": [32, 7]}, 2) is None
     assert "model.n_head=4" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 3}, 2)
     assert "trainer.parallel.tp=3" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 6}, 4)
+    # The suggested head count also divides the width, or none is suggested (gpt2: 768 wide, tp=5).
+    gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 12, "n_embd": 768}
+    assert "model.n_head=8)" in config_split_problem(gpt, 8)
+    assert config_split_problem(gpt, 5).endswith("use trainer.parallel.tp=4")
 
 
 def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
