@@ -216,3 +216,26 @@ def test_two_replicas_of_two_stages_follow_data_parallel(train):
     assert_same_curve(ddp, both)
     for ours, theirs in zip(evaluations(ddp), evaluations(both), strict=True):
         assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_the_last_stage_resumes_the_tied_head_from_an_unsplit_runs_optimizer_state(tmp_path):
+    """A tp or fsdp checkpoint keeps GPT's tied embedding/head state under tok_emb.weight; the
+    last stage knows it as lm_head.weight and must still find it (one process, DCP without ranks)."""
+    from types import SimpleNamespace
+
+    from bigmodel_cli.engine.checkpoint import load_model_and_optimizer
+    from bigmodel_cli.engine.sharded import save_sharded
+
+    torch.manual_seed(0)
+    full = GPT(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    optimizer = torch.optim.AdamW(full.parameters(), lr=0.1)
+    full(torch.randint(0, 11, (2, 8))).sum().backward()
+    optimizer.step()
+    save_sharded({"step": 1}, full, optimizer, tmp_path / "step.dcp")
+    last = GPT(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    cut(last, ParallelConfig(pp=2), 1)
+    resumed = torch.optim.AdamW(last.parameters(), lr=0.1)
+    load_model_and_optimizer(last, resumed, SimpleNamespace(is_sharded=True, sharded_dir=tmp_path / "step.dcp"))
+    head = resumed.state[last.lm_head.weight]
+    assert torch.equal(last.lm_head.weight, full.lm_head.weight)
+    assert torch.equal(head["exp_avg"], optimizer.state[full.tok_emb.weight]["exp_avg"])

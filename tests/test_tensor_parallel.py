@@ -72,6 +72,10 @@ def test_splits_that_work_pass_and_suggestions_do_split():
     assert config_split_problem({"_target_": "bigmodel_cli.models.mlp.MLP", "hidden_sizes": [32, 7]}, 2) is None
     assert "model.n_head=4" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 3}, 2)
     assert "trainer.parallel.tp=3" in config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 6}, 4)
+    # The suggested head count also divides the width, or none is suggested (gpt2: 768 wide, tp=5).
+    gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 12, "n_embd": 768}
+    assert "model.n_head=8)" in config_split_problem(gpt, 8)
+    assert config_split_problem(gpt, 5).endswith("use trainer.parallel.tp=4")
 
 
 def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
@@ -84,12 +88,56 @@ def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
     check_layout(TrainerConfig(devices=2, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)  # tp alone: fine
 
 
+def test_fp16_under_tp_is_refused_before_launch():
+    """GradScaler decides on each rank's own gradient shards: an overflow in one would skip the
+    step there only. (fsdp and pp refuse fp16 for the same reason.)"""
+    from bigmodel_cli.commands.train import check_layout
+
+    gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
+    with pytest.raises(UserError, match="use trainer.precision=bf16"):
+        check_layout(TrainerConfig(devices=2, precision="fp16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
+    check_layout(TrainerConfig(devices=2, precision="bf16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
+
+
 def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
     result = run_cli("train", *GPT, "model.n_head=1", "trainer.devices=2", "trainer.parallel.tp=2", timeout=120)
     assert result.returncode != 0
     lines = outcome_lines(result.stderr)
     assert len(lines) == 1 and "model.n_head=1 attention heads do not split" in lines[0], result.output
     assert "Traceback" not in result.stderr and "worker" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (("model=cnn", "trainer.devices=2", "trainer.parallel.tp=2"), "CNN has no tensor-parallel plan"),
+    (("model=gpt", "data=text", "model.n_head=3", "model.n_embd=24", "trainer.devices=2", "trainer.parallel.tp=2"),
+     "model.n_head=3 attention heads do not split"),
+    (("model=gpt", "data=text", "model.n_layer=1", "trainer.devices=2", "trainer.parallel.pp=2"),
+     "too few to cut into 2 stages"),
+])
+def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, expect):
+    """`bigmodel plan` (and trainer.dry_run=true) must not plan, with a launch line, a run that fails."""
+    from bigmodel_cli.commands.plan import show_plan
+    from conftest import compose_config
+
+    cfg = compose_config(*overrides)
+    with pytest.raises(UserError, match=expect):
+        show_plan(cfg, {"model": overrides[0].split("=")[1]}, list(overrides))
+
+
+def test_lr_find_runs_a_split_model_whole_with_the_global_batch_of_its_replicas():
+    """lr-find is one process: tp x pp ranks compute one replica's numbers, so only the
+    data-parallel replicas become accumulation (tp=2 on 2 ranks is 1 replica, not 2)."""
+    from bigmodel_cli.commands.lr_find import probe_config, refuse_what_train_refuses
+    from bigmodel_cli.config import LrFindConfig
+    from conftest import compose_config
+
+    for devices, tp, accum in ((2, 2, 1), (4, 2, 2)):
+        cfg = compose_config("model=gpt", "data=text", f"trainer.devices={devices}", f"trainer.parallel.tp={tp}",
+                             "trainer.strategy=fsdp")
+        probe = probe_config(cfg, LrFindConfig())
+        assert (probe.trainer.grad_accum_steps, probe.trainer.parallel.tp, probe.trainer.devices) == (accum, 1, 1)
+    with pytest.raises(UserError, match="CNN has no tensor-parallel plan"):
+        refuse_what_train_refuses(compose_config("model=cnn", "trainer.devices=2", "trainer.parallel.tp=2"))
 
 
 # --------------------------------------------------------------- the same numbers as one process

@@ -60,7 +60,7 @@ def probe_config(train_cfg: DictConfig, f: LrFindConfig) -> DictConfig:
     plain["scheduler"] = {"_target_": RAMP_TARGET, "ratio": f.max_lr / f.min_lr}
     plain["logger"] = {}  # lr_find.json holds the curve
     t = plain["trainer"]
-    ranks = t["devices"] * t["num_nodes"]
+    ranks = replicas(t)
     if ranks > 1:
         log.info("lr-find runs in one process: trainer.devices=%d x num_nodes=%d ranks become %d x more "
                  "accumulation steps, the same global batch per step", t["devices"], t["num_nodes"], ranks)
@@ -70,6 +70,31 @@ def probe_config(train_cfg: DictConfig, f: LrFindConfig) -> DictConfig:
     t.update(grad_accum_steps=t["grad_accum_steps"] * ranks, devices=1, num_nodes=1, max_steps=f.num_steps,
              max_epochs=None, save_checkpoints=False, resume="none")
     return OmegaConf.create(plain)
+
+
+def replicas(t: Dict[str, Any]) -> int:
+    """The data-parallel replicas of the train run, each reading its own batch. A model split by
+    trainer.parallel (tp, pp) runs whole here: its ranks compute one process's numbers."""
+    from bigmodel_cli.config import ParallelConfig
+    from bigmodel_cli.engine.mesh import layout_for
+
+    parallel = t.get("parallel") or {}
+    layout = layout_for(t["devices"] * t["num_nodes"], ParallelConfig(tp=parallel.get("tp", 1), pp=parallel.get("pp", 1)))
+    if layout.splits_model:
+        log.info("lr-find runs the model whole in one process (trainer.parallel tp=%d x pp=%d compute the same "
+                 "numbers)", layout.tp, layout.pp)
+        t["parallel"] = {**parallel, "tp": 1, "pp": 1}
+    return layout.dp
+
+
+def refuse_what_train_refuses(train_cfg: DictConfig) -> None:
+    """The train command lr-find suggests must start: its layout and model split as train checks."""
+    from bigmodel_cli.commands.train import check_layout, check_pipeline
+    from bigmodel_cli.engine.distributed import DistEnv
+
+    config = OmegaConf.to_container(train_cfg, resolve=True, enum_to_str=True)
+    check_layout(trainer_settings(train_cfg), DistEnv(), config.get("model") or {})
+    check_pipeline(config, trainer_settings(train_cfg))
 
 
 def lr_find(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -83,7 +108,9 @@ def lr_find(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: 
         raise UserError(f"lr-find runs in one process, not as one of {env.world_size} {env.source} ranks; start "
                         "it on its own: trainer.devices=N becomes N x the accumulation, the same global batch")
     f = settings_of(cfg)
-    probe = probe_config(train_part(cfg), f)
+    train_cfg = train_part(cfg)
+    refuse_what_train_refuses(train_cfg)
+    probe = probe_config(train_cfg, f)
     settings = trainer_settings(probe)
     device = resolve_device(settings.device)
     check_precision(settings.precision, device)

@@ -17,7 +17,11 @@ register_configs()
 
 def show_plan(cfg: DictConfig, choices: Dict[str, str], overrides: Sequence[str], gpu=None) -> None:
     """Validate `cfg` as train does, plan it, print the plan."""
+    from omegaconf import OmegaConf
+
+    from bigmodel_cli.commands.train import check_layout, check_pipeline
     from bigmodel_cli.config import plain_config, trainer_settings, validate_train_config
+    from bigmodel_cli.engine.distributed import DistEnv
     from bigmodel_cli.plan import gpus
     from bigmodel_cli.plan.planner import make_plan
     from bigmodel_cli.plan.report import print_plan
@@ -25,6 +29,10 @@ def show_plan(cfg: DictConfig, choices: Dict[str, str], overrides: Sequence[str]
     validate_train_config(cfg)
     settings = trainer_settings(cfg)
     plain = plain_config(cfg)
+    # What train would refuse before launch (a model or layout that does not split) is not planned.
+    config = OmegaConf.to_container(plain)
+    check_layout(settings, DistEnv(), config.get("model") or {})
+    check_pipeline(config, settings)
     gpu = gpu or gpus.REQUESTED or gpus.local_gpu()
     print_plan(make_plan(plain, settings, choices, list(overrides), gpu), choices)
 

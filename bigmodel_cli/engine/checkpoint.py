@@ -148,7 +148,10 @@ def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     """Weights and optimizer state, to continue training (DCP reshards a sharded checkpoint
     to this run's world size and layout)."""
     if checkpoint.is_sharded:
-        sharded.load_training_state(model, optimizer, checkpoint.sharded_dir)
+        from bigmodel_cli.engine.pipeline import cut_of
+
+        cut = cut_of(model)  # a pipeline stage may know a tied weight by another name than the writer
+        sharded.load_training_state(model, optimizer, checkpoint.sharded_dir, cut.aliases if cut else None)
     else:
         model.load_state_dict(checkpoint.model)
         optimizer.load_state_dict(checkpoint.optimizer)

@@ -19,7 +19,7 @@ blocks each rank owns; data parallelism averages each stage's gradients over mes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -205,6 +205,9 @@ class PipelineCut:
     pp_size: int
     shared: Dict[str, Tuple[int, ...]]  # a parameter's name here -> the pp ranks that hold it
     tie_ranks: List[Tuple[int, ...]]  # every set of pp ranks that shares a parameter (alike on all ranks)
+    # A shared parameter's name here -> its other names in the whole model (an unsplit run's
+    # checkpoint keeps its optimizer state under the first: GPT's lm_head.weight under tok_emb.weight).
+    aliases: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def has_first(self) -> bool:
@@ -228,6 +231,7 @@ def cut(model: nn.Module, parallel: ParallelConfig, pp_rank: int) -> PipelineCut
     mine = [s for s in range(n_stages) if s % pp == pp_rank]  # loop order: stage s on pp rank s % pp
     owners = owner_of_names(model, plan, ranges, pp)
     shared = shared_parameters(model, owners)
+    tied = tied_names(model)  # (before the cut removes some of the names)
     owned = {i for s in mine for i in ranges[s]}
     for i in range(len(block_list)):
         if i not in owned:
@@ -236,9 +240,9 @@ def cut(model: nn.Module, parallel: ParallelConfig, pp_rank: int) -> PipelineCut
     for name in (() if keep_before else plan.before) + (() if keep_after else plan.after):
         delattr(model, name)
     stages = [StageModule(model, plan, s, n_stages, ranges[s]) for s in mine]
-    cut_record = PipelineCut(stages, n_stages, pp_rank, pp,
-                             {name: ranks for name, ranks in shared.items() if owner(name, owners) == pp_rank},
-                             sorted(set(shared.values())))
+    here = {name: ranks for name, ranks in shared.items() if owner(name, owners) == pp_rank}
+    cut_record = PipelineCut(stages, n_stages, pp_rank, pp, here, sorted(set(shared.values())),
+                             {name: tuple(n for n in names if n != name) for name, names in tied.items() if name in here})
     # (A plain attribute: not a submodule, so it never shows in the state dict.)
     object.__setattr__(model, PIPELINE_ATTRIBUTE, cut_record)
     return cut_record
@@ -258,16 +262,24 @@ def owner_of_names(model: nn.Module, plan: StagePlan, ranges: Sequence[range], p
 def shared_parameters(model: nn.Module, owners: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
     """Parameters that more than one pp rank keeps (one object under several names): each
     rank's name for it -> the ranks. Refuses anything kept outside the plan's names."""
-    names_of: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
     shared: Dict[str, Tuple[int, ...]] = {}
-    for names in names_of.values():
-        ranks = {name: owner(name, owners) for name in names}
-        holders = tuple(sorted(set(ranks.values())))
+    for names in names_by_parameter(model):
+        holders = tuple(sorted({owner(name, owners) for name in names}))
         if len(holders) > 1:
             shared.update({name: holders for name in names})
     return shared
+
+
+def tied_names(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """Every name of a parameter the model holds under several names -> all its names, in order."""
+    return {name: tuple(names) for names in names_by_parameter(model) if len(names) > 1 for name in names}
+
+
+def names_by_parameter(model: nn.Module) -> List[List[str]]:
+    names_of: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return list(names_of.values())
 
 
 def owner(name: str, owners: Dict[str, int]) -> int:

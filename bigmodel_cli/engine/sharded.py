@@ -22,7 +22,7 @@ import shutil
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -256,23 +256,44 @@ def optimizer_layout(flat: bool):
     return StateDictOptions(flatten_optimizer_state_dict=flat)
 
 
-def has_flat_optimizer_state(path: Path) -> bool:
+def flat_optimizer_state(entries) -> bool:
     # (DCP stores a nested group's parameter list as "optimizer.param_groups.<i>.params"; a flat
     # checkpoint has no such entry.)
-    return "optimizer.param_groups.0.params" not in read_index(path).state_dict_metadata
+    return "optimizer.param_groups.0.params" not in entries
 
 
-def load_training_state(model, optimizer, path: Path) -> None:
+def load_training_state(model, optimizer, path: Path, aliases: Optional[Dict[str, Tuple[str, ...]]] = None) -> None:
     """Fill model and optimizer from a sharded checkpoint (DCP reshards to this world size
-    and to this run's pipeline stages)."""
+    and to this run's pipeline stages). `aliases`: a parameter's other names, under which the
+    checkpoint may hold its optimizer state (a tied weight that this rank knows by another name)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    options = optimizer_layout(flat=has_flat_optimizer_state(path))
+    entries = read_index(path).state_dict_metadata
+    options = optimizer_layout(flat=flat_optimizer_state(entries))
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_state, "optimizer": optim_state}
+    stored = stored_names(optim_state, entries, aliases or {}) if options.flatten_optimizer_state_dict else {}
+    state = {"model": model_state, "optimizer": {stored.get(k, k): v for k, v in optim_state.items()}}
     _load(state, path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    optim_state = {k: state["optimizer"][stored.get(k, k)] for k in optim_state}
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state,
                    options=options)
+
+
+def stored_names(optim_state: Dict[str, Any], entries, aliases: Dict[str, Tuple[str, ...]]) -> Dict[str, str]:
+    """Flat optimizer keys the checkpoint lacks -> the key it holds them under, by a parameter
+    alias ("state.lm_head.weight.exp_avg" -> "state.tok_emb.weight.exp_avg")."""
+    stored = {}
+    for key in optim_state:
+        if f"optimizer.{key}" in entries:
+            continue
+        kind, _, rest = key.partition(".")
+        for name, others in aliases.items():
+            if rest.startswith(f"{name}."):
+                found = [f"{kind}.{other}{rest[len(name):]}" for other in others
+                         if f"optimizer.{kind}.{other}{rest[len(name):]}" in entries]
+                if found:
+                    stored[key] = found[0]
+    return stored
 
 
 def load_model(model, path: Path) -> None:

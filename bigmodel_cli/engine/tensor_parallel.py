@@ -50,9 +50,9 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
     if name is None:
         return no_plan(target.rsplit(".", 1)[-1] or "this model", tp)
     if name == "gpt":
-        return heads_problem("model.n_head", int(model_cfg.get("n_head", 4)), tp)
+        return heads_problem("model.n_head", int(model_cfg.get("n_head", 4)), tp, model_cfg.get("n_embd"))
     if name == "transformer":
-        return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp)
+        return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp, model_cfg.get("d_model"))
     return widths_problem([int(w) for w in model_cfg.get("hidden_sizes", [])], tp)
 
 
@@ -72,7 +72,10 @@ def split_problem(model: nn.Module, tp: int) -> Optional[str]:
     if kind == "mlp":
         return widths_problem(mlp_hidden_widths(model), tp)
     key = "model.n_head" if kind == "gpt" else "model.n_heads"
-    return heads_problem(key, model.blocks[0].attn.n_heads, tp) if len(model.blocks) else None
+    if not len(model.blocks):
+        return None
+    attention = model.blocks[0].attn
+    return heads_problem(key, attention.n_heads, tp, attention.qkv.in_features)
 
 
 def no_plan(name: str, tp: int) -> str:
@@ -80,12 +83,22 @@ def no_plan(name: str, tp: int) -> str:
             "tensor-parallel plan; use trainer.parallel.tp=1 (and trainer.strategy=fsdp to shard it)")
 
 
-def heads_problem(key: str, heads: int, tp: int) -> Optional[str]:
+def heads_problem(key: str, heads: int, tp: int, width: Optional[int] = None) -> Optional[str]:
     if heads % tp == 0:
         return None
-    return (f"{key}={heads} attention heads do not split across trainer.parallel.tp={tp} ranks; use a head "
-            f"count that is a multiple of {tp} (e.g. {key}={suggest_multiple(heads, tp)}) or "
-            f"trainer.parallel.tp={largest_divisor(heads, tp)}")
+    count = suggest_heads(heads, tp, width)
+    other = f"a head count that is a multiple of {tp} (e.g. {key}={count}) or " if count else ""
+    return (f"{key}={heads} attention heads do not split across trainer.parallel.tp={tp} ranks; use "
+            f"{other}trainer.parallel.tp={largest_divisor(heads, tp)}")
+
+
+def suggest_heads(heads: int, tp: int, width: Optional[int]) -> Optional[int]:
+    """The multiple of `tp` nearest `heads` that also divides the model's width (when known;
+    None when no multiple does)."""
+    if not isinstance(width, int):
+        return suggest_multiple(heads, tp)
+    fits = [m for m in range(tp, width + 1, tp) if width % m == 0]
+    return min(fits, key=lambda m: (abs(m - heads), m)) if fits else None
 
 
 def widths_problem(widths: List[int], tp: int) -> Optional[str]:

@@ -153,7 +153,6 @@ class Trainer:
         # The ranks' layout over (pp, dp, tp), and this rank's share of the data (its replica's).
         self.layout = layout_for(self.env.world_size, settings.parallel)
         self.share = data_share(self.layout, self.env.rank)
-        self.mesh = parts.mesh
         # The ranks of this rank's data-parallel group: they read different batches, so losses and
         # evaluation sums are reduced over them (a replica's tp ranks hold the same numbers).
         self.dp_group = parts.mesh.get_group("dp") if parts.mesh is not None else None
@@ -549,8 +548,8 @@ class Trainer:
         if not checkpoint.is_sharded and self.sharded:
             raise UserError(f"{path} was written by an unsharded run and cannot resume a run that splits the model "
                             f"(trainer.strategy=fsdp, trainer.parallel.tp>1 or trainer.parallel.pp>1); resume with "
-                            f"trainer.strategy=ddp and trainer.parallel.tp=1 pp=1, or start from its weights with "
-                            f"trainer.init_from={path}")
+                            f"trainer.strategy=ddp trainer.parallel.tp=1 trainer.parallel.pp=1, or start from its "
+                            f"weights with trainer.init_from={path}")
         try:
             self.load_training_state(checkpoint)
             self.monitor.load_state_dict(checkpoint.best)
