@@ -34,7 +34,7 @@ def fit(run):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from tests.conftest import compose_config
+    from conftest import compose_config
 
     run_dir = tmp_path_factory.mktemp("teacher")
     fit(build(compose_config, run_dir, "model=cnn", "model.channels=[8,8]", "trainer.max_steps=40",

@@ -31,7 +31,7 @@ def train(compose, run_dir: Path, model: str, data: str, *overrides: str) -> Pat
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
-    from tests.conftest import compose_config
+    from conftest import compose_config
 
     root = tmp_path_factory.mktemp("digits")
     return {name: train(compose_config, root / name, name, "digits", "trainer.max_steps=40", "trainer.val_every=40",
@@ -41,7 +41,7 @@ def digits_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def char_gpt(tmp_path_factory):
-    from tests.conftest import compose_config
+    from conftest import compose_config
 
     root = tmp_path_factory.mktemp("gpt")
     corpus = root / "corpus.txt"
@@ -239,7 +239,7 @@ def test_an_int8_checkpoint_is_refused_in_one_line_where_the_format_cannot_hold_
     class (which crashed on the int8 weights); TorchScript traces the int8 kernels."""
     from bigmodel_cli.compress.pipeline import compress_checkpoint
     from bigmodel_cli.export.export import export
-    from tests.conftest import compose_config
+    from conftest import compose_config
 
     quantized = tmp_path / "int8"
     quantized.mkdir()
