@@ -133,8 +133,9 @@ class SequenceSpace(Space):
         return (1, f), (1, f)
 
 
-class TokenSpace(Space):
-    """Token ids, attributed through the output of the model's token embedding."""
+class TokenSpace(SequenceSpace):
+    """Token ids, attributed through the output of the model's token embedding (one feature
+    per position, its whole embedding vector, as a sequence's time step)."""
 
     unit = "token"
 
@@ -161,14 +162,6 @@ class TokenSpace(Space):
 
     def background(self, inputs):
         return self.inputs(self.background_x[:, -inputs.shape[1]:])[0]
-
-    def feature_ids(self, inputs):
-        t, e = inputs.shape[1:]
-        return torch.arange(t, device=inputs.device).reshape(1, t, 1).expand(1, t, e)
-
-    def occlusion_window(self, inputs):
-        e = inputs.shape[2]
-        return (1, e), (1, e)
 
 
 class TokenIdSpace(Space):
