@@ -22,6 +22,7 @@ TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "mod
             "data.block_size=32", "data.batch_size=8", "trainer.max_steps=20", "trainer.log_every=1",
             "trainer.val_every=10", "trainer.progress=plain", "trainer.threads=1")
 PP2 = ("trainer.devices=2", "trainer.parallel.pp=2")
+TORCHRUN4 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4")
 
 
 def cli(*args, cwd, launcher=()):
@@ -62,8 +63,12 @@ def evaluations(result):
     return [{k: v for k, v in r.items() if "/" in k} for r in records(result) if any("/" in k for k in r)]
 
 
-def assert_same_curve(expected, got, rel=1e-5):
-    a, b = losses(expected), losses(got)
+def grad_norms(result):
+    return {r["step"]: r["grad_norm"] for r in records(result) if "grad_norm" in r}
+
+
+def assert_same_curve(expected, got, rel=1e-5, curve=losses):
+    a, b = curve(expected), curve(got)
     assert b and set(b) <= set(a)
     for step in sorted(b):
         assert b[step] == pytest.approx(a[step], rel=rel), f"step {step}: {a[step]} vs {b[step]}"
@@ -124,7 +129,6 @@ GPT_CFG = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_layer": 4}
     ({"_target_": "bigmodel_cli.models.rnn.RNN"}, 8, settings(), r"RNN has no stage plan"),
     (GPT_CFG, 6, settings(microbatches=4), r"data.batch_size=6 does not split into trainer.parallel.microbatches=4"),
     (GPT_CFG, 8, settings(microbatches=1), r"1f1b needs at least as many micro-batches as stages"),
-    (GPT_CFG, 8, TrainerConfig(strategy="fsdp", parallel=ParallelConfig(pp=2)), r"use trainer.strategy=ddp"),
     (GPT_CFG, 8, TrainerConfig(precision="fp16", parallel=ParallelConfig(pp=2)), r"use trainer.precision=bf16"),
 ])
 def test_what_cannot_be_pipelined_is_one_line(model_cfg, batch, config, message):
@@ -210,12 +214,37 @@ def test_two_replicas_of_two_stages_follow_data_parallel(train):
     """pp=2 x dp=2 (4 ranks, under torchrun) with accumulation and clipping == plain DDP on 2."""
     extra = ("trainer.grad_accum_steps=2", "trainer.grad_clip=0.5")
     ddp = train("ddp", *TINY_GPT, *extra, "trainer.devices=2")
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4")
-    both = train("pp_dp", *TINY_GPT, *extra, "trainer.parallel.pp=2", launcher=torchrun)
+    both = train("pp_dp", *TINY_GPT, *extra, "trainer.parallel.pp=2", launcher=TORCHRUN4)
     assert "batch 8 per replica x 2 replicas" in both.stderr
     assert_same_curve(ddp, both)
     for ours, theirs in zip(evaluations(ddp), evaluations(both), strict=True):
         assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_tensor_parallel_stages_follow_the_single_process_curve(train):
+    """tp=2 x pp=2 on 4 ranks (torchrun): each stage's blocks are split over two ranks."""
+    single = train("single", *TINY_GPT)
+    both = train("tp_pp", *TINY_GPT, "trainer.parallel.pp=2", "trainer.parallel.tp=2", launcher=TORCHRUN4)
+    assert "dp=1 x tp=2 x pp=2 (4 ranks)" in (run_dir(both) / "train_rank3.log").read_text()
+    assert_same_curve(single, both)
+    assert_same_curve(single, both, curve=grad_norms)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_each_stage_over_its_replicas(train, tmp_path):
+    """pp=2 x dp=2 under fsdp (4 ranks) with accumulation and clipping == plain DDP on 2, the
+    tied embedding and head included; its checkpoint resumes under DDP."""
+    extra = ("trainer.grad_accum_steps=2", "trainer.grad_clip=0.5")
+    ddp = train("ddp", *TINY_GPT, *extra, "trainer.devices=2")
+    sharded = train("pp_fsdp", *TINY_GPT, *extra, "trainer.parallel.pp=2", "trainer.strategy=fsdp", launcher=TORCHRUN4)
+    assert "stage 1 sharded over 2 data-parallel ranks (fsdp)" in (run_dir(sharded) / "train_rank3.log").read_text()
+    assert_same_curve(ddp, sharded)
+    assert_same_curve(ddp, sharded, curve=grad_norms)
+    resumed = cli("train", *TINY_GPT, *extra, "trainer.devices=2", f"trainer.resume={checkpoint(sharded, 10)}",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.output
+    assert sorted(losses(resumed)) == list(range(11, 21))
+    assert_same_curve(ddp, resumed)
 
 
 def test_the_last_stage_resumes_the_tied_head_from_an_unsplit_runs_optimizer_state(tmp_path):

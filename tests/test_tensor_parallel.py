@@ -86,6 +86,8 @@ def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
     with pytest.raises(UserError, match="use trainer.strategy=fsdp"):
         check_layout(settings, DistEnv(), gpt)
     check_layout(TrainerConfig(devices=2, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)  # tp alone: fine
+    # Pipeline stages average their replicas' gradients themselves, split or not.
+    check_layout(TrainerConfig(devices=8, parallel=ParallelConfig(tp=2, pp=2)), DistEnv(), gpt)
 
 
 def test_fp16_under_tp_is_refused_before_launch():

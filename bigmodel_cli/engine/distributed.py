@@ -163,14 +163,23 @@ def repeated_blocks(model: nn.Module) -> list:
 def shard_fully(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
     """FSDP2 over the run mesh's "dp" dimension: shard each repeated block, then the root
     (embeddings, head, the rest). Tensor-parallel DTensors become 2-D (dp, tp) ones."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if precision == "bf16" else MixedPrecisionPolicy())
+    policy = precision_policy(precision)
     for block in repeated_blocks(model):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
+
+
+def precision_policy(precision: str):
+    """FSDP2's mixed precision for trainer.precision: bf16 weights in the passes, fp32 gradient
+    reduction and master weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -224,6 +233,16 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     layout. A tensor-parallel model mixes layouts (column- and row-wise shards, replicated
     biases) and plain tensors (its norms and embeddings, whole on every rank): each group's
     norm is made whole over the ranks by DTensor, then they are combined."""
+    groups = by_layout(params)
+    if len(groups) <= 1:  # one kind: torch's own, as it always was
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    total = grad_norm(params, groups)
+    clip_with_norm(params, max_norm, total, groups)
+    return total
+
+
+def by_layout(params: list) -> dict:
+    """The parameters with gradients, grouped by their gradients' layout (None: plain tensors)."""
     from torch.distributed.tensor import DTensor
 
     groups: dict = {}
@@ -231,13 +250,22 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
         if p.grad is not None:
             key = (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p)
-    if len(groups) <= 1:  # one kind: torch's own, as it always was
-        return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return groups
+
+
+def grad_norm(params: list, groups: Optional[dict] = None) -> torch.Tensor:
+    """The 2-norm of the parameters' whole gradients (DTensors made whole over their ranks)."""
+    groups = by_layout(params) if groups is None else groups
+    if not groups:
+        return torch.zeros(())
     norms = [full_tensor(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in groups.values()]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in groups.values():
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_with_norm(params: list, max_norm: float, total: torch.Tensor, groups: Optional[dict] = None) -> None:
+    """Scale the gradients by max_norm / total where that is below 1 (one layout at a time)."""
+    for group in (by_layout(params) if groups is None else groups).values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

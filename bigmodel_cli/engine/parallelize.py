@@ -16,9 +16,9 @@ pipeline stages (below), the steps are:
                                  replicates a model that is not split (with tp>1 there is
                                  nothing left for DDP to do when dp=1, and dp>1 takes fsdp)
 
-Under trainer.parallel.pp>1 the model is first cut into pipeline stages, and each rank then
-recomputes and compiles only the blocks it runs; data parallelism is the pipeline's own
-(engine/pipeline.py, engine/pipeline_step.py).
+Under trainer.parallel.pp>1 the model is first cut into pipeline stages, and the same steps
+then apply to the blocks each rank runs, with each stage as FSDP's root (engine/pipeline.py;
+under ddp the pipeline averages its replicas' gradients itself, engine/pipeline_step.py).
 
 The optimizer is built afterwards, over the parameters this returns (FSDP and TP replace
 them with DTensors). Checkpoints hold the plain model's state-dict keys whatever was
@@ -46,7 +46,7 @@ def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device:
     if settings.parallel.pp > 1:  # pipeline stages: cut first (engine/pipeline.py)
         from bigmodel_cli.engine.pipeline import parallelize_stages
 
-        return parallelize_stages(model, settings, mesh["pp"].get_local_rank(), checkpoint_blocks)
+        return parallelize_stages(model, settings, mesh, checkpoint_blocks)
     tp = int(settings.parallel.tp)
     if tp > 1:
         from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
@@ -74,12 +74,13 @@ def data_parallel(model: nn.Module, settings: TrainerConfig, device: torch.devic
     return distributed.replicate(model, device, mesh.get_group("dp"))
 
 
-def check_strategy(strategy: str, dp: int, tp: int) -> None:
+def check_strategy(strategy: str, dp: int, tp: int, pp: int = 1) -> None:
     """trainer.strategy=ddp replicates plain tensors only: with the layers split over tp ranks,
-    several replicas are kept in step by fsdp (one line before launch otherwise)."""
+    several replicas are kept in step by fsdp (one line before launch otherwise). Pipeline
+    stages average their replicas' gradients themselves, whatever their layout."""
     if strategy not in ("ddp", "fsdp"):
         raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
-    if strategy == "ddp" and tp > 1 and dp > 1:
+    if strategy == "ddp" and tp > 1 and dp > 1 and pp == 1:
         raise UserError(f"trainer.strategy=ddp cannot replicate a model split by trainer.parallel.tp={tp} over "
                         f"{dp} data-parallel replicas; use trainer.strategy=fsdp (it shards each replica "
                         "over the data-parallel ranks and composes with tensor parallelism)")

@@ -13,12 +13,16 @@ model's, so what the stages save together loads into the whole model in one proc
 parameter shared by the first and last stage (GPT's tied embedding and head) stays on both
 ranks; its gradient is summed across them (engine/pipeline_step.py).
 
-Order (torchtitan's): stages are cut first; then activation checkpointing and compile of the
-blocks each rank owns; data parallelism averages each stage's gradients over mesh["dp"].
+Order (torchtitan's): stages are cut first; then the blocks each rank owns are split over
+mesh["tp"] (tensor parallelism), recomputed (activation checkpointing) and compiled; then
+data parallelism: under fsdp each block and then each stage is sharded over mesh["dp"] (the
+stage is the FSDP root that torch's pipelining drives), under ddp each stage's gradients are
+averaged over mesh["dp"] after the step (engine/pipeline_step.py).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +31,8 @@ from torch import nn
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
 from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 #: Stages per rank under trainer.parallel.schedule=interleaved_1f1b.
 INTERLEAVED_STAGES = 2
@@ -109,12 +115,6 @@ def check_pipeline(settings: TrainerConfig, target: str, blocks: Optional[int], 
     if pp == 1:
         return
     plan_for(target)
-    if parallel.tp > 1:
-        raise UserError(f"trainer.parallel.tp={parallel.tp} and trainer.parallel.pp={pp} together are not "
-                        "supported yet; use one of them")
-    if settings.strategy != "ddp":
-        raise UserError(f"trainer.parallel.pp={pp} replicates each stage over the data-parallel ranks (ddp); "
-                        f"trainer.strategy={settings.strategy} is not supported with it: use trainer.strategy=ddp")
     if str(settings.precision) == "fp16":
         raise UserError("trainer.precision=fp16 needs one loss scale across all pipeline stages, which "
                         f"trainer.parallel.pp={pp} does not have; use trainer.precision=bf16 or fp32")
@@ -179,18 +179,34 @@ def stage_blocks(n_blocks: int, n_stages: int) -> List[range]:
 
 class StageModule(nn.Module):
     """One stage of the cut model, as torch.distributed.pipelining runs it: the rank's model
-    (shared by its stages) run from block `blocks.start` to `blocks.stop`."""
+    run from block `blocks.start` to `blocks.stop`.
+
+    Its submodules are only what it runs (its blocks, and the modules before or after them
+    on the first or last stage), the same objects as the model's: the stages of one rank own
+    disjoint parameters, so each can be sharded (FSDP) as a unit of its own. The model itself
+    is held as a plain attribute, for the plan's embed and head functions."""
 
     def __init__(self, model: nn.Module, plan: StagePlan, index: int, n_stages: int, blocks: range):
         super().__init__()
-        self.model, self.plan, self.index, self.blocks = model, plan, index, blocks
+        object.__setattr__(self, "model", model)  # (not a submodule: shared by the rank's stages)
+        self.plan, self.index, self.blocks = plan, index, blocks
         self.is_first, self.is_last = index == 0, index == n_stages - 1
+        block_list = getattr(model, plan.blocks)
+        self.runs = nn.ModuleList([block_list[i] for i in blocks])
+        ends = (plan.before if self.is_first else ()) + (plan.after if self.is_last else ())
+        self.ends = nn.ModuleDict({name: getattr(model, name) for name in ends
+                                   if isinstance(getattr(model, name), nn.Module)})
+
+    def loose_parameters(self) -> List[nn.Parameter]:
+        """Parameters the model holds directly that this stage uses (the encoder's class token
+        and position table): in no submodule, so FSDP leaves them whole."""
+        ends = (self.plan.before if self.is_first else ()) + (self.plan.after if self.is_last else ())
+        return [getattr(self.model, name) for name in ends if isinstance(getattr(self.model, name), nn.Parameter)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.plan.embed(self.model, x) if self.is_first else x
-        block_list = getattr(self.model, self.plan.blocks)
-        for i in self.blocks:
-            h = block_list[i](h)
+        for block in self.runs:
+            h = block(h)
         return self.plan.head(self.model, h) if self.is_last else h
 
 
@@ -297,17 +313,42 @@ def cut_of(model: nn.Module) -> Optional[PipelineCut]:
     return getattr(model, PIPELINE_ATTRIBUTE, None)
 
 
-def parallelize_stages(model: nn.Module, settings: TrainerConfig, pp_rank: int, checkpoint_blocks: bool) -> nn.Module:
-    """The pipeline step of engine/parallelize.py: cut, then recompute and compile the blocks
-    this rank runs (each block on its own, so state-dict keys stay the model's)."""
+def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoint_blocks: bool) -> nn.Module:
+    """The pipeline path of engine/parallelize.py, in its order: cut; split the blocks this
+    rank runs over mesh["tp"]; recompute and compile them (each block on its own, so state-dict
+    keys stay the model's); under trainer.strategy=fsdp, shard each block and then each stage
+    over mesh["dp"] (ddp: the stages' gradients are averaged in engine/pipeline_step.py)."""
     from bigmodel_cli.engine.parallelize import recomputing
 
-    stages = cut(model, settings.parallel, pp_rank)
+    stages = cut(model, settings.parallel, mesh["pp"].get_local_rank())
+    own = sorted(i for stage in stages.stages for i in stage.blocks)
+    if settings.parallel.tp > 1:
+        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"], blocks=own)
     block_list = getattr(model, stages.stages[0].plan.blocks)
-    own = [block_list[i] for stage in stages.stages for i in stage.blocks]
-    for block in own:
+    for block in (block_list[i] for i in own):
         if checkpoint_blocks:
             block.forward = recomputing(block, block.forward)
         if settings.compile:
             block.compile()
+    if settings.strategy == "fsdp":
+        shard_stages(stages, mesh["dp"], str(settings.precision))
     return model
+
+
+def shard_stages(stages: PipelineCut, dp_mesh, precision: str) -> None:
+    """FSDP2 per stage: each block a unit, then the stage (its embeddings or head) as the root
+    that torch's pipelining drives: it holds back the reduce-scatter until a step's last
+    micro-batch. The encoder's loose parameters stay whole (their gradients are averaged
+    with the ddp ones)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from bigmodel_cli.engine.distributed import precision_policy
+
+    policy = precision_policy(precision)
+    for stage in stages.stages:
+        for block in stage.runs:
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(stage, mesh=dp_mesh, mp_policy=policy, ignored_params=set(stage.loose_parameters()))
+        log.info("pipeline: stage %d sharded over %d data-parallel ranks (fsdp)", stage.index, dp_mesh.size())

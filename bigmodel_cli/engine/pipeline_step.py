@@ -18,10 +18,22 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.pipeline import PipelineCut, check_microbatches, microbatches
 
 log = logging.getLogger("bigmodel")
+
+def local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient (a DTensor's local shard, in place)."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def reduced_by_fsdp(grad: torch.Tensor) -> bool:
+    """Whether FSDP reduce-scattered this gradient over the replicas (it is sharded over "dp")."""
+    mesh = getattr(grad, "device_mesh", None)
+    return mesh is not None and "dp" in (mesh.mesh_dim_names or ())
+
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
@@ -98,13 +110,14 @@ class PipelineStep:
         return loss.detach(), grad_norm
 
     def reduce_gradients(self) -> None:
-        """Tied parameters: the sum of their stages' gradients. Replicas: the mean of theirs."""
+        """Tied parameters: the sum of their stages' gradients. Replicas: the mean of theirs,
+        for what FSDP did not already reduce (everything under ddp; under fsdp, loose parameters)."""
         for param, group in self.tied:
             if param.grad is not None:
-                dist.all_reduce(param.grad, group=group)
+                dist.all_reduce(local(param.grad), group=group)
         if self.dp_group is None:
             return
-        grads = [p.grad for p in self.trainer.params if p.grad is not None]
+        grads = [local(p.grad) for p in self.trainer.params if p.grad is not None and not reduced_by_fsdp(p.grad)]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole stage
@@ -116,23 +129,23 @@ class PipelineStep:
             offset += g.numel()
 
     def clip_gradients(self, max_norm: Optional[float]) -> torch.Tensor:
-        """The 2-norm over every stage's gradients (all-reduced over the pp group), and the
-        gradients clipped to `max_norm` with it (as torch's clip_grad_norm_ does in one process)."""
-        grads = [p.grad for p in self.norm_params if p.grad is not None]
-        squares = (torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum() if grads
-                   else torch.zeros((), device=self.trainer.device))
+        """The 2-norm over every stage's gradients (each stage's made whole over its tp and
+        fsdp shards, then all-reduced over the pp group), and the gradients clipped to
+        `max_norm` with it (as torch's clip_grad_norm_ does in one process)."""
+        device = self.trainer.device
+        squares = distributed.grad_norm(self.norm_params).to(device).square()
         dist.all_reduce(squares, group=self.pp_group)
         total = squares.sqrt()
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.trainer.params, max_norm, total)
+            distributed.clip_with_norm(self.trainer.params, max_norm, total)
         return total
 
     def global_loss(self, mean_loss: torch.Tensor) -> torch.Tensor:
         """The last stages' mean loss, averaged over replicas (a log-step collective; the
-        other stages add zeros)."""
+        other stages add zeros, and each of a last stage's tp ranks adds the same loss)."""
         total = mean_loss.detach().clone()
         dist.all_reduce(total)
-        return total / self.dp
+        return total / (self.dp * self.trainer.layout.tp)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

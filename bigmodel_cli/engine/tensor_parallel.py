@@ -25,7 +25,7 @@ numbers alike). Checks run twice: from the model config before any worker starts
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,9 +72,10 @@ def split_problem(model: nn.Module, tp: int) -> Optional[str]:
     if kind == "mlp":
         return widths_problem(mlp_hidden_widths(model), tp)
     key = "model.n_head" if kind == "gpt" else "model.n_heads"
-    if not len(model.blocks):
+    built = [block for block in model.blocks if hasattr(block, "attn")]  # (not a pipeline placeholder)
+    if not built:
         return None
-    attention = model.blocks[0].attn
+    attention = built[0].attn
     return heads_problem(key, attention.n_heads, tp, attention.qkv.in_features)
 
 
@@ -143,8 +144,9 @@ def mlp_hidden_widths(model: nn.Module) -> List[int]:
 # --------------------------------------------------------------------------- plans
 
 
-def tp_plan(model: nn.Module) -> Dict[str, Any]:
-    """{submodule name: ParallelStyle} for `model` (one of the planned kinds)."""
+def tp_plan(model: nn.Module, blocks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """{submodule name: ParallelStyle} for `model` (one of the planned kinds); for a pipeline
+    stage, of the `blocks` it runs only."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if model_kind(model) == "mlp":
@@ -154,7 +156,7 @@ def tp_plan(model: nn.Module) -> Dict[str, Any]:
             plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
         return plan
     plan = {}
-    for i in range(len(model.blocks)):
+    for i in range(len(model.blocks)) if blocks is None else blocks:
         plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(use_local_output=False),
                      f"blocks.{i}.attn.proj": RowwiseParallel(),
                      f"blocks.{i}.mlp.fc": ColwiseParallel(),
@@ -162,15 +164,18 @@ def tp_plan(model: nn.Module) -> Dict[str, Any]:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, blocks: Optional[Sequence[int]] = None) -> nn.Module:
+    """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place: all of
+    them, or (a pipeline stage's) those of the `blocks` given."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_split(model, tp_mesh.size())
-    parallelize_module(model, tp_mesh, tp_plan(model))
+    if blocks is not None and model_kind(model) == "mlp":
+        raise UserError("the mlp model has no repeated blocks to cut into pipeline stages; set trainer.parallel.pp=1")
+    parallelize_module(model, tp_mesh, tp_plan(model, blocks))
     if model_kind(model) != "mlp":
-        for block in model.blocks:
-            block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+        for i in range(len(model.blocks)) if blocks is None else blocks:
+            model.blocks[i].attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
     return model
 
 
