@@ -78,16 +78,15 @@ def test_splits_that_work_pass_and_suggestions_do_split():
     assert config_split_problem(gpt, 5).endswith("use trainer.parallel.tp=4")
 
 
-def test_ddp_over_several_replicas_of_a_split_model_is_refused_before_launch():
+def test_several_replicas_of_a_split_model_pass_the_checks_under_either_strategy():
     from bigmodel_cli.commands.train import check_layout
 
-    settings = TrainerConfig(devices=4, parallel=ParallelConfig(tp=2))
     gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
-    with pytest.raises(UserError, match="use trainer.strategy=fsdp"):
-        check_layout(settings, DistEnv(), gpt)
-    check_layout(TrainerConfig(devices=2, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)  # tp alone: fine
-    # Pipeline stages average their replicas' gradients themselves, split or not.
-    check_layout(TrainerConfig(devices=8, parallel=ParallelConfig(tp=2, pp=2)), DistEnv(), gpt)
+    for strategy in ("ddp", "fsdp"):
+        check_layout(TrainerConfig(devices=4, strategy=strategy, parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
+        check_layout(TrainerConfig(devices=8, strategy=strategy, parallel=ParallelConfig(tp=2, pp=2)), DistEnv(), gpt)
+    with pytest.raises(UserError, match="trainer.strategy=zero is not supported; use ddp or fsdp"):
+        check_layout(TrainerConfig(devices=4, strategy="zero", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
 
 
 def test_fp16_under_tp_is_refused_before_launch():
@@ -182,9 +181,12 @@ def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_pat
 
 
 @pytest.mark.slow
-def test_fsdp_times_tp_on_four_ranks_follows_fsdp_on_two(run_cli, tmp_path):
-    """dp=2 x tp=2 under FSDP reads the same data shares as dp=2 alone: the same curve."""
-    args = (*GPT, "data.batch_size=4", "trainer.strategy=fsdp", "trainer.max_steps=12")
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_tp_within_two_replicas_on_four_ranks_follows_the_two_replicas(run_cli, tmp_path, strategy):
+    """dp=2 x tp=2 reads the same data shares as dp=2 alone: the same curve. Under fsdp each
+    replica is sharded (2-D DTensors); under ddp the trainer averages the replicas' shards."""
+    args = (*GPT, "data.batch_size=4", f"trainer.strategy={strategy}", "trainer.max_steps=12",
+            "trainer.grad_accum_steps=2")
     fsdp = trained(run_cli, tmp_path, "fsdp", *args, "trainer.devices=2")
     # Four ranks through torchrun (our launcher keeps to one process per CPU core).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "bigmodel_cli",

@@ -129,7 +129,7 @@ def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> Non
     problem = config_split_problem(model_cfg, layout.tp)
     if problem:
         raise UserError(problem)
-    check_strategy(settings.strategy, layout.dp, layout.tp, layout.pp)
+    check_strategy(settings.strategy)
     if layout.tp > 1 and str(settings.precision) == "fp16":  # (as with fsdp: one loss scale per shard)
         raise UserError(f"trainer.precision=fp16 with trainer.parallel.tp={layout.tp} is not supported (each rank "
                         "would skip steps on its own shard's overflow, and the ranks would diverge); use "

@@ -268,6 +268,26 @@ def clip_with_norm(params: list, max_norm: float, total: torch.Tensor, groups: O
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (sharing its storage), or itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def average_over_replicas(grads: list, group, replicas: int) -> None:
+    """Average gradients (this rank's parts) over the data-parallel `group`, in place, in one
+    all-reduce: DDP's job, done after the backward pass for what DDP cannot wrap (a model split
+    by tensor parallelism, pipeline stages)."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= replicas
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (FSDP2's gradient norm is one)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

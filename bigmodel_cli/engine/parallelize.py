@@ -13,8 +13,9 @@ pipeline stages (below), the steps are:
     4. FSDP2 or DDP              data parallelism over mesh["dp"] (trainer.strategy): FSDP
                                  shards each repeated block, then the root, composing with
                                  tensor parallelism into 2-D (dp, tp) DTensors; DDP
-                                 replicates a model that is not split (with tp>1 there is
-                                 nothing left for DDP to do when dp=1, and dp>1 takes fsdp)
+                                 replicates a model that is not split (a split one's
+                                 replicas are averaged by the trainer after the backward
+                                 pass, as DDP would, without its overlap)
 
 Under trainer.parallel.pp>1 the model is first cut into pipeline stages, and the same steps
 then apply to the blocks each rank runs, with each stage as FSDP's root (engine/pipeline.py;
@@ -66,24 +67,23 @@ def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device:
 
 def data_parallel(model: nn.Module, settings: TrainerConfig, device: torch.device, mesh) -> nn.Module:
     """DDP or FSDP2 over the mesh's "dp" dimension, as trainer.strategy says."""
-    check_strategy(settings.strategy, mesh["dp"].size(), int(settings.parallel.tp))
+    check_strategy(settings.strategy)
     if settings.strategy == "fsdp":
         return distributed.shard_fully(model, mesh["dp"], settings.precision)
-    if int(settings.parallel.tp) > 1:  # dp=1: one replica, nothing to keep in step
+    if int(settings.parallel.tp) > 1:  # DDP wraps plain tensors only: the trainer averages the replicas
         return model
     return distributed.replicate(model, device, mesh.get_group("dp"))
 
 
-def check_strategy(strategy: str, dp: int, tp: int, pp: int = 1) -> None:
-    """trainer.strategy=ddp replicates plain tensors only: with the layers split over tp ranks,
-    several replicas are kept in step by fsdp (one line before launch otherwise). Pipeline
-    stages average their replicas' gradients themselves, whatever their layout."""
+def replicated_by_hand(settings: TrainerConfig, dp: int) -> bool:
+    """Whether the trainer averages the replicas' gradients itself after the backward pass:
+    ddp over a model tensor parallelism split (pipeline stages do it in their own step)."""
+    return settings.strategy == "ddp" and dp > 1 and settings.parallel.tp > 1 and settings.parallel.pp == 1
+
+
+def check_strategy(strategy: str) -> None:
     if strategy not in ("ddp", "fsdp"):
         raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
-    if strategy == "ddp" and tp > 1 and dp > 1 and pp == 1:
-        raise UserError(f"trainer.strategy=ddp cannot replicate a model split by trainer.parallel.tp={tp} over "
-                        f"{dp} data-parallel replicas; use trainer.strategy=fsdp (it shards each replica "
-                        "over the data-parallel ranks and composes with tensor parallelism)")
 
 
 def compile_in_place(model: nn.Module) -> None:

@@ -20,14 +20,10 @@ import torch.distributed as dist
 
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.device import autocast
+from bigmodel_cli.engine.distributed import local_part
 from bigmodel_cli.engine.pipeline import PipelineCut, check_microbatches, microbatches
 
 log = logging.getLogger("bigmodel")
-
-def local(grad: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a gradient (a DTensor's local shard, in place)."""
-    return grad.to_local() if hasattr(grad, "to_local") else grad
-
 
 def reduced_by_fsdp(grad: torch.Tensor) -> bool:
     """Whether FSDP reduce-scattered this gradient over the replicas (it is sharded over "dp")."""
@@ -114,19 +110,10 @@ class PipelineStep:
         for what FSDP did not already reduce (everything under ddp; under fsdp, loose parameters)."""
         for param, group in self.tied:
             if param.grad is not None:
-                dist.all_reduce(local(param.grad), group=group)
-        if self.dp_group is None:
-            return
-        grads = [local(p.grad) for p in self.trainer.params if p.grad is not None and not reduced_by_fsdp(p.grad)]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole stage
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+                dist.all_reduce(local_part(param.grad), group=group)
+        if self.dp_group is not None:
+            grads = [p.grad for p in self.trainer.params if p.grad is not None and not reduced_by_fsdp(p.grad)]
+            distributed.average_over_replicas([local_part(g) for g in grads], self.dp_group, self.dp)
 
     def clip_gradients(self, max_norm: Optional[float]) -> torch.Tensor:
         """The 2-norm over every stage's gradients (each stage's made whole over its tp and

@@ -39,6 +39,7 @@ from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.resume import hyperparameters, reapply_hyperparameters
 from bigmodel_cli.engine.rng import capture_rng_state, restore_rng_state
 from bigmodel_cli.engine.mesh import DataShare, data_share, layout_for
+from bigmodel_cli.engine.parallelize import replicated_by_hand
 from bigmodel_cli.engine.pipeline import cut_of
 from bigmodel_cli.engine.pipeline_step import pipeline_step_for
 from bigmodel_cli.engine.outputs import logits_of
@@ -156,6 +157,7 @@ class Trainer:
         # The ranks of this rank's data-parallel group: they read different batches, so losses and
         # evaluation sums are reduced over them (a replica's tp ranks hold the same numbers).
         self.dp_group = parts.mesh.get_group("dp") if parts.mesh is not None else None
+        self.average_by_hand = replicated_by_hand(settings, self.layout.dp)  # (ddp over a tp-split model)
         # Read per step: plain attributes.
         self.accum: int = settings.grad_accum_steps
         self.grad_clip: Optional[float] = settings.grad_clip
@@ -252,6 +254,9 @@ class Trainer:
             if terms is not None:
                 self.terms_sum += terms / self.accum
             loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        if self.average_by_hand:
+            grads = [distributed.local_part(p.grad) for p in self.params if p.grad is not None]
+            distributed.average_over_replicas(grads, self.dp_group, self.layout.dp)
         grad_norm = None
         if self.grad_clip is not None or want_grad_norm or self.skip_nonfinite:
             self.scaler.unscale_(self.optimizer)
