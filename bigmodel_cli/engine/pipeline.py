@@ -322,10 +322,11 @@ def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoi
 
     stages = cut(model, settings.parallel, mesh["pp"].get_local_rank())
     own = sorted(i for stage in stages.stages for i in stage.blocks)
-    if settings.parallel.tp > 1:
+    if settings.parallel.tp > 1:  # stage by stage: each stage's activations enter and leave it whole
         from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"], blocks=own)
+        for stage in stages.stages:
+            apply_tensor_parallel(model, mesh["tp"], blocks=stage.blocks)
     block_list = getattr(model, stages.stages[0].plan.blocks)
     for block in (block_list[i] for i in own):
         if checkpoint_blocks:
