@@ -54,7 +54,7 @@ def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device:
         if mesh is None:
             raise UserError(f"trainer.parallel.tp={tp} needs {tp} processes; start them with "
                             f"trainer.devices={tp}, torchrun or srun")
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], bool(settings.parallel.sequence_parallel))
     if checkpoint_blocks:
         checkpoint_activations(model)
     if settings.compile:

@@ -143,35 +143,87 @@ def mlp_hidden_widths(model: nn.Module) -> List[int]:
 # --------------------------------------------------------------------------- plans
 
 
-def tp_plan(model: nn.Module) -> Dict[str, Any]:
-    """{submodule name: ParallelStyle} for `model` (one of the planned kinds)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    if model_kind(model) == "mlp":
-        names = mlp_linears(model)
-        plan = {}
-        for first, second in zip(names[0::2], names[1::2]):
-            plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
-        return plan
+def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> Dict[str, Any]:
+    """{submodule name: ParallelStyle} for `model` (one of the planned kinds); with
+    `sequence_parallel`, the blocks' norms and residual stream run on sequence shards."""
+    if model_kind(model) == "mlp":  # no sequence: nothing for sequence parallelism to split
+        return mlp_plan(model)
     plan = {}
     for i in range(len(model.blocks)):
-        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(use_local_output=False),
-                     f"blocks.{i}.attn.proj": RowwiseParallel(),
-                     f"blocks.{i}.mlp.fc": ColwiseParallel(),
-                     f"blocks.{i}.mlp.proj": RowwiseParallel()})
+        plan.update(block_plan(i, sequence_parallel))
+    if sequence_parallel and len(model.blocks):
+        plan.update(sequence_edges(0, len(model.blocks) - 1))
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place."""
+def mlp_plan(model: nn.Module) -> Dict[str, Any]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    names = mlp_linears(model)
+    plan = {}
+    for first, second in zip(names[0::2], names[1::2]):
+        plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
+    return plan
+
+
+def block_plan(i: int, sequence_parallel: bool = False) -> Dict[str, Any]:
+    """Block i's styles. Under sequence parallelism the residual stream between blocks is a
+    DTensor sharded on the sequence (Shard(1)): the norms run on their shard, the column-wise
+    layers all-gather it, the row-wise ones reduce-scatter into it (instead of all-reducing)
+    and stay DTensors, so the residual adds meet the same layout on both sides."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    p = f"blocks.{i}."
+    if not sequence_parallel:
+        return {p + "attn.qkv": ColwiseParallel(use_local_output=False), p + "attn.proj": RowwiseParallel(),
+                p + "mlp.fc": ColwiseParallel(), p + "mlp.proj": RowwiseParallel()}
+    return {p + "ln_1": SequenceParallel(),
+            p + "attn.qkv": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            p + "attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            p + "ln_2": SequenceParallel(),
+            p + "mlp.fc": ColwiseParallel(input_layouts=Shard(1)),
+            p + "mlp.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
+
+
+def sequence_edges(first: int, last: int) -> Dict[str, Any]:
+    """Where the blocks first..last meet the whole-tensor rest of the model: the first block
+    takes the (whole) embeddings and keeps this rank's sequence shard; the last one gathers
+    the sequence back into a whole plain tensor for the final norm and the head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
+
+    take = dict(input_layouts=Replicate(), desired_input_layouts=Shard(1))
+    give = dict(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
+    if first == last:
+        return {f"blocks.{first}": PrepareModuleInputOutput(**take, **give)}
+    return {f"blocks.{first}": PrepareModuleInput(**take), f"blocks.{last}": PrepareModuleOutput(**give)}
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
+    """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place; with
+    `sequence_parallel`, also its blocks' norms and residual stream over the sequence."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_split(model, tp_mesh.size())
-    parallelize_module(model, tp_mesh, tp_plan(model))
+    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
     if model_kind(model) != "mlp":
         for block in model.blocks:
             block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+            if sequence_parallel:
+                for param in (*block.ln_1.parameters(), *block.ln_2.parameters()):
+                    param.register_post_accumulate_grad_hook(sum_partial_grad)
     return model
+
+
+def sum_partial_grad(param: nn.Parameter) -> None:
+    """A norm's weights are whole on every rank, but each rank's gradient covers only its
+    sequence shard (a Partial DTensor): sum it once, when backward is done with it, rather
+    than in every optimizer op that reads it. (FSDP, when applied, sums it on its own.)"""
+    from torch.distributed.tensor import Partial, Replicate
+
+    if any(isinstance(p, Partial) for p in param.grad.placements):
+        param.grad = param.grad.redistribute(placements=[Replicate()])
 
 
 def own_heads_of(tp_mesh):
