@@ -4,7 +4,9 @@ The run's one DeviceMesh has the dimensions ("pp", "dp", "tp") (engine/mesh.py).
 pipeline stages (below), the steps are:
 
     1. tensor parallelism        trainer.parallel.tp=T: each planned layer's weights are
-                                 split over mesh["tp"] (engine/tensor_parallel.py)
+                                 split over mesh["tp"] (engine/tensor_parallel.py), and
+                                 the blocks' norms and residual stream over the sequence
+                                 (trainer.parallel.sequence_parallel)
     2. activation checkpointing  each repeated block recomputes its activations in the
                                  backward pass (model.activation_checkpointing=true)
     3. torch.compile             each repeated block (or the whole model, if it has none),

@@ -11,26 +11,41 @@ The plans use PyTorch's torch.distributed.tensor.parallel, Megatron-style:
     mlp               the Linear layers in pairs, column-wise then row-wise; with an odd
                       number of layers the last one (the head) stays whole.
 
+Sequence parallelism (trainer.parallel.sequence_parallel, gpt and transformer): inside the
+blocks, what the plan above keeps whole (the norms, dropout, residual adds) runs on each
+rank's part of the sequence instead. The residual stream is a DTensor sharded on the
+sequence (Shard(1)); the norms run under SequenceParallel (their weights become replicated
+DTensors, whose partial gradients are summed once after backward); the column-wise layers
+all-gather the sequence and the row-wise ones reduce-scatter into it instead of all-reducing.
+The first planned block takes the whole embeddings and keeps its shard, the last gathers the
+whole sequence back as a plain tensor, so the final norm, the head and the loss are as
+before. Shards may be uneven (9 tokens over 2 ranks: 5 and 4). `block_plan(i)` is one
+block's styles and `sequence_edges(first, last)` where the sharded stretch begins and ends.
+
 The fused qkv projection holds q, k and v one after the other ([q; k; v] rows), so a
 contiguous column shard would hand a rank q's and k's columns but not its heads'. Its
 output is regathered and each rank keeps its own heads' q, k and v (one all-gather forward,
 one reduce-scatter backward per block); the weights stay in their ordinary layout, so
 checkpoints reshard between any meshes.
 
-Weights become DTensors sharded over the mesh's "tp" dimension; everything else stays a
-plain tensor, the same on every tp rank (they read the same batches and seed their random
-numbers alike). Checks run twice: from the model config before any worker starts
-(commands/train.py), and on the built model for torchrun and srun.
+Weights become DTensors sharded over the mesh's "tp" dimension; everything else (but the
+sequence-parallel blocks' residual stream) stays a plain tensor, the same on every tp rank
+(they read the same batches and seed their random numbers alike). Checks run twice: from
+the model config before any worker starts (commands/train.py), and on the built model for
+torchrun and srun.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 # Models with a plan: the config target each is built from, and the name users choose it by.
 PLANNED = {"bigmodel_cli.models.gpt.GPT": "gpt", "bigmodel_cli.models.transformer.TransformerEncoder": "transformer",
@@ -54,6 +69,24 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
     if name == "transformer":
         return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp, model_cfg.get("d_model"))
     return widths_problem([int(w) for w in model_cfg.get("hidden_sizes", [])], tp)
+
+
+def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_parallel: bool,
+                              device_type: str) -> Optional[str]:
+    """Why sequence parallelism cannot run this model here, or None. Dropout on a sequence
+    shard draws its mask from the rank's generator: DTensor offsets each shard's random
+    numbers on CUDA, elsewhere every tp rank would draw the same mask for its shard."""
+    if tp == 1 or not sequence_parallel or device_type == "cuda":
+        return None
+    if PLANNED.get(str(model_cfg.get("_target_", ""))) not in ("gpt", "transformer"):
+        return None  # no blocks, no sequence shards
+    dropout = float(model_cfg.get("dropout") or 0.0)
+    if dropout == 0.0:
+        return None
+    return (f"model.dropout={dropout} with trainer.parallel.sequence_parallel=true on {device_type} would give each "
+            f"of the trainer.parallel.tp={tp} ranks the same dropout mask for its part of the sequence (DTensor "
+            "offsets random numbers per shard on CUDA only); use model.dropout=0.0 or "
+            "trainer.parallel.sequence_parallel=false")
 
 
 def check_split(model: nn.Module, tp: int) -> None:
@@ -208,6 +241,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     check_split(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
     if model_kind(model) != "mlp":
+        if sequence_parallel:
+            log.info("sequence parallelism: the blocks' norms and residual stream are split over the sequence "
+                     "across the %d tp ranks", tp_mesh.size())
         for block in model.blocks:
             block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
             if sequence_parallel:
