@@ -423,6 +423,9 @@ class ParallelConfig:
     # Micro-batches each pipeline step splits its batch into (null: 2 x trainer.parallel.pp).
     microbatches: Optional[int] = None
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved_1f1b
+    # Under tp>1, the blocks' norms and residual stream run on sequence shards (gpt, transformer).
+    # null: wherever that is exact (on CUDA, or with model.dropout=0); true / false: always / never.
+    sequence_parallel: Optional[bool] = None
 
 
 @dataclass

@@ -222,10 +222,12 @@ def test_two_replicas_of_two_stages_follow_data_parallel(train):
 
 
 def test_tensor_parallel_stages_follow_the_single_process_curve(train):
-    """tp=2 x pp=2 on 4 ranks (torchrun): each stage's blocks are split over two ranks."""
+    """tp=2 x pp=2 on 4 ranks (torchrun): each stage's blocks are split over two ranks, with
+    sequence parallelism (on by default without dropout): activations leave each stage whole."""
     single = train("single", *TINY_GPT)
     both = train("tp_pp", *TINY_GPT, "trainer.parallel.pp=2", "trainer.parallel.tp=2", launcher=TORCHRUN4)
-    assert "dp=1 x tp=2 x pp=2 (4 ranks)" in (run_dir(both) / "train_rank3.log").read_text()
+    log = (run_dir(both) / "train_rank3.log").read_text()
+    assert "dp=1 x tp=2 x pp=2 (4 ranks)" in log and "sequence parallelism: the blocks' norms" in log
     assert_same_curve(single, both)
     assert_same_curve(single, both, curve=grad_norms)
 

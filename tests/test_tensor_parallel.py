@@ -13,7 +13,7 @@ import pytest
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
 from bigmodel_cli.engine.distributed import DistEnv
-from bigmodel_cli.engine.tensor_parallel import config_split_problem
+from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_parallel_problem
 from bigmodel_cli.errors import UserError
 from conftest import outcome_lines
 
@@ -100,6 +100,35 @@ def test_fp16_under_tp_is_refused_before_launch():
     check_layout(TrainerConfig(devices=2, precision="bf16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
 
 
+def test_sequence_parallel_asked_for_with_dropout_off_cuda_is_refused_before_launch():
+    """On CPU, DTensor draws a sharded dropout from each rank's own generator: every tp rank
+    would mask its part of the sequence alike. Asked for by name, that is one line naming the
+    ways out; left at null, it is simply not used there."""
+    from bigmodel_cli.commands.train import check_layout
+
+    encoder = {"_target_": "bigmodel_cli.models.transformer.TransformerEncoder", "n_heads": 2, "dropout": 0.1}
+    asked = TrainerConfig(devices=2, device="cpu", parallel=ParallelConfig(tp=2, sequence_parallel=True))
+    with pytest.raises(UserError, match="trainer.parallel.sequence_parallel=null") as refused:
+        check_layout(asked, DistEnv(), encoder)
+    assert "model.dropout=0.1" in str(refused.value) and "\n" not in str(refused.value)
+    check_layout(asked, DistEnv(), {**encoder, "dropout": 0.0})
+    check_layout(TrainerConfig(devices=2, device="cpu", parallel=ParallelConfig(tp=2)), DistEnv(), encoder)
+    check_layout(TrainerConfig(devices=2, device="cpu"), DistEnv(), encoder)  # no tp: no sequence shards
+    assert sequence_parallel_problem(encoder, 2, True, "cuda") is None
+
+
+def test_sequence_parallel_by_default_where_it_is_exact():
+    from bigmodel_cli.engine.tensor_parallel import use_sequence_parallel
+    from bigmodel_cli.models.gpt import GPT
+    from bigmodel_cli.models.mlp import MLP
+
+    plain, dropping = GPT(vocab_size=11, block_size=8, n_layer=1), GPT(vocab_size=11, block_size=8, n_layer=1, dropout=0.1)
+    assert use_sequence_parallel(None, plain, "cpu", 2) and use_sequence_parallel(None, dropping, "cuda", 2)
+    assert not use_sequence_parallel(None, dropping, "cpu", 2)
+    assert not use_sequence_parallel(True, MLP(input_shape=(4,), num_outputs=2, hidden_sizes=[4]), "cuda", 2)
+    assert not use_sequence_parallel(False, plain, "cuda", 2)
+
+
 def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
     result = run_cli("train", *GPT, "model.n_head=1", "trainer.devices=2", "trainer.parallel.tp=2", timeout=120)
     assert result.returncode != 0
@@ -114,6 +143,9 @@ def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
      "model.n_head=3 attention heads do not split"),
     (("model=gpt", "data=text", "model.n_layer=1", "trainer.devices=2", "trainer.parallel.pp=2"),
      "too few to cut into 2 stages"),
+    (("model=transformer", "trainer.device=cpu", "trainer.devices=2", "trainer.parallel.tp=2",
+      "trainer.parallel.sequence_parallel=true"),
+     "the same dropout mask for its part of the sequence"),
 ])
 def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, expect):
     """`bigmodel plan` (and trainer.dry_run=true) must not plan, with a launch line, a run that fails."""
@@ -145,19 +177,23 @@ def test_lr_find_runs_a_split_model_whole_with_the_global_batch_of_its_replicas(
 
 
 def test_gpt_under_tp2_follows_one_process_and_its_checkpoint_resumes_anywhere(run_cli, tmp_path):
-    """tp=2 matches one process step by step (loss and the global gradient norm); its sharded
-    step-10 checkpoint resumes in one process with the uninterrupted run's next losses, and
-    evaluates in one process."""
+    """tp=2, with sequence parallelism (the default) and activation checkpointing, matches one
+    process step by step (loss and the global gradient norm, clipped: the norms' weights are
+    replicated DTensors); its sharded step-10 checkpoint resumes in one process with the
+    uninterrupted run's next losses, and evaluates in one process."""
     args = (*GPT, "data.batch_size=8", "trainer.checkpoint_every=10")
     single = trained(run_cli, tmp_path, "single", *args)
-    tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2")
+    # Blocks that recompute their activations in the backward pass: the same numbers.
+    recompute = "model.activation_checkpointing=true"
+    tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2", recompute)
     assert_same_curve(curve(tp), curve(single), 20)
     assert_same_curve(curve(tp, "grad_norm"), curve(single, "grad_norm"), 20)
     shards = tp / "checkpoints" / "step_00000010.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in shards.iterdir()}
     assert "parallel layout: dp=1 x tp=2 x pp=1 (2 ranks)" in (tp / "train_rank1.log").read_text()
     assert "rank 1 is at pp=0 dp=0 tp=1" in (tp / "train_rank1.log").read_text()
-    resumed = trained(run_cli, tmp_path, "resumed_single", *args, f"trainer.resume={shards}")
+    assert "sequence parallelism: the blocks' norms" in (tp / "train_rank1.log").read_text()
+    resumed = trained(run_cli, tmp_path, "resumed_single", *args, recompute, f"trainer.resume={shards}")
     expected = {s: v for s, v in curve(single).items() if s > 10}
     assert_same_curve(curve(resumed), expected, 10)
     evaluated = run_cli("eval", f"ckpt={tp}", "eval_batches=2", cwd=tmp_path)  # as the run's own test
@@ -200,12 +236,18 @@ def test_tp_within_two_replicas_on_four_ranks_follows_the_two_replicas(run_cli, 
     assert {"__0_0.distcp", "__3_0.distcp"} <= {p.name for p in (both / "checkpoints" / "last.dcp").iterdir()}
 
 
+TRANSFORMER = ("model=transformer", "data=digits", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+               "model.dropout=0.0")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [
     ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0"),
-    ("model=transformer", "data=digits", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
-     "model.dropout=0.0"),
-], ids=["mlp", "transformer"])
+    # Sequence parallelism on 9 tokens (8 rows and the class token): shards of 5 and 4; one
+    # block is both the first and the last.
+    TRANSFORMER,
+    (*TRANSFORMER, "trainer.parallel.sequence_parallel=false"),
+], ids=["mlp", "transformer", "transformer-without-sp"])
 def test_mlp_and_transformer_under_tp2_follow_one_process(run_cli, tmp_path, model):
     args = (*model, "data.batch_size=16", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=12",
             "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
@@ -213,3 +255,4 @@ def test_mlp_and_transformer_under_tp2_follow_one_process(run_cli, tmp_path, mod
     tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2")
     assert_same_curve(curve(tp), curve(single), 12)
     assert_same_curve(curve(tp, "val/loss"), curve(single, "val/loss"), 2)  # at start and at the end
+    assert_same_curve(curve(tp, "grad_norm"), curve(single, "grad_norm"), 12)

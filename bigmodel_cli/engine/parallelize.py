@@ -4,7 +4,9 @@ The run's one DeviceMesh has the dimensions ("pp", "dp", "tp") (engine/mesh.py).
 pipeline stages (below), the steps are:
 
     1. tensor parallelism        trainer.parallel.tp=T: each planned layer's weights are
-                                 split over mesh["tp"] (engine/tensor_parallel.py)
+                                 split over mesh["tp"] (engine/tensor_parallel.py), and
+                                 the blocks' norms and residual stream over the sequence
+                                 (trainer.parallel.sequence_parallel)
     2. activation checkpointing  each repeated block recomputes its activations in the
                                  backward pass (model.activation_checkpointing=true)
     3. torch.compile             each repeated block (or the whole model, if it has none),
@@ -47,15 +49,16 @@ def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device:
     if settings.parallel.pp > 1:  # pipeline stages: cut first (engine/pipeline.py)
         from bigmodel_cli.engine.pipeline import parallelize_stages
 
-        return parallelize_stages(model, settings, mesh, checkpoint_blocks)
+        return parallelize_stages(model, settings, mesh, checkpoint_blocks, device)
     tp = int(settings.parallel.tp)
     if tp > 1:
-        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
+        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel, use_sequence_parallel
 
         if mesh is None:
             raise UserError(f"trainer.parallel.tp={tp} needs {tp} processes; start them with "
                             f"trainer.devices={tp}, torchrun or srun")
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], use_sequence_parallel(settings.parallel.sequence_parallel, model,
+                                                                        device.type, tp))
     if checkpoint_blocks:
         checkpoint_activations(model)
     if settings.compile:

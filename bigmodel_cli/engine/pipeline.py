@@ -313,7 +313,8 @@ def cut_of(model: nn.Module) -> Optional[PipelineCut]:
     return getattr(model, PIPELINE_ATTRIBUTE, None)
 
 
-def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoint_blocks: bool) -> nn.Module:
+def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoint_blocks: bool,
+                       device: torch.device) -> nn.Module:
     """The pipeline path of engine/parallelize.py, in its order: cut; split the blocks this
     rank runs over mesh["tp"]; recompute and compile them (each block on its own, so state-dict
     keys stay the model's); under trainer.strategy=fsdp, shard each block and then each stage
@@ -323,10 +324,12 @@ def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoi
     stages = cut(model, settings.parallel, mesh["pp"].get_local_rank())
     own = sorted(i for stage in stages.stages for i in stage.blocks)
     if settings.parallel.tp > 1:  # stage by stage: each stage's activations enter and leave it whole
-        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel
+        from bigmodel_cli.engine.tensor_parallel import apply_tensor_parallel, use_sequence_parallel
 
+        tp = settings.parallel.tp
+        sequence = use_sequence_parallel(settings.parallel.sequence_parallel, model, device.type, tp)
         for stage in stages.stages:
-            apply_tensor_parallel(model, mesh["tp"], blocks=stage.blocks)
+            apply_tensor_parallel(model, mesh["tp"], sequence, blocks=stage.blocks)
     block_list = getattr(model, stages.stages[0].plan.blocks)
     for block in (block_list[i] for i in own):
         if checkpoint_blocks:

@@ -11,26 +11,41 @@ The plans use PyTorch's torch.distributed.tensor.parallel, Megatron-style:
     mlp               the Linear layers in pairs, column-wise then row-wise; with an odd
                       number of layers the last one (the head) stays whole.
 
+Sequence parallelism (trainer.parallel.sequence_parallel, gpt and transformer): inside the
+blocks, what the plan above keeps whole (the norms, dropout, residual adds) runs on each
+rank's part of the sequence instead. The residual stream is a DTensor sharded on the
+sequence (Shard(1)); the norms run under SequenceParallel (their weights become replicated
+DTensors, whose partial gradients are summed once after backward); the column-wise layers
+all-gather the sequence and the row-wise ones reduce-scatter into it instead of all-reducing.
+The first planned block takes the whole embeddings and keeps its shard, the last gathers the
+whole sequence back as a plain tensor, so the final norm, the head and the loss are as
+before. Shards may be uneven (9 tokens over 2 ranks: 5 and 4). `block_plan(i)` is one
+block's styles and `sequence_edges(first, last)` where the sharded stretch begins and ends.
+
 The fused qkv projection holds q, k and v one after the other ([q; k; v] rows), so a
 contiguous column shard would hand a rank q's and k's columns but not its heads'. Its
 output is regathered and each rank keeps its own heads' q, k and v (one all-gather forward,
 one reduce-scatter backward per block); the weights stay in their ordinary layout, so
 checkpoints reshard between any meshes.
 
-Weights become DTensors sharded over the mesh's "tp" dimension; everything else stays a
-plain tensor, the same on every tp rank (they read the same batches and seed their random
-numbers alike). Checks run twice: from the model config before any worker starts
-(commands/train.py), and on the built model for torchrun and srun.
+Weights become DTensors sharded over the mesh's "tp" dimension; everything else (but the
+sequence-parallel blocks' residual stream) stays a plain tensor, the same on every tp rank
+(they read the same batches and seed their random numbers alike). Checks run twice: from
+the model config before any worker starts (commands/train.py), and on the built model for
+torchrun and srun.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from bigmodel_cli.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 # Models with a plan: the config target each is built from, and the name users choose it by.
 PLANNED = {"bigmodel_cli.models.gpt.GPT": "gpt", "bigmodel_cli.models.transformer.TransformerEncoder": "transformer",
@@ -54,6 +69,45 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
     if name == "transformer":
         return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp, model_cfg.get("d_model"))
     return widths_problem([int(w) for w in model_cfg.get("hidden_sizes", [])], tp)
+
+
+def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_parallel: Optional[bool],
+                              device_type: str) -> Optional[str]:
+    """Why sequence parallelism, asked for by name, cannot run this model here, or None. Dropout
+    on a sequence shard draws its mask from the rank's generator: DTensor offsets each shard's
+    random numbers on CUDA, elsewhere every tp rank would draw the same mask for its shard.
+    (Left at null, sequence parallelism is simply not used there: use_sequence_parallel.)"""
+    if tp == 1 or sequence_parallel is not True or device_type == "cuda":
+        return None
+    if PLANNED.get(str(model_cfg.get("_target_", ""))) not in ("gpt", "transformer"):
+        return None  # no blocks, no sequence shards
+    dropout = float(model_cfg.get("dropout") or 0.0)
+    if dropout == 0.0:
+        return None
+    return (f"model.dropout={dropout} with trainer.parallel.sequence_parallel=true on {device_type} would give each "
+            f"of the trainer.parallel.tp={tp} ranks the same dropout mask for its part of the sequence (DTensor "
+            "offsets random numbers per shard on CUDA only); use model.dropout=0.0 or "
+            "trainer.parallel.sequence_parallel=null (on where it is exact) or false")
+
+
+def use_sequence_parallel(setting: Optional[bool], model: nn.Module, device_type: str, tp: int) -> bool:
+    """trainer.parallel.sequence_parallel for this model here: true or false as set; null (the
+    default) on for gpt and transformer wherever it is exact (on CUDA, or without dropout)."""
+    if model_kind(model) not in ("gpt", "transformer"):
+        return False  # no sequence to split
+    use = bool(setting) if setting is not None else device_type == "cuda" or not has_dropout(model)
+    if use:
+        log.info("sequence parallelism: the blocks' norms and residual stream are split over the sequence "
+                 "across the %d tp ranks", tp)
+    elif setting is None:
+        log.info("sequence parallelism off: on %s every tp rank would draw the same dropout mask for its part "
+                 "of the sequence; with model.dropout=0.0 it is on", device_type)
+    return use
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether any Dropout module drops (the blocks' ones run on sequence shards under it)."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def check_split(model: nn.Module, tp: int) -> None:
@@ -144,39 +198,96 @@ def mlp_hidden_widths(model: nn.Module) -> List[int]:
 # --------------------------------------------------------------------------- plans
 
 
-def tp_plan(model: nn.Module, blocks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
-    """{submodule name: ParallelStyle} for `model` (one of the planned kinds); for a pipeline
-    stage, of the `blocks` it runs only."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    if model_kind(model) == "mlp":
-        names = mlp_linears(model)
-        plan = {}
-        for first, second in zip(names[0::2], names[1::2]):
-            plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
-        return plan
+def tp_plan(model: nn.Module, sequence_parallel: bool = False, blocks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """{submodule name: ParallelStyle} for `model` (one of the planned kinds); with
+    `sequence_parallel`, the blocks' norms and residual stream run on sequence shards. For a
+    pipeline stage, of the (contiguous) `blocks` it runs only: its activations enter and leave
+    it whole."""
+    if model_kind(model) == "mlp":  # no sequence: nothing for sequence parallelism to split
+        return mlp_plan(model)
+    planned = list(range(len(model.blocks)) if blocks is None else blocks)
     plan = {}
-    for i in range(len(model.blocks)) if blocks is None else blocks:
-        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(use_local_output=False),
-                     f"blocks.{i}.attn.proj": RowwiseParallel(),
-                     f"blocks.{i}.mlp.fc": ColwiseParallel(),
-                     f"blocks.{i}.mlp.proj": RowwiseParallel()})
+    for i in planned:
+        plan.update(block_plan(i, sequence_parallel))
+    if sequence_parallel and planned:
+        plan.update(sequence_edges(planned[0], planned[-1]))
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, blocks: Optional[Sequence[int]] = None) -> nn.Module:
+def mlp_plan(model: nn.Module) -> Dict[str, Any]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    names = mlp_linears(model)
+    plan = {}
+    for first, second in zip(names[0::2], names[1::2]):
+        plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
+    return plan
+
+
+def block_plan(i: int, sequence_parallel: bool = False) -> Dict[str, Any]:
+    """Block i's styles. Under sequence parallelism the residual stream between blocks is a
+    DTensor sharded on the sequence (Shard(1)): the norms run on their shard, the column-wise
+    layers all-gather it, the row-wise ones reduce-scatter into it (instead of all-reducing)
+    and stay DTensors, so the residual adds meet the same layout on both sides."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    p = f"blocks.{i}."
+    if not sequence_parallel:
+        return {p + "attn.qkv": ColwiseParallel(use_local_output=False), p + "attn.proj": RowwiseParallel(),
+                p + "mlp.fc": ColwiseParallel(), p + "mlp.proj": RowwiseParallel()}
+    return {p + "ln_1": SequenceParallel(),
+            p + "attn.qkv": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            p + "attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            p + "ln_2": SequenceParallel(),
+            p + "mlp.fc": ColwiseParallel(input_layouts=Shard(1)),
+            p + "mlp.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
+
+
+def sequence_edges(first: int, last: int) -> Dict[str, Any]:
+    """Where the blocks first..last meet the whole-tensor rest of the model: the first block
+    takes the (whole) embeddings and keeps this rank's sequence shard; the last one gathers
+    the sequence back into a whole plain tensor for the final norm and the head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
+
+    take = dict(input_layouts=Replicate(), desired_input_layouts=Shard(1))
+    give = dict(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
+    if first == last:
+        return {f"blocks.{first}": PrepareModuleInputOutput(**take, **give)}
+    return {f"blocks.{first}": PrepareModuleInput(**take), f"blocks.{last}": PrepareModuleOutput(**give)}
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False,
+                          blocks: Optional[Sequence[int]] = None) -> nn.Module:
     """Split `model`'s layers over `tp_mesh` (the run mesh's "tp" dimension), in place: all of
-    them, or (a pipeline stage's) those of the `blocks` given."""
+    them, or (a pipeline stage's) those of the `blocks` given; with `sequence_parallel`, also
+    the blocks' norms and residual stream over the sequence."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_split(model, tp_mesh.size())
     if blocks is not None and model_kind(model) == "mlp":
         raise UserError("the mlp model has no repeated blocks to cut into pipeline stages; set trainer.parallel.pp=1")
-    parallelize_module(model, tp_mesh, tp_plan(model, blocks))
-    if model_kind(model) != "mlp":
-        for i in range(len(model.blocks)) if blocks is None else blocks:
-            model.blocks[i].attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, blocks))
+    if model_kind(model) == "mlp":
+        return model
+    for i in range(len(model.blocks)) if blocks is None else blocks:
+        block = model.blocks[i]
+        block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+        if sequence_parallel:
+            for param in (*block.ln_1.parameters(), *block.ln_2.parameters()):
+                param.register_post_accumulate_grad_hook(sum_partial_grad)
     return model
+
+
+def sum_partial_grad(param: nn.Parameter) -> None:
+    """A norm's weights are whole on every rank, but each rank's gradient covers only its
+    sequence shard (a Partial DTensor): sum it once, when backward is done with it, rather
+    than in every optimizer op that reads it. (FSDP, when applied, sums it on its own.)"""
+    from torch.distributed.tensor import Partial, Replicate
+
+    if any(isinstance(p, Partial) for p in param.grad.placements):
+        param.grad = param.grad.redistribute(placements=[Replicate()])
 
 
 def own_heads_of(tp_mesh):
