@@ -157,21 +157,30 @@ def test_multirun_under_torchrun(tmp_path):
         assert (sweeps[0] / job / "summary.json").is_file()
 
 
-def test_srun_environment_makes_one_world(tmp_path):
-    """What `srun -n2 bigmodel train` gives each task: SLURM_* variables and no RANK."""
+TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "data.block_size=32",
+            "data.batch_size=8", *TINY[4:])
+
+
+@pytest.mark.parametrize("args, layout", [(TINY, "dp=2 x tp=1 x pp=1"), ((*TINY, "trainer.parallel.tp=2"), "dp=1 x tp=2 x pp=1"),
+                                          ((*TINY_GPT, "trainer.parallel.pp=2"), "dp=1 x tp=1 x pp=2")],
+                         ids=["ddp", "tp", "pp"])
+def test_srun_environment_makes_one_world(tmp_path, args, layout):
+    """What `srun -n2 bigmodel train` gives each task: SLURM_* variables and no RANK. The
+    model splits (tp, pp) build their mesh from it as from our launcher's."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK"))}
     procs = []
     for rank in range(2):
         env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
                "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_JOB_ID": str(40000 + os.getpid() % 1000), "SLURM_JOB_NODELIST": "127.0.0.1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *TINY], cwd=tmp_path,
+        procs.append(subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=tmp_path,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     dirs = list((tmp_path / "outputs").glob("*/*_train"))
     assert len(dirs) == 1
     assert len(train_losses(dirs[0])) == 20
+    assert f"parallel layout: {layout}" in (dirs[0] / "train_rank1.log").read_text()
     assert "done in" in outputs[0][1] and "done in" not in outputs[1][1]  # console from rank 0 only
 
 
