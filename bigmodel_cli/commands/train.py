@@ -122,7 +122,6 @@ def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> Non
     the strategy must fit the layout; one line naming the numbers otherwise."""
     from bigmodel_cli.engine.device import resolve_device
     from bigmodel_cli.engine.mesh import layout_for
-    from bigmodel_cli.engine.parallelize import check_strategy
     from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_parallel_problem
 
     world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
@@ -131,7 +130,6 @@ def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> Non
         model_cfg, layout.tp, settings.parallel.sequence_parallel, resolve_device(settings.device).type)
     if problem:
         raise UserError(problem)
-    check_strategy(settings.strategy)
     if layout.tp > 1 and str(settings.precision) == "fp16":  # (as with fsdp: one loss scale per shard)
         raise UserError(f"trainer.precision=fp16 with trainer.parallel.tp={layout.tp} is not supported (each rank "
                         "would skip steps on its own shard's overflow, and the ranks would diverge); use "

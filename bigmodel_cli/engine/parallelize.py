@@ -70,7 +70,6 @@ def parallelize(model: nn.Module, settings: TrainerConfig, env: DistEnv, device:
 
 def data_parallel(model: nn.Module, settings: TrainerConfig, device: torch.device, mesh) -> nn.Module:
     """DDP or FSDP2 over the mesh's "dp" dimension, as trainer.strategy says."""
-    check_strategy(settings.strategy)
     if settings.strategy == "fsdp":
         return distributed.shard_fully(model, mesh["dp"], settings.precision)
     if int(settings.parallel.tp) > 1:  # DDP wraps plain tensors only: the trainer averages the replicas
@@ -83,10 +82,6 @@ def replicated_by_hand(settings: TrainerConfig, dp: int) -> bool:
     ddp over a model tensor parallelism split (pipeline stages do it in their own step)."""
     return settings.strategy == "ddp" and dp > 1 and settings.parallel.tp > 1 and settings.parallel.pp == 1
 
-
-def check_strategy(strategy: str) -> None:
-    if strategy not in ("ddp", "fsdp"):
-        raise UserError(f"trainer.strategy={strategy} is not supported; use ddp or fsdp")
 
 
 def compile_in_place(model: nn.Module) -> None:

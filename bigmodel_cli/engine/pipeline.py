@@ -343,8 +343,8 @@ def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoi
 
 def shard_stages(stages: PipelineCut, dp_mesh, precision: str) -> None:
     """FSDP2 per stage: each block a unit, then the stage (its embeddings or head) as the root
-    that torch's pipelining drives: it holds back the reduce-scatter until a step's last
-    micro-batch. The encoder's loose parameters stay whole (their gradients are averaged
+    that torch's pipelining drives: it holds back the reduce-scatter until the optimizer
+    step's last micro-batch (and the step's accumulation passes: engine/pipeline_step.py). The encoder's loose parameters stay whole (their gradients are averaged
     with the ddp ones)."""
     from torch.distributed.fsdp import fully_shard
 

@@ -13,6 +13,7 @@ once). No host syncs per step: the loss reaches rank 0 at log steps only.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -25,10 +26,15 @@ from bigmodel_cli.engine.pipeline import PipelineCut, check_microbatches, microb
 
 log = logging.getLogger("bigmodel")
 
+
 def reduced_by_fsdp(grad: torch.Tensor) -> bool:
     """Whether FSDP reduce-scattered this gradient over the replicas (it is sharded over "dp")."""
     mesh = getattr(grad, "device_mesh", None)
     return mesh is not None and "dp" in (mesh.mesh_dim_names or ())
+
+
+def skip_reduction(grad_scale_factor: int) -> None:
+    """A stage's gradient reduction, held back (gradients are scaled in the loss instead)."""
 
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
@@ -52,6 +58,7 @@ class PipelineStep:
         self.loss_scale = 1.0 / (self.n_micro * trainer.accum)
         stages = [pipelining.PipelineStage(stage, stage.index, cut.n_stages, trainer.device, group=self.pp_group)
                   for stage in cut.stages]
+        self.sharded_stages = stages if trainer.settings.strategy == "fsdp" else []
         schedule = getattr(pipelining, SCHEDULES[parallel.schedule])
         # Gradients are scaled in the loss (scale_grads would rescale what earlier accumulation steps left).
         self.schedule = schedule(stages if parallel.schedule == "interleaved_1f1b" else stages[0],
@@ -89,11 +96,11 @@ class PipelineStep:
         zero elsewhere; the global grad norm or None), as device tensors."""
         trainer = self.trainer
         losses: list = []  # the last stage's scaled micro-batch losses: they add up to the step's mean
-        for _ in range(trainer.accum):
+        for micro in range(trainer.accum):
             x, y = trainer.next_batch(batches)
             inputs = (x,) if self.cut.has_first else ()
             step_losses: list = []  # (the schedule empties the list it is given)
-            with autocast(trainer.precision, trainer.device):
+            with autocast(trainer.precision, trainer.device), self.gradient_sync(micro == trainer.accum - 1):
                 self.schedule.step(*inputs, target=y if self.cut.has_last else None,
                                    losses=step_losses if self.cut.has_last else None)
             losses.extend(step_losses)
@@ -104,6 +111,22 @@ class PipelineStep:
         trainer.apply_update(grad_norm)
         loss = torch.stack(losses).sum() if losses else torch.zeros((), device=trainer.device)
         return loss.detach(), grad_norm
+
+    @contextmanager
+    def gradient_sync(self, enabled: bool):
+        """FSDP-sharded stages reduce-scatter at the end of a step's last accumulation pass only:
+        torch's schedules end every pipeline step with the stages' reduction, which is held
+        back on the others (the unsharded gradients accumulate, as under FSDP's no-sync)."""
+        if enabled or not self.sharded_stages:
+            yield
+            return
+        for stage in self.sharded_stages:
+            stage.perform_reduce_grad = skip_reduction  # (an instance attribute hides the method)
+        try:
+            yield
+        finally:
+            for stage in self.sharded_stages:
+                del stage.perform_reduce_grad
 
     def reduce_gradients(self) -> None:
         """Tied parameters: the sum of their stages' gradients. Replicas: the mean of theirs,
@@ -119,8 +142,7 @@ class PipelineStep:
         """The 2-norm over every stage's gradients (each stage's made whole over its tp and
         fsdp shards, then all-reduced over the pp group), and the gradients clipped to
         `max_norm` with it (as torch's clip_grad_norm_ does in one process)."""
-        device = self.trainer.device
-        squares = distributed.grad_norm(self.norm_params).to(device).square()
+        squares = distributed.grad_norm(self.norm_params).to(self.trainer.device).square()
         dist.all_reduce(squares, group=self.pp_group)
         total = squares.sqrt()
         if max_norm is not None:

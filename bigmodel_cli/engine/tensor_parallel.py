@@ -266,8 +266,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_split(model, tp_mesh.size())
-    if blocks is not None and model_kind(model) == "mlp":
-        raise UserError("the mlp model has no repeated blocks to cut into pipeline stages; set trainer.parallel.pp=1")
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, blocks))
     if model_kind(model) == "mlp":
         return model
