@@ -83,7 +83,6 @@ def replicated_by_hand(settings: TrainerConfig, dp: int) -> bool:
     return settings.strategy == "ddp" and dp > 1 and settings.parallel.tp > 1 and settings.parallel.pp == 1
 
 
-
 def compile_in_place(model: nn.Module) -> None:
     """torch.compile each repeated block (or the whole model), keeping the module tree."""
     for module in repeated_blocks(model) or [model]:
