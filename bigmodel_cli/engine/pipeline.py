@@ -354,5 +354,11 @@ def shard_stages(stages: PipelineCut, dp_mesh, precision: str) -> None:
     for stage in stages.stages:
         for block in stage.runs:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-        fully_shard(stage, mesh=dp_mesh, mp_policy=policy, ignored_params=set(stage.loose_parameters()))
+        loose = set(stage.loose_parameters())
+        try:  # (passed only when needed: torch < 2.7 has no ignored_params)
+            fully_shard(stage, mesh=dp_mesh, mp_policy=policy, **({"ignored_params": loose} if loose else {}))
+        except TypeError as err:
+            raise UserError(f"trainer.strategy=fsdp over pipeline stages of {type(stage.model).__name__} needs "
+                            f"torch >= 2.7 (FSDP2's ignored_params) and this is torch {torch.__version__}; "
+                            "use trainer.strategy=ddp or a newer torch") from err
         log.info("pipeline: stage %d sharded over %d data-parallel ranks (fsdp)", stage.index, dp_mesh.size())
