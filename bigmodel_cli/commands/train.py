@@ -119,15 +119,15 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
 def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> None:
     """Before anything launches: the world the run will have must split into trainer.parallel's
     tensor x pipeline ranks, the model into T tensor-parallel parts (heads, hidden widths), and
-    the strategy must fit the layout; one line naming the numbers otherwise."""
-    from bigmodel_cli.engine.device import resolve_device
+    sequence parallelism, where asked for, must be exact; one line naming the numbers otherwise."""
+    from bigmodel_cli.engine.device import device_type
     from bigmodel_cli.engine.mesh import layout_for
     from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_parallel_problem
 
     world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
     layout = layout_for(world, settings.parallel)
     problem = config_split_problem(model_cfg, layout.tp) or sequence_parallel_problem(
-        model_cfg, layout.tp, settings.parallel.sequence_parallel, resolve_device(settings.device).type)
+        model_cfg, layout.tp, settings.parallel.sequence_parallel, device_type(settings.device))
     if problem:
         raise UserError(problem)
     if layout.tp > 1 and str(settings.precision) == "fp16":  # (as with fsdp: one loss scale per shard)

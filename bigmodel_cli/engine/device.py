@@ -40,6 +40,15 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     return device
 
 
+def device_type(name: str) -> str:
+    """The kind of device trainer.device names ("cuda", "cpu", ...) without checking that this
+    machine has one (`bigmodel plan` plans for a cluster from a login node)."""
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":", 1)[0]
+
+
 def check_precision(precision: str, device: torch.device, key: str = "trainer.precision") -> None:
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"{key}=fp16 needs a CUDA GPU (loss scaling); on {device.type} use "
