@@ -423,8 +423,7 @@ class ParallelConfig:
     # Micro-batches each pipeline step splits its batch into (null: 2 x trainer.parallel.pp).
     microbatches: Optional[int] = None
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved_1f1b
-    # Under tp>1, the blocks' norms and residual stream run on sequence shards (gpt, transformer).
-    # null: wherever that is exact (on CUDA, or with model.dropout=0); true / false: always / never.
+    # Norms and residual stream on sequence shards under tp>1; null: where exact (CUDA or no dropout).
     sequence_parallel: Optional[bool] = None
 
 
