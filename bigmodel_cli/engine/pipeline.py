@@ -193,15 +193,15 @@ class StageModule(nn.Module):
         self.is_first, self.is_last = index == 0, index == n_stages - 1
         block_list = getattr(model, plan.blocks)
         self.runs = nn.ModuleList([block_list[i] for i in blocks])
-        ends = (plan.before if self.is_first else ()) + (plan.after if self.is_last else ())
-        self.ends = nn.ModuleDict({name: getattr(model, name) for name in ends
+        self.end_names = (plan.before if self.is_first else ()) + (plan.after if self.is_last else ())
+        self.ends = nn.ModuleDict({name: getattr(model, name) for name in self.end_names
                                    if isinstance(getattr(model, name), nn.Module)})
 
     def loose_parameters(self) -> List[nn.Parameter]:
         """Parameters the model holds directly that this stage uses (the encoder's class token
         and position table): in no submodule, so FSDP leaves them whole."""
-        ends = (self.plan.before if self.is_first else ()) + (self.plan.after if self.is_last else ())
-        return [getattr(self.model, name) for name in ends if isinstance(getattr(self.model, name), nn.Parameter)]
+        return [getattr(self.model, name) for name in self.end_names
+                if isinstance(getattr(self.model, name), nn.Parameter)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.plan.embed(self.model, x) if self.is_first else x
@@ -344,8 +344,8 @@ def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoi
 def shard_stages(stages: PipelineCut, dp_mesh, precision: str) -> None:
     """FSDP2 per stage: each block a unit, then the stage (its embeddings or head) as the root
     that torch's pipelining drives: it holds back the reduce-scatter until the optimizer
-    step's last micro-batch (and the step's accumulation passes: engine/pipeline_step.py). The encoder's loose parameters stay whole (their gradients are averaged
-    with the ddp ones)."""
+    step's last micro-batch (across accumulation passes too: engine/pipeline_step.py). The
+    encoder's loose parameters stay whole (their gradients are averaged as under ddp)."""
     from torch.distributed.fsdp import fully_shard
 
     from bigmodel_cli.engine.distributed import precision_policy
