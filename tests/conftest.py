@@ -13,6 +13,28 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
+# Test tiers, and the suite's own speed check (tests/tiers.py); pytester tests that check.
+pytest_plugins = ["tiers", "pytester"]
+
+
+@pytest.fixture(autouse=True)
+def forget_modules_made_by_the_test():
+    """A test that writes a user's package (mypkg/ in its tmp_path) and imports it, or has a
+    command import it, must not leave it to the next test, whose mypkg may differ."""
+    from cli_runner import forget_user_modules
+
+    before, path = set(sys.modules), list(sys.path)
+    yield
+    forget_user_modules(before)
+    sys.path[:] = path
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers on two cores compute with one thread each, or their threads wait on
+        # each other; the commands' own `trainer.threads=auto` respects OMP_NUM_THREADS.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 class CLIResult:
     def __init__(self, proc: subprocess.CompletedProcess, cwd: Path):
@@ -40,16 +62,62 @@ class CLIResult:
 
 @pytest.fixture
 def run_cli(tmp_path):
-    """Run `python -m bigmodel_cli ARGS` in a temp dir (as a user would, in a fresh cwd)."""
+    """Run `bigmodel ARGS` in a fresh cwd (tmp_path by default), as a user would type it.
 
-    def run(*args: str, cwd: Path = tmp_path, env: dict | None = None, timeout: int = 300) -> CLIResult:
-        inherited = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=timeout)
-        return CLIResult(proc, cwd)
+    In this test process through the console script's own entry point (cli.main) by
+    default: the same argv handling, Hydra app, one-line errors and exit code, without
+    paying a new interpreter's start-up. `process=True` starts `python -m bigmodel_cli`
+    instead, for what only a process shows (a real exit, signals, what is printed before
+    Python's own start-up); a command that launches workers (trainer.devices=N) or is
+    given a PYTHONPATH always runs in a process of its own.
+    """
+
+    def run(*args: str, cwd: Path = tmp_path, env: dict | None = None, timeout: int = 300,
+            process: bool = False) -> CLIResult:
+        return bigmodel(*args, cwd=cwd, env=env, timeout=timeout, process=process)
 
     return run
+
+
+def bigmodel(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300, process: bool = False) -> CLIResult:
+    """`bigmodel ARGS` in `cwd` (see run_cli): in this process unless a process is needed."""
+    if process or launches_workers(args) or "PYTHONPATH" in (env or {}):  # read at an interpreter's start only
+        return run_in_process_of_its_own(args, cwd, env, timeout)
+    return run_in_this_process(args, cwd, env)
+
+
+def cli_env(env: dict | None) -> dict:
+    """The environment a command runs in: this one, less the debug switches, plus `env`."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def launches_workers(args) -> bool:
+    """`train` with trainer.devices=N (N > 1) or trainer.num_nodes starts worker processes
+    (plan, lr-find and --cfg/--help only read those keys)."""
+    if not args or args[0] != "train" or {"--help", "-h", "--cfg", "-c"} & set(args):
+        return False
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("trainer.devices", "trainer.num_nodes") and value.strip() not in ("1", "auto", ""):
+            return True
+    return False
+
+
+def run_in_process_of_its_own(args, cwd: Path, env: dict | None, timeout: int) -> CLIResult:
+    proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=cwd, env=cli_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+    return CLIResult(proc, cwd)
+
+
+def run_in_this_process(args, cwd: Path, env: dict | None) -> CLIResult:
+    """cli.main(args) here, with its own cwd, environment, argv and stdout/stderr; the
+    process-wide state a command changes (threads, logging, signal handlers, Hydra's
+    singletons) is put back afterwards so that the next test starts clean."""
+    from cli_runner import invoke
+
+    code, out, err = invoke(list(args), cwd, cli_env(env))
+    return CLIResult(subprocess.CompletedProcess(["bigmodel", *args], code, out, err), cwd)
 
 
 def outcome_lines(stderr: str) -> List[str]:

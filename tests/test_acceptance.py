@@ -1,4 +1,4 @@
-"""The foundation's accuracy targets with default settings (marked slow; CI runs them).
+"""The foundation's accuracy targets with default settings (the accuracy tier; .ci/run runs them).
 
 Each runs the real `bigmodel train` on CPU with the shipped defaults only. How long they
 take is the machine's business, not a test's: bench/acceptance_times.py measures it (see
@@ -10,7 +10,6 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("args,target", [
@@ -19,6 +18,7 @@ pytestmark = pytest.mark.slow
     (("model=rnn",), 0.90),
     (("model=transformer", "optim=adam"), 0.90),
 ], ids=["mlp", "cnn", "rnn", "transformer-adam"])
+@pytest.mark.accuracy
 def test_digits_accuracy(run_cli, args, target):
     result = run_cli("train", *args, "trainer.progress=plain", timeout=3000)
     assert result.returncode == 0, result.output
@@ -26,6 +26,7 @@ def test_digits_accuracy(run_cli, args, target):
     assert accuracy >= target, f"test accuracy {accuracy:.4f} < {target}"
 
 
+@pytest.mark.accuracy
 def test_gpt_char_level_text_below_two_nats(run_cli):
     result = run_cli("train", "model=gpt", "data=text", "trainer.progress=plain", timeout=3000)
     assert result.returncode == 0, result.output
@@ -37,6 +38,7 @@ def test_gpt_char_level_text_below_two_nats(run_cli):
     assert summary["best_value"] < 2.0
 
 
+@pytest.mark.dist
 def test_two_gloo_ranks_match_one_process(run_cli, tmp_path):
     """Issue 3, acceptance 1: trainer.devices=2 for 50 steps is within 1 point of one
     process with twice the per-device batch."""

@@ -1,8 +1,11 @@
 """The benchmark script keeps working (a tiny run; the real figures are in bench/RESULTS.md)."""
 
+import pytest
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.e2e
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 

@@ -8,6 +8,8 @@ from bigmodel_cli.engine.find_checkpoint import best_in, find_checkpoint
 from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def record(**fields):
     """What a `bigmodel train` checkpoint holds besides its weights (load_checkpoint checks it)."""

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
 TRAIN_ARGS = ("model=gpt", "data=text", "data.path=tiny.txt", "data.block_size=16", "data.batch_size=4",
               "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "trainer.val_every=4",

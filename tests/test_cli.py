@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+
 QUICK = ("trainer.max_steps=6", "trainer.log_every=3", "trainer.val_every=3", "trainer.eval_batches=4")
 
 # Every model with each data set it can read.
@@ -23,6 +24,7 @@ PAIRS = [
 ]
 
 
+@pytest.mark.e2e
 def test_top_level_help_is_fast_and_lists_commands():
     """Fast because it imports neither torch nor Hydra (bench/RESULTS.md has the time)."""
     proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", "--help"], capture_output=True, text=True)
@@ -32,16 +34,19 @@ def test_top_level_help_is_fast_and_lists_commands():
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
+@pytest.mark.integration
 def test_bare_command_prints_usage(run_cli):
     result = run_cli()
     assert result.returncode == 0 and "Commands:" in result.stdout
 
 
+@pytest.mark.integration
 def test_unknown_command_suggests(run_cli):
     result = run_cli("trian")
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
 
 
+@pytest.mark.e2e
 def test_train_help_lists_groups_and_skips_torch(run_cli):
     result = run_cli("train", "--help")
     assert result.returncode == 0
@@ -54,6 +59,7 @@ def test_train_help_lists_groups_and_skips_torch(run_cli):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model,data", PAIRS, ids=[f"{m}-{d.split()[0]}" for m, d in PAIRS])
 def test_every_model_with_its_data(run_cli, model, data):
     result = run_cli("train", f"model={model}", *f"data={data}".split(), *QUICK)
@@ -68,6 +74,7 @@ def test_every_model_with_its_data(run_cli, model, data):
     assert "parameters" in result.stderr  # the model reports its size at start
 
 
+@pytest.mark.integration
 def test_train_then_eval(run_cli):
     trained = run_cli("train", "model=gpt", "data=text", *QUICK)
     assert trained.returncode == 0, trained.output
@@ -87,6 +94,7 @@ def test_train_then_eval(run_cli):
     assert again.returncode == 0, again.output
 
 
+@pytest.mark.integration
 def test_eval_matches_training_test_metric(run_cli):
     trained = run_cli("train", "model=mlp", "trainer.max_steps=20", "trainer.val_every=10")
     assert trained.returncode == 0, trained.output
@@ -95,6 +103,7 @@ def test_eval_matches_training_test_metric(run_cli):
     assert report["metrics"]["accuracy"] == pytest.approx(trained.summary()["test"]["accuracy"])
 
 
+@pytest.mark.integration
 def test_multirun_sweep_over_two_learning_rates(run_cli):
     result = run_cli("train", "-m", "optim.lr=1e-3,1e-2", "trainer.max_steps=20")
     assert result.returncode == 0, result.output
@@ -149,6 +158,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS,
                          ids=[" ".join(getattr(case, "values", case)[0]) for case in BAD_INPUTS])
+@pytest.mark.integration
 def test_bad_input_fails_cleanly(run_cli, tmp_path, args, message):
     # An earlier run's files must survive a failed run.
     earlier = tmp_path / "outputs" / "earlier_train"
@@ -161,6 +171,7 @@ def test_bad_input_fails_cleanly(run_cli, tmp_path, args, message):
     assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"precious"
 
 
+@pytest.mark.integration
 def test_a_failed_sweep_job_does_not_stop_the_sweep(run_cli):
     result = run_cli("train", "-m", "optim.lr=-1,1e-2", "trainer.max_steps=10")
     assert result.returncode == 2, result.output
@@ -170,6 +181,7 @@ def test_a_failed_sweep_job_does_not_stop_the_sweep(run_cli):
     assert not (sweep / "0" / "summary.json").exists()
 
 
+@pytest.mark.integration
 def test_a_used_run_dir_is_never_overwritten(run_cli):
     first = run_cli("train", "trainer.max_steps=5", "hydra.run.dir=runs/fixed")
     assert first.returncode == 0, first.output
@@ -186,6 +198,7 @@ def test_a_used_run_dir_is_never_overwritten(run_cli):
     assert ckpt.read_bytes() == before
 
 
+@pytest.mark.integration
 def test_a_finished_run_without_checkpoints_is_never_overwritten(run_cli):
     first = run_cli("train", "trainer.max_steps=5", "hydra.run.dir=runs/fixed", "trainer.save_checkpoints=false")
     assert first.returncode == 0, first.output
@@ -193,12 +206,14 @@ def test_a_finished_run_without_checkpoints_is_never_overwritten(run_cli):
     assert second.returncode == 2 and "already holds an earlier run" in second.stderr
 
 
+@pytest.mark.integration
 def test_eval_refuses_to_resplit_the_data(run_cli):
     trained = run_cli("train", "trainer.max_steps=5")
     result = run_cli("eval", f"ckpt={trained.run_dir()}", "+data.seed=3")
     assert result.returncode == 2 and "re-split" in result.stderr
 
 
+@pytest.mark.integration
 def test_our_errors_are_one_line(run_cli):
     result = run_cli("train", "optim.lr=-1")
     assert result.returncode == 2
@@ -206,6 +221,7 @@ def test_our_errors_are_one_line(run_cli):
     assert len(errors) == 1 and "optim.lr=1e-3" in errors[0]
 
 
+@pytest.mark.integration
 def test_debug_flag_shows_the_traceback(run_cli):
     result = run_cli("train", "optim.lr=-1", env={"BIGMODEL_DEBUG": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr
@@ -218,6 +234,7 @@ def test_debug_flag_shows_the_traceback(run_cli):
     (["ckpt=EMPTYDIR"], "no checkpoint in"),
     pytest.param(["ckpt=x.pt", "device=cuda"], "no CUDA device", marks=WITHOUT_GPU),
 ])
+@pytest.mark.integration
 def test_eval_bad_input(run_cli, tmp_path, args, message):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
     (tmp_path / "emptydir").mkdir()
@@ -228,6 +245,7 @@ def test_eval_bad_input(run_cli, tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.integration
 def test_shell_completion(run_cli):
     script = run_cli("-sc", "install=bash")
     assert script.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion bigmodel" in script.stdout

@@ -16,6 +16,7 @@ from bigmodel_cli.commands.train import train
 from bigmodel_cli.compress.pipeline import compress_checkpoint
 from conftest import compose_config, outcome_lines
 
+
 QUICK = ("trainer.progress=plain", "trainer.threads=1", "trainer.log_every=100")
 MLP = ("trainer.max_steps=300", "trainer.val_every=300", *QUICK)
 LSTM = ("model=rnn", "model.cell=lstm", "optim=adam", "trainer.max_steps=300", "trainer.val_every=300", *QUICK)
@@ -71,6 +72,7 @@ def reloaded_metrics(out: Path, split: str = "test") -> dict:
     return evaluate_model(model, data, task_for(data.spec.task), split, "fp32", torch.device("cpu"))
 
 
+@pytest.mark.integration
 def test_unstructured_pruning_with_a_finetune_keeps_accuracy(mlp, tmp_path):
     source = digest(mlp)
     out = tmp_path / "pruned"
@@ -88,6 +90,7 @@ def test_unstructured_pruning_with_a_finetune_keeps_accuracy(mlp, tmp_path):
     assert digest(mlp) == source  # the input checkpoint is only read
 
 
+@pytest.mark.integration
 def test_structured_pruning_shrinks_the_mlp(mlp, tmp_path):
     out = tmp_path / "structured"
     summary = compress(mlp, out, "method=prune", "prune.amount=0.3", "prune.structured=true")
@@ -112,6 +115,7 @@ def zero_units(weight_in: torch.Tensor, weight_out: torch.Tensor, units: list, b
         weight_out[:, unit * block:(unit + 1) * block] = 0
 
 
+@pytest.mark.unit
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_structured_pruning_removes_silent_units_without_changing_the_outputs(kind):
@@ -141,6 +145,7 @@ def test_structured_pruning_removes_silent_units_without_changing_the_outputs(ki
     torch.testing.assert_close(small(x), model(x))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["mlp", "lstm"])
 def test_int8_quantization_shrinks_the_weights_and_keeps_accuracy(name, mlp, lstm, tmp_path):
     run = {"mlp": mlp, "lstm": lstm}[name]
@@ -177,6 +182,7 @@ def assert_loads_the_very_int8_values(out: Path, stored: dict) -> None:
                 assert torch.equal(tensor.dequantize(), stored[key].dequantize()), key
 
 
+@pytest.mark.unit
 def test_quantization_names_the_layers_it_leaves_in_fp32():
     from bigmodel_cli.compress.quantize import plan
     from bigmodel_cli.errors import UserError
@@ -190,6 +196,7 @@ def test_quantization_names_the_layers_it_leaves_in_fp32():
         plan(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), per_channel=True)
 
 
+@pytest.mark.integration
 @torch.no_grad()
 def test_gpt_gets_weight_only_int8_that_reloads_exactly(gpt, tmp_path):
     """Weight-only int8 of a char GPT: int8 weights with a scale per output channel, the
@@ -234,6 +241,7 @@ def test_gpt_gets_weight_only_int8_that_reloads_exactly(gpt, tmp_path):
     assert digest(gpt) == source
 
 
+@pytest.mark.unit
 def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
     from bigmodel_cli.engine.checkpoint import save_checkpoint
     from bigmodel_cli.engine.inference import open_trained, ready_model
@@ -249,6 +257,7 @@ def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
         ready_model(open_trained(str(out)), torch.device("cpu"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", ["nan_scale", "quint8"])
 def test_a_dynamic_int8_checkpoint_with_damaged_int8_weights_is_refused(damage, mlp, tmp_path):
     """A NaN scale crashed torch's kernels (or made every output NaN); quint8 values crashed them."""
@@ -274,6 +283,7 @@ def test_a_dynamic_int8_checkpoint_with_damaged_int8_weights_is_refused(damage, 
         ready_model(open_trained(str(out)), torch.device("cpu"))
 
 
+@pytest.mark.unit
 def test_a_weight_only_checkpoint_with_a_nan_scale_is_refused(gpt, tmp_path):
     from bigmodel_cli.engine.checkpoint import save_checkpoint
     from bigmodel_cli.engine.inference import open_trained, ready_model
@@ -289,6 +299,7 @@ def test_a_weight_only_checkpoint_with_a_nan_scale_is_refused(gpt, tmp_path):
         ready_model(open_trained(str(out)), torch.device("cpu"))
 
 
+@pytest.mark.unit
 def test_weight_only_rounding_is_torchaos():
     """Our int8 values and scales are those of torchao's Int8WeightOnlyConfig."""
     pytest.importorskip("torchao", reason="a cross-check against torchao, which bigmodel does not need: pip install torchao")
@@ -306,6 +317,7 @@ def test_weight_only_rounding_is_torchaos():
     assert torch.equal(scale, layer.weight.scale.flatten())
 
 
+@pytest.mark.unit
 @torch.no_grad()
 def test_weight_only_covers_gpt2s_conv1d_layers():
     """hf_causal_lm's GPT-2 stores its Linear layers transposed (transformers' Conv1D)."""
@@ -334,6 +346,7 @@ def test_weight_only_covers_gpt2s_conv1d_layers():
     (["method=quantize", "quantize.scheme=weight_only", "quantize.per_channel=false"],
      "weight-only int8 always has one scale per output channel"),
 ])
+@pytest.mark.integration
 def test_bad_input_is_one_line_and_writes_nothing(args, message, mlp, run_cli):
     source = digest(mlp)
     result = run_cli("compress", f"ckpt={mlp}", *args)
@@ -343,13 +356,14 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, mlp, run_cli):
     assert digest(mlp) == source
 
 
+@pytest.mark.integration
 def test_a_file_that_is_no_bigmodel_checkpoint_is_refused(tmp_path, run_cli):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     result = run_cli("compress", f"ckpt={tmp_path / 'other.pt'}", "method=quantize")
     assert result.returncode == 2 and "is not a bigmodel checkpoint" in result.stderr, result.output
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_compress_then_eval_from_the_command_line(mlp, run_cli):
     result = run_cli("compress", f"ckpt={mlp}", "method=quantize", *FAST_MEASURE)
     assert result.returncode == 0, result.output

@@ -9,6 +9,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from bigmodel_cli.config import validate_train_config
 from bigmodel_cli.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["model", "optim", "scheduler", "data", "trainer"]
 

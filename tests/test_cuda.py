@@ -18,8 +18,8 @@ from bigmodel_cli.engine.checkpoint import load_checkpoint
 from bigmodel_cli.telemetry.efficiency import peak_flops
 from test_resume import records, summary
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (run on a GPU machine: pytest tests/test_cuda.py)")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run on a GPU machine: pytest tests/test_cuda.py)")]
 
 GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "data.block_size=64",
        "trainer.device=cuda", "trainer.log_every=5", "trainer.val_every=20", "trainer.eval_batches=4",
@@ -30,6 +30,7 @@ def train_records(run_dir):
     return [r for r in records(run_dir) if "loss" in r]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_gpt_trains_in_each_precision_and_logs_gpu_figures(compose, tmp_path, precision):
     train(compose(*GPT, f"trainer.precision={precision}", "trainer.max_steps=60"), tmp_path)
@@ -55,6 +56,7 @@ def restore_matmul_precision():
     torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.integration
 def test_tf32_off_means_full_fp32(compose, tmp_path, restore_matmul_precision):
     train(compose(*GPT, "trainer.tf32=false", "trainer.max_steps=5"), tmp_path)
     assert torch.get_float32_matmul_precision() == "highest"
@@ -67,6 +69,7 @@ def token_dir(folder, vocab=97):
     return folder
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("data", ["text", "tokens"])
 def test_exact_resume_on_the_gpu(compose, tmp_path, data):
     """Deterministic kernels, dropout on, bf16: a resumed run repeats the reference bit for
@@ -85,6 +88,7 @@ def test_exact_resume_on_the_gpu(compose, tmp_path, data):
     assert summary(resumed)["test"] == summary(full)["test"]
 
 
+@pytest.mark.integration
 def test_compiled_bf16_training_saves_the_plain_model(compose, tmp_path):
     train(compose(*GPT, "trainer.precision=bf16", "trainer.compile=true", "trainer.max_steps=30"), tmp_path)
     logged = train_records(tmp_path)
@@ -93,6 +97,7 @@ def test_compiled_bf16_training_saves_the_plain_model(compose, tmp_path):
     assert weights and not any(k.startswith("_orig_mod") for k in weights)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_nccl_under_torchrun(tmp_path, strategy):
     """One GPU here: a world of one over NCCL still takes the whole process-group path."""
@@ -109,6 +114,7 @@ def test_nccl_under_torchrun(tmp_path, strategy):
     assert (tmp_path / "run" / "checkpoints" / best).exists()
 
 
+@pytest.mark.integration
 def test_token_batches_are_prefetched_onto_the_gpu(tmp_path):
     from bigmodel_cli.data.prefetch import Prefetched
     from bigmodel_cli.data.tokens import TokenFiles
@@ -122,6 +128,7 @@ def test_token_batches_are_prefetched_onto_the_gpu(tmp_path):
     assert x.device.type == "cuda" and torch.equal(x[:, 1:], y[:, :-1])
 
 
+@pytest.mark.integration
 def test_prepare_train_on_tokens_and_generate_on_the_gpu(run_cli, tmp_path):
     corpus = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 400
     (tmp_path / "corpus.txt").write_text(corpus, encoding="utf-8")
@@ -136,6 +143,7 @@ def test_prepare_train_on_tokens_and_generate_on_the_gpu(run_cli, tmp_path):
     assert sampled.stdout.startswith("To be") and len(sampled.stdout) > 50
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs a machine with exactly one GPU")
 def test_two_ranks_on_one_gpu_fail_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

@@ -10,6 +10,8 @@ from bigmodel_cli.data.text import CharText
 from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def test_digits_split_is_fixed_and_normalised():
     a, b = Digits(seed=0), Digits(seed=0)

@@ -15,6 +15,7 @@ from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine.distill import Distillation, mismatch, soft_kl
 from bigmodel_cli.errors import UserError
 
+
 TINY = ("trainer.progress=plain", "trainer.threads=1", "trainer.val_at_start=false")
 
 
@@ -42,6 +43,7 @@ def teacher(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.unit
 def test_soft_kl_is_the_tempered_kl_times_t_squared():
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
     t = 3.0
@@ -54,6 +56,7 @@ def test_soft_kl_is_the_tempered_kl_times_t_squared():
     assert soft_kl(lm_s, lm_t, t).item() == pytest.approx(soft_kl(lm_s.flatten(0, 1), lm_t.flatten(0, 1), t).item())
 
 
+@pytest.mark.unit
 def test_the_loss_weighs_both_terms_and_only_the_student_learns():
     from bigmodel_cli.engine.tasks import task_for
 
@@ -77,11 +80,13 @@ def test_the_loss_weighs_both_terms_and_only_the_student_learns():
     ({"num_outputs": 7}, "it has 7 classes, this data 10"),
     ({"input_shape": (1, 4, 4)}, "it reads image (1, 4, 4), this data gives image (1, 8, 8)"),
 ])
+@pytest.mark.unit
 def test_a_teacher_of_other_data_is_named(change, message):
     student = DataSpec("classification", "image", (1, 8, 8), 10)
     assert mismatch(DataSpec(**{**student.__dict__, **change}), student, {}, {}) == message
 
 
+@pytest.mark.unit
 def test_a_language_model_teacher_needs_the_same_vocabulary():
     spec = DataSpec("language_modeling", "tokens", (16,), 30, vocab_size=30, block_size=16)
     bigger = DataSpec("language_modeling", "tokens", (16,), 31, vocab_size=31, block_size=16)
@@ -91,6 +96,7 @@ def test_a_language_model_teacher_needs_the_same_vocabulary():
     assert mismatch(spec, spec, {"vocab": list("abc")}, {"vocab": list("abc")}) is None
 
 
+@pytest.mark.integration
 def test_a_teacher_for_another_task_stops_the_run_in_one_line(teacher, compose, tmp_path):
     with pytest.raises(UserError, match=r"distill.teacher=.* cannot teach this run: it was trained for "
                                         r"classification, this run is language_modeling"):
@@ -101,6 +107,7 @@ def test_a_teacher_for_another_task_stops_the_run_in_one_line(teacher, compose, 
         validate_train_config(compose("distill.alpha=1.5"))
 
 
+@pytest.mark.integration
 def test_distillation_logs_both_terms_and_keeps_the_teacher_frozen(teacher, compose, tmp_path):
     from bigmodel_cli.engine.checkpoint import load_checkpoint
 
@@ -122,6 +129,7 @@ def test_distillation_logs_both_terms_and_keeps_the_teacher_frozen(teacher, comp
         assert r["loss"] == pytest.approx(0.7 * r["distill_kl"] + 0.3 * r["task_loss"], rel=1e-4)
 
 
+@pytest.mark.dist
 def test_distillation_under_ddp(teacher, run_cli):
     result = run_cli("train", "model=mlp", "model.hidden_sizes=[16]", "trainer.devices=2", "trainer.backend=gloo",
                      "trainer.max_steps=10", "trainer.log_every=5", "trainer.val_every=10", *TINY,
@@ -135,7 +143,7 @@ def test_distillation_under_ddp(teacher, run_cli):
     assert "test" in result.summary()
 
 
-@pytest.mark.slow
+@pytest.mark.accuracy
 def test_a_distilled_student_is_not_worse_than_the_same_student_alone(run_cli):
     """Acceptance: on a small share of digits (10% train; the rest held out, the same split for
     all three runs), an MLP student learns more from a CNN teacher's softened outputs than

@@ -18,6 +18,7 @@ from bigmodel_cli.data.windows import SequentialWindows
 from bigmodel_cli.engine.distributed import detect, first_slurm_host
 from conftest import slurm_is_up
 
+
 # Dropout off and per-step logging, so two runs can be compared step by step.
 TINY = ("data=synthetic", "data.num_samples=800", "model.hidden_sizes=[32]", "model.dropout=0.0",
         "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10", "trainer.progress=plain")
@@ -58,6 +59,7 @@ def train_losses(run_dir):
 # ---------------------------------------------------------------- environment
 
 
+@pytest.mark.unit
 def test_detect_single_torchrun_and_slurm():
     assert detect({}).world_size == 1
     env = detect({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "9"})
@@ -80,10 +82,12 @@ def test_detect_single_torchrun_and_slurm():
 
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[01-04]", "a01"), ("a[3,5-7],b1", "a3"),
                                             ("x-[10-12]-ib", "x-10-ib"), ("c1,c2", "c1")])
+@pytest.mark.unit
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
 
+@pytest.mark.unit
 def test_eval_shards_cover_every_sample_once():
     x, y = torch.arange(101).float()[:, None], torch.arange(101)
     seen = [y_ for r in range(3) for _, y_ in SequentialBatches(x, y, 7, rank=r, world_size=3)]
@@ -96,6 +100,7 @@ def test_eval_shards_cover_every_sample_once():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path, strategy):
     """2 ranks with per-device batch b == one process with batch 2b, step by step."""
@@ -116,6 +121,7 @@ def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path, strategy):
     assert "per replica x 2 replicas" in ddp.stderr  # the effective global batch is printed
 
 
+@pytest.mark.dist
 def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
     trained = run_cli("train", "model=gpt", "data=text", "trainer.strategy=fsdp", "trainer.devices=2",
                       "trainer.max_steps=6", "trainer.val_every=3", "trainer.progress=plain")
@@ -129,6 +135,7 @@ def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
     assert report["metrics"]["loss"] == pytest.approx(trained.summary()["test"]["loss"], rel=1e-5)
 
 
+@pytest.mark.dist
 def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
     ours = run_cli("train", *TINY, "trainer.devices=2")
     assert ours.returncode == 0, ours.output
@@ -146,6 +153,7 @@ def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
     assert "rank 1 of 2 (torchrun)" in rank1 and "step 20 |" in rank1
 
 
+@pytest.mark.dist
 def test_multirun_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "bigmodel_cli", "train", "-m", "optim.lr=1e-3,1e-2", *TINY[:-4], "trainer.max_steps=5"]
@@ -164,6 +172,7 @@ TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "mod
 @pytest.mark.parametrize("args, layout", [(TINY, "dp=2 x tp=1 x pp=1"), ((*TINY, "trainer.parallel.tp=2"), "dp=1 x tp=2 x pp=1"),
                                           ((*TINY_GPT, "trainer.parallel.pp=2"), "dp=1 x tp=1 x pp=2")],
                          ids=["ddp", "tp", "pp"])
+@pytest.mark.e2e
 def test_srun_environment_makes_one_world(tmp_path, args, layout):
     """What `srun -n2 bigmodel train` gives each task: SLURM_* variables and no RANK. The
     model splits (tp, pp) build their mesh from it as from our launcher's."""
@@ -184,6 +193,7 @@ def test_srun_environment_makes_one_world(tmp_path, args, layout):
     assert "done in" in outputs[0][1] and "done in" not in outputs[1][1]  # console from rank 0 only
 
 
+@pytest.mark.dist
 def test_distributed_multirun_sweep(run_cli):
     result = run_cli("train", "-m", "optim.lr=1e-3,1e-2", "trainer.devices=2", *TINY[:-4], "trainer.max_steps=5")
     assert result.returncode == 0, result.output
@@ -193,6 +203,7 @@ def test_distributed_multirun_sweep(run_cli):
         assert (sweep / job / "summary.json").is_file()
 
 
+@pytest.mark.dist
 def test_a_killed_worker_ends_the_job(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
                              "data=text", "trainer.max_steps=100000", "trainer.dist_timeout_s=30",
@@ -217,6 +228,7 @@ def test_a_killed_worker_ends_the_job(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.dist
 def test_uneven_eval_shards_under_fsdp(run_cli):
     """81 validation samples, batch 40: rank 0 runs 2 eval batches, rank 1 only 1. FSDP's
     forward is a collective, so rank 1 must keep pace without counting anything twice."""
@@ -233,6 +245,7 @@ def test_uneven_eval_shards_under_fsdp(run_cli):
     assert report["metrics"]["accuracy"] == pytest.approx(distributed_val["val/accuracy"])
 
 
+@pytest.mark.dist
 def test_ctrl_c_stops_every_worker(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
                              "data=text", "trainer.max_steps=100000", "trainer.progress=plain"],
@@ -252,6 +265,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+@pytest.mark.slurm
 @pytest.mark.skipif(not slurm_is_up(), reason="no running Slurm (scripts/local_slurm.sh starts one)")
 def test_real_srun_matches_our_launcher(run_cli, tmp_path):
     ours = run_cli("train", *TINY, "trainer.devices=2")
@@ -266,6 +280,7 @@ def test_real_srun_matches_our_launcher(run_cli, tmp_path):
     assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
 
 
+@pytest.mark.dist
 def test_a_stalled_collective_times_out(run_cli):
     """Rank 1 stops answering; rank 0's collective gives up after trainer.dist_timeout_s and
     the whole job ends, instead of hanging."""
@@ -316,6 +331,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.dist
 def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path):
     """The workers notice within seconds, checkpoint and stop as on SIGTERM, and are gone
     within trainer.dist_timeout_s at most."""
@@ -335,6 +351,7 @@ def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path):
     assert any(step % 200 for step in steps), steps
 
 
+@pytest.mark.dist
 def test_a_stopped_rank_is_named(tmp_path):
     """SIGSTOP freezes rank 1: rank 0's collective times out, and the line names rank 1."""
     proc = start_two_workers(tmp_path, "trainer.dist_timeout_s=5")
@@ -353,6 +370,7 @@ def test_a_stopped_rank_is_named(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.dist
 def test_sigterm_while_the_workers_start_names_the_signal(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", *TINY,
                              "hydra.run.dir=run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -369,6 +387,7 @@ def test_sigterm_while_the_workers_start_names_the_signal(tmp_path):
     assert "Ctrl-C" not in err and "Traceback" not in err
 
 
+@pytest.mark.dist
 def test_a_worker_that_raises_is_one_line(run_cli):
     """An unexpected error on one rank: one line naming it, the traceback in its rank log."""
     helpers = str(Path(__file__).parent / "helpers")
@@ -383,6 +402,7 @@ def test_a_worker_that_raises_is_one_line(run_cli):
     assert "Traceback" in (result.cwd / "run" / "train_rank0.log").read_text()
 
 
+@pytest.mark.unit
 def test_two_ranks_on_one_gpu_are_found():
     from bigmodel_cli.engine.distributed import first_shared_gpu
 
@@ -390,6 +410,7 @@ def test_two_ranks_on_one_gpu_are_found():
     assert first_shared_gpu([("a", "GPU-0"), ("a", "GPU-1"), ("a", "GPU-0")]) == (0, 2, "a")
 
 
+@pytest.mark.unit
 def test_the_failure_line_names_the_cause_not_its_victims():
     from types import SimpleNamespace
 

@@ -10,6 +10,8 @@ from bigmodel_cli.commands.train import train
 from bigmodel_cli.engine.checkpoint import load_checkpoint
 from bigmodel_cli.errors import UserError
 
+pytestmark = pytest.mark.integration
+
 TINY = ("data=synthetic", "data.num_samples=512", "model.hidden_sizes=[32]", "model.dropout=0.0",
         "trainer.log_every=5", "trainer.val_every=10", "trainer.progress=plain")
 

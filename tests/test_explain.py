@@ -14,15 +14,16 @@ import pytest
 
 pytest.importorskip("captum", reason="pip install 'bigmodel[explain]'")
 
+from conftest import CLIResult, bigmodel  # noqa: E402  (after the skip: captum is optional)
+
+
 HELPERS = Path(__file__).resolve().parent / "helpers"
 QUIET = ("trainer.progress=plain", "trainer.threads=1")
 CORPUS = "the cat sat on the mat. the dog sat on the log. a cat and a dog.\n" * 200
 
 
-def cli(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
-    return subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=600)
+def cli(cwd: Path, *args: str, env: dict | None = None) -> CLIResult:
+    return bigmodel(*args, cwd=cwd, env=env, timeout=600)
 
 
 def trained(cwd: Path, *args: str, env: dict | None = None) -> Path:
@@ -62,7 +63,7 @@ def score_drop(model, inputs, blank, targets, pixels) -> float:
         return float((model(x).gather(1, t) - model(cut).gather(1, t)).mean())
 
 
-@pytest.mark.slow
+@pytest.mark.accuracy
 def test_the_maps_lie_on_the_strokes_and_add_up(cnn, cnn_explained):
     grid = cnn_explained / "ig_grid.png"
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and grid.stat().st_size > 20_000
@@ -96,7 +97,7 @@ def test_the_maps_lie_on_the_strokes_and_add_up(cnn, cnn_explained):
     assert "## Completeness" in report and f"{completeness['mean_relative_error']:.2%}" in report
 
 
-@pytest.mark.slow
+@pytest.mark.accuracy
 def test_lime_and_kernel_shap_agree_with_integrated_gradients(cnn_explained):
     summary = json.loads((cnn_explained / "explain.json").read_text())
     agreement = summary["agreement"]
@@ -113,7 +114,7 @@ def test_lime_and_kernel_shap_agree_with_integrated_gradients(cnn_explained):
         assert np.allclose(first[0::2, 0::2], first[1::2, 1::2])
 
 
-@pytest.mark.slow
+@pytest.mark.accuracy
 def test_randomising_the_weights_changes_the_maps(cnn_explained):
     summary = json.loads((cnn_explained / "explain.json").read_text())
     randomised = summary["randomisation"]
@@ -125,7 +126,7 @@ def test_randomising_the_weights_changes_the_maps(cnn_explained):
     assert "**PASSED**" in report and "re-initialised" in report
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_gpt_prompt_gets_per_token_attributions(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     run = trained(tmp_path, "model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data=text",
@@ -159,6 +160,7 @@ def tiny_cnn(tmp_path_factory) -> Path:
     (("num_examples=100000",), "num_examples=100000 is more than the test split's"),
     (("target=cat",), "target=cat is neither predicted, true nor an output index"),
 ])
+@pytest.mark.integration
 def test_bad_input_is_one_line(tiny_cnn, tmp_path, args, says):
     result = cli(tmp_path, "explain", f"ckpt={tiny_cnn}", *args)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -166,6 +168,7 @@ def test_bad_input_is_one_line(tiny_cnn, tmp_path, args, says):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_missing_captum_says_how_to_install_it(tiny_cnn, tmp_path):
     fake = tmp_path / "no_captum" / "captum"
     fake.mkdir(parents=True)
@@ -175,7 +178,7 @@ def test_a_missing_captum_says_how_to_install_it(tiny_cnn, tmp_path):
     assert result.returncode == 2 and "pip install 'bigmodel[explain]'" in result.stderr, result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_without_a_token_embedding_is_explained_by_perturbation(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
@@ -191,6 +194,7 @@ def test_a_model_without_a_token_embedding_is_explained_by_perturbation(tmp_path
     assert features.shape == (2, 8) and np.all(features[:, :-1] == 0) and np.all(features[:, -1] != 0)
 
 
+@pytest.mark.e2e
 def test_help_answers_without_torch_and_describes_each_key():
     import dataclasses
 
@@ -206,6 +210,7 @@ def test_help_answers_without_torch_and_describes_each_key():
     assert not missing, f"add a comment to ExplainConfig: {missing}"
 
 
+@pytest.mark.unit
 def test_rank_correlations_treat_a_flat_map_as_sharing_no_ranking():
     from bigmodel_cli.explain.checks import rank_correlations
 
@@ -217,6 +222,7 @@ def test_rank_correlations_treat_a_flat_map_as_sharing_no_ranking():
     assert np.isnan(rank_correlations(a, b, compared)[0])
 
 
+@pytest.mark.unit
 def test_target_true_survives_hydra_reading_it_as_a_boolean():
     from bigmodel_cli.errors import UserError
     from bigmodel_cli.explain.examples import parse_target

@@ -11,6 +11,7 @@ import torch
 
 from bigmodel_cli.errors import UserError
 
+
 TINY = ("trainer.progress=plain", "trainer.threads=1", "trainer.val_at_start=false", "logger=[]")
 CORPUS = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 
@@ -61,6 +62,7 @@ def source_and_data(ckpt: Path):
     return ready_model(trained, torch.device("cpu")), data
 
 
+@pytest.mark.unit
 def test_metric(model, data) -> dict:
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
@@ -99,6 +101,7 @@ def load_export(fmt: str, folder: Path) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_exports_evaluate_to_the_source_metric(digits_runs, tmp_path, name, fmt):
@@ -120,6 +123,7 @@ def test_exports_evaluate_to_the_source_metric(digits_runs, tmp_path, name, fmt)
     assert not (out / ".export-partial").exists()
 
 
+@pytest.mark.integration
 def test_eval_reads_an_exported_folder(digits_runs, run_cli, tmp_path):
     exported = run_cli("export", f"ckpt={digits_runs['cnn']}", "format=safetensors", "out=cnn_export")
     assert exported.returncode == 0, exported.output
@@ -133,6 +137,7 @@ def test_eval_reads_an_exported_folder(digits_runs, run_cli, tmp_path):
     assert metrics[0] == metrics[1]
 
 
+@pytest.mark.integration
 def test_exported_char_gpt_loads_in_transformers_with_the_same_logits(char_gpt, tmp_path):
     transformers = pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]'")
     from bigmodel_cli.engine.inference import open_trained, ready_model
@@ -156,6 +161,7 @@ def test_exported_char_gpt_loads_in_transformers_with_the_same_logits(char_gpt, 
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
+@pytest.mark.unit
 def test_a_model_without_a_gpt2_form_is_one_line(digits_runs, tmp_path):
     from bigmodel_cli.export.export import export
 
@@ -164,6 +170,7 @@ def test_a_model_without_a_gpt2_form_is_one_line(digits_runs, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_a_missing_extra_is_named(monkeypatch):
     import importlib.util
 
@@ -175,6 +182,7 @@ def test_a_missing_extra_is_named(monkeypatch):
         format_named("onnx")
 
 
+@pytest.mark.integration
 def test_bad_input_is_one_line_and_writes_nothing(digits_runs, run_cli, tmp_path):
     (tmp_path / "not_ours.pt").write_bytes(b"not a checkpoint")
     taken = tmp_path / "taken"
@@ -191,6 +199,7 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_runs, run_cli, tmp_path
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
 
 
+@pytest.mark.unit
 def test_a_damaged_or_edited_export_is_refused(digits_runs, tmp_path):
     from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
     from bigmodel_cli.engine.inference import open_trained
@@ -210,6 +219,7 @@ def test_a_damaged_or_edited_export_is_refused(digits_runs, tmp_path):
         find_checkpoint(tmp_path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_gpt2_mapping_computes_the_same_function_for_any_weights(bias):
     """Large random weights make every difference in architecture show (gelu against
@@ -234,6 +244,7 @@ def test_the_gpt2_mapping_computes_the_same_function_for_any_weights(bias):
     assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
 
 
+@pytest.mark.unit
 def test_an_int8_checkpoint_is_refused_in_one_line_where_the_format_cannot_hold_it(digits_runs, tmp_path):
     """A `bigmodel compress method=quantize` checkpoint: safetensors would rebuild the fp32
     class (which crashed on the int8 weights); TorchScript traces the int8 kernels."""
@@ -252,6 +263,7 @@ def test_an_int8_checkpoint_is_refused_in_one_line_where_the_format_cannot_hold_
     assert export(str(quantized), "torchscript", tmp_path / "ts")["check"]["checked"]
 
 
+@pytest.mark.unit
 def test_an_exporter_failure_is_one_line_naming_the_format(digits_runs, tmp_path, monkeypatch):
     from bigmodel_cli.export.export import export
     from bigmodel_cli.export.torchscript_format import TorchScript
@@ -266,6 +278,7 @@ def test_an_exporter_failure_is_one_line_naming_the_format(digits_runs, tmp_path
     assert not (tmp_path / "out" / ".export-partial").exists()
 
 
+@pytest.mark.unit
 def test_an_export_whose_weights_are_integers_is_refused(digits_runs, tmp_path):
     """load_state_dict would cast int64 weights into the float layers and evaluate garbage."""
     from safetensors.torch import load_file, save_file

@@ -23,6 +23,7 @@ from conftest import compose_config, outcome_lines
 from crafting import as_sharded
 from test_resume import clean_env, start_cli, step_losses, summary
 
+
 # Checkpoints at steps 4, 8 and 12; the only monitored validation is at step 12, so the
 # best checkpoint is the last (a resumed run re-validates it); dropout on, so the RNG
 # streams must continue exactly.
@@ -100,6 +101,7 @@ def fingerprint(path: Path) -> dict:
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_a_damaged_checkpoint_is_one_line_and_resume_auto_skips_it(run_cli, reference, tmp_path, kind, caplog):
     sharded, damage = DAMAGE[kind]
@@ -125,6 +127,7 @@ def test_a_damaged_checkpoint_is_one_line_and_resume_auto_skips_it(run_cli, refe
     assert summary(run)["test"] == summary(reference)["test"]
 
 
+@pytest.mark.integration
 def test_every_checkpoint_damaged_is_one_line(reference, tmp_path):
     run = copy_of(reference, tmp_path / "run", sharded=False)
     for path in (run / "checkpoints").glob("step_*.pt"):
@@ -133,6 +136,7 @@ def test_every_checkpoint_damaged_is_one_line(reference, tmp_path):
         train(compose_config(*ARGS), run)
 
 
+@pytest.mark.unit
 def test_the_integrity_check_costs_one_read(reference, tmp_path):
     """What it costs: a CRC-32 over each byte (bench/checkpoint_integrity.py times it on a
     gpt2-sized checkpoint); here only that verify=False skips it and both agree."""
@@ -160,6 +164,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_one_line_naming_the_free_space_and_the_last_checkpoint(run_cli, small_disk):
     # ~1 MB per checkpoint (weights and Adam state): the sixth or so does not fit.
     result = run_cli("train", "model.hidden_sizes=[256,256]", "trainer.max_steps=200", "trainer.checkpoint_every=5",
@@ -187,6 +192,7 @@ def read_only_disk(tmp_path):
     subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
+@pytest.mark.e2e
 def test_a_read_only_run_dir_is_one_line_new_or_resumed(run_cli, read_only_disk):
     point, freeze = read_only_disk
     args = ("trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.progress=plain")
@@ -211,6 +217,7 @@ def test_a_read_only_run_dir_is_one_line_new_or_resumed(run_cli, read_only_disk)
 # ---------------------------------------------------------------- stops and values
 
 
+@pytest.mark.e2e
 def test_sigterm_during_set_up_is_one_line(tmp_path):
     proc = start_cli(tmp_path, "trainer.max_steps=100000", "trainer.progress=plain", "hydra.run.dir=run")
     deadline = time.monotonic() + 60
@@ -224,6 +231,7 @@ def test_sigterm_during_set_up_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM") and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.integration
 def test_generate_refuses_a_temperature_that_is_not_a_number(run_cli):
     result = run_cli("generate", "ckpt=whatever", "temperature=nan")
     assert result.returncode == 2 and "temperature must be a number >= 0" in result.stderr, result.output
@@ -239,6 +247,7 @@ def token_dir(folder: Path, largest: int, vocab_size=None, tokenizer=None) -> Pa
     return folder
 
 
+@pytest.mark.integration
 def test_token_ids_beyond_the_vocabulary_are_refused_at_start(run_cli, tmp_path):
     token_dir(tmp_path / "tok", largest=100)  # a nanoGPT-style folder: no meta.json
     result = run_cli("train", "model=gpt", "data=tokens", "data.dir=tok", "data.vocab_size=65",
@@ -248,6 +257,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_at_start(run_cli, tmp_path)
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_token_ids_beyond_the_vocabulary_are_caught_in_any_batch(tmp_path):
     from bigmodel_cli.data.tokens import TokenFiles
 
@@ -267,12 +277,14 @@ HOSTILE_BPE = json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "B
 
 @pytest.mark.parametrize("tokenizer", [{"kind": "char", "vocab": 5}, {"kind": "bpe", "json": "{not json"},
                                        {"kind": "bpe", "json": HOSTILE_BPE}, {"kind": "wordpiece"}, "char"])
+@pytest.mark.integration
 def test_a_broken_tokenizer_in_meta_json_is_refused_when_the_data_opens(run_cli, tmp_path, tokenizer):
     token_dir(tmp_path / "tok", largest=40, vocab_size=50, tokenizer=tokenizer)
     result = run_cli("train", "model=gpt", "data=tokens", "data.dir=tok", "trainer.max_steps=5")
     assert result.returncode == 2 and "broken tokenizer" in result.stderr, result.output
 
 
+@pytest.mark.e2e
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_log(run_cli, tmp_path):
     helpers = str(Path(__file__).parent / "helpers")
     result = run_cli("train", "model=custom", "model._target_=flaky_model.NonFiniteAt", "+model.at=-1",
@@ -288,6 +300,7 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_log(run_cli, 
 # ---------------------------------------------------------------- odd files in a sharded folder
 
 
+@pytest.mark.integration
 def test_a_link_or_pipe_in_a_sharded_folder_is_refused_without_hanging(run_cli, reference, tmp_path):
     folder = as_sharded(reference / "checkpoints" / f"{NEWEST}.pt", tmp_path / "linked.dcp")
     outside = tmp_path / "outside.distcp"
@@ -302,6 +315,7 @@ def test_a_link_or_pipe_in_a_sharded_folder_is_refused_without_hanging(run_cli, 
     assert result.returncode == 2 and "is a link or a special file" in result.stderr, result.output
 
 
+@pytest.mark.integration
 def test_a_compressed_archive_is_refused(run_cli, reference, tmp_path):
     import zipfile
 
@@ -314,6 +328,7 @@ def test_a_compressed_archive_is_refused(run_cli, reference, tmp_path):
     assert result.returncode == 2 and "compressed members, which torch.save never writes" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_second_damaged_copy_is_set_aside_too(reference, tmp_path):
     run = copy_of(reference, tmp_path / "run", sharded=False)
     newest = run / "checkpoints" / f"{NEWEST}.pt"
@@ -324,6 +339,7 @@ def test_a_second_damaged_copy_is_set_aside_too(reference, tmp_path):
     assert (run / "checkpoints" / f".{NEWEST}.pt.damaged.1").is_file()
 
 
+@pytest.mark.unit
 def test_a_failed_sharded_write_names_the_disk(tmp_path, monkeypatch):
     """DCP reports a failed write as a CheckpointException, a BaseException that would get
     past every handler of ordinary errors."""
@@ -349,11 +365,13 @@ def test_a_failed_sharded_write_names_the_disk(tmp_path, monkeypatch):
     (["batch_size=-4"], "batch_size must be > 0"),
     (["eval_batches=0"], "eval_batches must be > 0"),
 ])
+@pytest.mark.integration
 def test_eval_values_at_the_edge(run_cli, reference, args, message):
     result = run_cli("eval", f"ckpt={reference}", *args)
     assert result.returncode == 2 and message in result.stderr, result.output
 
 
+@pytest.mark.unit
 def test_a_vanishing_temperature_samples_greedily():
     from bigmodel_cli.engine.sampling import sample_tokens
 

@@ -15,6 +15,7 @@ from bigmodel_cli.config import (SCHEMAS, DistillConfig, EarlyStoppingConfig, Ev
 from bigmodel_cli.help import describe_key
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 
+
 QUICK = ("trainer.max_steps=2", "trainer.log_every=1", "trainer.val_every=2", "trainer.eval_batches=2")
 
 MISTAKES = [
@@ -33,6 +34,7 @@ MISTAKES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,message", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
 def test_a_config_mistake_is_one_line_with_a_suggestion_and_exit_2(run_cli, args, message):
     result = run_cli("train", *args)
@@ -42,12 +44,14 @@ def test_a_config_mistake_is_one_line_with_a_suggestion_and_exit_2(run_cli, args
     assert not (result.cwd / "outputs").exists()  # refused before Hydra made a run dir
 
 
+@pytest.mark.integration
 def test_the_unknown_key_lists_the_keys_of_its_group(run_cli):
     result = run_cli("train", "+trainer.max_step=50")
     listed = result.stderr.split("keys of trainer: ")[1]
     assert all(f.name in listed for f in dataclasses.fields(TrainerConfig))
 
 
+@pytest.mark.unit
 def test_an_unknown_trainer_key_is_refused_by_the_app_itself_too():
     """Without the command-line check (a Hydra app called directly), validation refuses it."""
     from omegaconf import OmegaConf
@@ -61,6 +65,7 @@ def test_an_unknown_trainer_key_is_refused_by_the_app_itself_too():
     assert OmegaConf.select(compose_config(), "trainer.max_steps") == 2000
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["train", "eval", "prepare", "generate", "plan"])
 def test_help_answers_without_torch_and_describes_each_key(command):
     probe = ("import sys\nfrom bigmodel_cli.cli import main\n"
@@ -77,6 +82,7 @@ def test_help_answers_without_torch_and_describes_each_key(command):
     assert lines and not undescribed, undescribed
 
 
+@pytest.mark.integration
 def test_train_help_shows_the_chosen_options_keys(run_cli):
     result = run_cli("train", "model=gpt", "--help")
     assert result.returncode == 0
@@ -90,6 +96,7 @@ SCHEMA_CLASSES = sorted({s for options in SCHEMAS.values() for s in options.valu
                        key=lambda s: s.__name__)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schema", SCHEMA_CLASSES, ids=lambda s: s.__name__)
 def test_every_schema_key_has_a_description(schema):
     missing = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")
@@ -97,6 +104,7 @@ def test_every_schema_key_has_a_description(schema):
     assert not missing, f"add a comment to {schema.__name__}: {missing}"
 
 
+@pytest.mark.integration
 def test_a_home_relative_path_works_unquoted(run_cli, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -109,6 +117,7 @@ def test_a_home_relative_path_works_unquoted(run_cli, tmp_path):
     assert quoted.returncode == 0, quoted.output
 
 
+@pytest.mark.integration
 def test_a_model_in_the_working_directory_is_found(run_cli, tmp_path):
     write_user_package(tmp_path)
     result = run_cli("train", "model=custom", "model._target_=mypkg.nets.MyNet", "+model.width=4", *QUICK)
@@ -117,6 +126,7 @@ def test_a_model_in_the_working_directory_is_found(run_cli, tmp_path):
     assert missing.returncode == 2 and "neither on sys.path nor in the working directory" in missing.stderr
 
 
+@pytest.mark.dist
 def test_a_failed_start_leaves_no_run_folder_but_keeps_earlier_runs(run_cli):
     earlier = run_cli("train", *QUICK)
     assert earlier.returncode == 0, earlier.output
@@ -129,6 +139,7 @@ def test_a_failed_start_leaves_no_run_folder_but_keeps_earlier_runs(run_cli):
     assert after == before
 
 
+@pytest.mark.integration
 def test_eval_prepare_and_generate_leave_no_dated_folders(run_cli, tmp_path):
     (tmp_path / "corpus.txt").write_text("abc def ghi " * 300)
     assert run_cli("eval", "ckpt=/no/such/run").returncode == 2
@@ -139,6 +150,7 @@ def test_eval_prepare_and_generate_leave_no_dated_folders(run_cli, tmp_path):
     assert not (tmp_path / ".hydra").exists() and not list(tmp_path.glob("*.log"))
 
 
+@pytest.mark.unit
 def test_the_time_left_follows_the_recent_pace():
     estimate = TimeLeft(window=2)
     for step, now in ((1, 0.0), (11, 1.0), (21, 2.0)):  # 0.1 s per step
@@ -151,6 +163,7 @@ def test_the_time_left_follows_the_recent_pace():
     assert human_duration(42) == "42s" and human_duration(252) == "4m12s" and human_duration(3 * 3600 + 300) == "3h05m"
 
 
+@pytest.mark.unit
 def test_only_a_run_dir_this_start_made_and_never_trained_in_is_cleared(tmp_path, monkeypatch):
     from bigmodel_cli import failed_start, run_lock
 
@@ -180,6 +193,7 @@ def test_only_a_run_dir_this_start_made_and_never_trained_in_is_cleared(tmp_path
         run_lock.release(older)
 
 
+@pytest.mark.integration
 def test_a_run_that_fails_after_training_began_keeps_its_dir(run_cli):
     result = run_cli("train", "optim=sgd", "optim.lr=1e12", "trainer.grad_clip=null", "trainer.save_checkpoints=false",
                      "logger=[]", "trainer.max_steps=30", "trainer.log_every=5", "trainer.val_at_start=false")
@@ -190,6 +204,7 @@ def test_a_run_that_fails_after_training_began_keeps_its_dir(run_cli):
 # --------------------------------------------------------------- early stopping (issue 14)
 
 
+@pytest.mark.unit
 def test_the_monitor_counts_validations_without_enough_improvement():
     from bigmodel_cli.engine.tasks import Classification
     from bigmodel_cli.engine.trainer import Monitor
@@ -211,6 +226,7 @@ ES = ("scheduler=constant", "trainer.val_every=10", "trainer.log_every=10", "tra
       "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=10", "trainer.val_at_start=false")
 
 
+@pytest.mark.integration
 def test_early_stopping_ends_a_stalled_run_and_its_resume_is_exact(run_cli):
     whole = run_cli("train", *ES, "trainer.max_steps=100", "hydra.run.dir=whole")
     assert whole.returncode == 0, whole.output
@@ -226,6 +242,7 @@ def test_early_stopping_ends_a_stalled_run_and_its_resume_is_exact(run_cli):
     assert again["steps"] == 30 and again["test"] == summary["test"] and again["final_val"] == summary["final_val"]
 
 
+@pytest.mark.integration
 def test_bad_early_stopping_settings_are_one_line(run_cli):
     for bad, message in (("trainer.early_stopping.patience=0", "trainer.early_stopping.patience must be > 0"),
                          ("trainer.early_stopping.min_delta=-1", "min_delta must be >= 0"),

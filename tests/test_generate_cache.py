@@ -12,6 +12,7 @@ from bigmodel_cli.engine.sampling import sample_tokens
 from bigmodel_cli.models.gpt import GPT
 from conftest import compose_config
 
+
 BLOCK = 16
 
 
@@ -48,6 +49,7 @@ def sample(model, context, steps, temperature, top_k, kv_cache):
                                           kv_cache=kv_cache)), dim=1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.8, 5)])
 @pytest.mark.parametrize("prompt_length", [3, BLOCK + 4])  # inside the window, and already past it
 def test_cached_sampling_gives_the_tokens_of_the_full_recompute(temperature, top_k, prompt_length):
@@ -69,6 +71,7 @@ def test_cached_sampling_gives_the_tokens_of_the_full_recompute(temperature, top
         assert not torch.equal(other, cached)
 
 
+@pytest.mark.unit
 def test_cached_logits_match_the_training_forward():
     model = tiny_gpt()
     idx = torch.randint(0, 40, (2, BLOCK))
@@ -94,6 +97,7 @@ def run_generate(monkeypatch, capsys, *overrides):
     return samples, capsys.readouterr().out, model.calls
 
 
+@pytest.mark.unit
 def test_generate_draws_all_samples_in_one_batch(monkeypatch, capsys):
     samples, out, calls = run_generate(monkeypatch, capsys, "num_samples=3", "max_new_tokens=24")
     assert len(samples) == 3 and len(set(samples)) > 1 and all(s.startswith("ab") for s in samples)
@@ -104,12 +108,14 @@ def test_generate_draws_all_samples_in_one_batch(monkeypatch, capsys):
     assert again == samples and {kind for kind, _ in calls} == {"full"}
 
 
+@pytest.mark.unit
 def test_greedy_samples_of_a_batch_are_each_the_single_greedy_sample(monkeypatch, capsys):
     batch, _, _ = run_generate(monkeypatch, capsys, "num_samples=2", "temperature=0", "max_new_tokens=30")
     single, out, _ = run_generate(monkeypatch, capsys, "num_samples=1", "temperature=0", "max_new_tokens=30")
     assert batch == single * 2 and out.strip() == single[0].strip() and "--- sample" not in out
 
 
+@pytest.mark.e2e
 def test_the_generation_benchmark_runs_and_its_paths_agree(tmp_path):
     """bench/generate.py asserts identical tokens (cached vs recomputed; bigmodel vs
     transformers on the copied weights); a tiny run keeps the script working."""

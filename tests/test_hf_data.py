@@ -13,6 +13,7 @@ from conftest import outcome_lines
 
 datasets = pytest.importorskip("datasets", reason="pip install 'bigmodel[datasets]' (Hugging Face datasets)")
 
+
 FAST = ("trainer.progress=plain", "trainer.threads=1")
 POSITIVE = ["great fun", "lovely day", "wonderful film", "really good", "so happy"]
 NEGATIVE = ["awful mess", "terrible day", "bad film", "really poor", "so sad"]
@@ -43,6 +44,7 @@ def write_reviews(path: Path, n: int = 240, seed: int = 0) -> None:
             f.write(json.dumps({"text": text, "sentiment": "pos" if good else "neg"}) + "\n")
 
 
+@pytest.mark.integration
 def test_text_classification_from_jsonl_trains_and_reuses_its_token_cache(run_cli, tmp_path):
     write_reviews(tmp_path / "reviews.jsonl")
     (tmp_path / "bag.py").write_text(BAG_OF_EMBEDDINGS)
@@ -62,6 +64,7 @@ def test_text_classification_from_jsonl_trains_and_reuses_its_token_cache(run_cl
     assert (cached[0] / "state.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.integration
 def test_language_modelling_on_a_saved_dataset_folder_then_generate(run_cli, tmp_path):
     corpus = [f"line {i}: to be or not to be, that is the question" for i in range(300)]
     parts = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": corpus[:270]}),
@@ -86,6 +89,7 @@ def test_language_modelling_on_a_saved_dataset_folder_then_generate(run_cli, tmp
     (("data.files=notes.doc",), "data.files must all be one of"),
     (("data.path=reviews.jsonl",), "is not a folder"),
 ])
+@pytest.mark.integration
 def test_bad_sources_are_one_line(run_cli, tmp_path, overrides, expected):
     write_reviews(tmp_path / "reviews.jsonl", n=20)
     (tmp_path / "notes.doc").write_text("hello")
@@ -97,6 +101,7 @@ def test_bad_sources_are_one_line(run_cli, tmp_path, overrides, expected):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.e2e
 def test_a_damaged_file_and_a_missing_extra_are_one_line(run_cli, tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     result = run_cli("train", "data=hf", "data.files=broken.parquet", "data.cache_dir=cache", *FAST)
@@ -139,6 +144,7 @@ def write_npy(path: Path, array) -> None:
     lambda f: (f / "test_x.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<i8', 'fortran_order': False, "
                                               b"'shape': (68719476736,), }" + b" " * 40 + b"\n"),
 ])
+@pytest.mark.unit
 def test_a_damaged_token_cache_is_rebuilt(tmp_path, damage):
     first = make_reviews_data(tmp_path)
     first.setup()
@@ -153,6 +159,7 @@ def test_a_damaged_token_cache_is_rebuilt(tmp_path, damage):
     assert rebuilt.splits["test"][0].equal(first.splits["test"][0])
 
 
+@pytest.mark.unit
 def test_a_checkpoint_vocabulary_reuses_the_cache_it_matches_and_never_overwrites_it(tmp_path):
     first = make_reviews_data(tmp_path, tokenizer="char")
     first.setup()
@@ -176,6 +183,7 @@ def test_a_checkpoint_vocabulary_reuses_the_cache_it_matches_and_never_overwrite
     ([{"text": "a", "label": None}, {"text": "b", "label": "x"}], "labels must be text or finite numbers"),
     ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "a single label ('x')"),
 ])
+@pytest.mark.unit
 def test_labels_that_cannot_be_classes_are_one_line(tmp_path, rows, expected):
     from bigmodel_cli.data.hf import HFData
     from bigmodel_cli.errors import UserError
@@ -188,6 +196,7 @@ def test_labels_that_cannot_be_classes_are_one_line(tmp_path, rows, expected):
     assert not list((tmp_path / "cache").glob(".tmp-*"))
 
 
+@pytest.mark.integration
 def test_bert_classifies_a_jsonl_file_through_data_hf(run_cli, tmp_path):
     """Issue 15, acceptance 1: BertForSequenceClassification (model=hf_classifier) trains on a
     text-classification JSONL file through data=hf."""
@@ -201,6 +210,7 @@ def test_bert_classifies_a_jsonl_file_through_data_hf(run_cli, tmp_path):
     assert summary["test"]["accuracy"] > 0.9, summary["test"]
 
 
+@pytest.mark.integration
 def test_a_tokenizer_json_made_elsewhere_tokenizes_data_hf(run_cli, tmp_path):
     tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
     words = sorted({w for phrase in POSITIVE + NEGATIVE for w in phrase.split()})
@@ -221,6 +231,7 @@ def test_a_tokenizer_json_made_elsewhere_tokenizes_data_hf(run_cli, tmp_path):
     assert cached["tokenizer"]["kind"] == "hf"  # the words, not bytes
 
 
+@pytest.mark.integration
 def test_a_gpt2_classifier_reads_the_last_token_before_the_padding(run_cli, tmp_path):
     """A decoder classifier needs to know the padding id to classify batches of padded texts."""
     pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]' (Hugging Face transformers)")

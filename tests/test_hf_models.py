@@ -32,6 +32,7 @@ from bigmodel_cli.engine.tasks import task_for  # noqa: E402
 from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts  # noqa: E402
 from bigmodel_cli.telemetry import Telemetry  # noqa: E402
 
+
 # The tiniest GPT-2 that still has two blocks, on 16-character windows; dropout stays on
 # (GPT-2's default 0.1), so exact resume must continue the random streams too.
 TINY_LM = ("model=hf_causal_lm", "model.n_layer=2", "model.n_head=2", "model.n_embd=16", "data=text",
@@ -50,6 +51,7 @@ def step_losses(run_dir: Path):
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
+@pytest.mark.integration
 def test_hf_causal_lm_trains_resumes_exactly_and_generates(compose, run_cli, tmp_path):
     args = (*TINY_LM, "trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=1",
             "trainer.keep_last=10")
@@ -71,6 +73,7 @@ def test_hf_causal_lm_trains_resumes_exactly_and_generates(compose, run_cli, tmp
     assert text.startswith("def") and len(text) == len("def") + 12
 
 
+@pytest.mark.integration
 def test_hf_blocks_are_found_recomputed_in_bf16_and_flops_are_estimated(compose, tmp_path):
     from bigmodel_cli.run import build_run
 
@@ -89,6 +92,7 @@ def test_hf_blocks_are_found_recomputed_in_bf16_and_flops_are_estimated(compose,
     assert run.trainer.flops_per_unit == pytest.approx(expected)
 
 
+@pytest.mark.integration
 def test_a_transformers_class_with_a_nested_config_gets_the_data_sizes(compose, tmp_path):
     out = train(compose(*TINY_LM[4:], *GPT2_CUSTOM, "trainer.max_steps=2", "trainer.val_every=2"), tmp_path)
     assert out["steps"] == 2
@@ -96,6 +100,7 @@ def test_a_transformers_class_with_a_nested_config_gets_the_data_sizes(compose, 
     assert "GPT2Config" in stored and "vocab_size" not in stored  # the sizes come from the data, not the config
 
 
+@pytest.mark.integration
 def test_tuple_outputs_train(compose, tmp_path):
     # (GPT-2 and Llama with config.return_dict=false fail inside transformers 5 itself, whose
     # inner model then returns a tuple its LM head reads as an object; BERT's does not.)
@@ -131,6 +136,7 @@ def hand_built_trainer(model: nn.Module, data: DataModule, run_dir: Path, steps:
     return Trainer(parts, settings, RunContext(run_dir, Telemetry(run_dir, "plain")))
 
 
+@pytest.mark.integration
 def test_hf_classifier_is_a_bert_sized_for_the_data_and_trains(compose, tmp_path):
     data = TokenLabels()
     data.setup()
@@ -147,6 +153,7 @@ def test_hf_classifier_is_a_bert_sized_for_the_data_and_trains(compose, tmp_path
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.unit
 def test_model_and_data_of_different_tasks_are_refused_before_building(compose):
     from bigmodel_cli.build import build_model as build
 
@@ -170,6 +177,7 @@ class NoLogitsHere(nn.Module):
     (Broken(), "AttributeError: 'tuple' object has no attribute 'last_hidden_state'"),
     (NoLogitsHere(), "NoLogits: it returns a dict with no logits tensor in it"),
 ])
+@pytest.mark.unit
 def test_a_model_that_fails_the_fit_check_is_one_line(model, cause):
     data = TokenLabels()
     data.setup()
@@ -181,6 +189,7 @@ def test_a_model_that_fails_the_fit_check_is_one_line(model, cause):
                               f"it failed with {cause}")
 
 
+@pytest.mark.unit
 def test_logits_are_read_from_every_kind_of_output():
     logits = torch.randn(2, 3)
     output = transformers.modeling_outputs.SequenceClassifierOutput(logits=logits)
@@ -188,6 +197,7 @@ def test_logits_are_read_from_every_kind_of_output():
         assert logits_of(out) is logits
 
 
+@pytest.mark.unit
 def test_a_transformers_lm_of_the_wrong_vocabulary_names_the_fix(compose):
     from bigmodel_cli.data.text import CharText
 
@@ -205,12 +215,14 @@ def test_a_transformers_lm_of_the_wrong_vocabulary_names_the_fix(compose):
     (("model.source=./no/such/folder",), "is not a folder (bigmodel never downloads models)"),
     (("model.pretrained=true",), "model.pretrained=true needs model.source to be a local folder"),
 ])
+@pytest.mark.unit
 def test_hf_sources_that_cannot_be_built_are_one_line(compose, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
         build_model(compose("model=hf_causal_lm", *overrides).model, DataSpec("language_modeling", "tokens", (8,),
                                                                               20, 20, 8))
 
 
+@pytest.mark.unit
 def test_pretrained_from_a_local_folder_never_downloads(compose, tmp_path):
     source = GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=40, n_positions=32))
     source.save_pretrained(tmp_path / "tiny")  # safetensors
@@ -225,6 +237,7 @@ def test_pretrained_from_a_local_folder_never_downloads(compose, tmp_path):
         build_model(cfg, DataSpec("language_modeling", "tokens", (64,), 40, 40, 64))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_train_a_hf_causal_lm(run_cli, strategy):
     done = run_cli("train", *TINY_LM, "trainer.devices=2", f"trainer.strategy={strategy}", "trainer.max_steps=3",
@@ -236,6 +249,7 @@ def test_two_ranks_train_a_hf_causal_lm(run_cli, strategy):
     assert last.exists()
 
 
+@pytest.mark.integration
 def test_pretrained_weights_that_would_run_code_are_refused(run_cli, tmp_path):
     """A pytorch_model.bin is a pickle: loaded with weights_only, a file that asks to run code
     is refused in one line that never suggests turning weights_only off."""

@@ -13,11 +13,13 @@ from bigmodel_cli.data.tokens import TokenFiles
 from bigmodel_cli.data.windows import RandomWindows
 from bigmodel_cli.errors import UserError
 
+
 CORPUS = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! é\n" * 300
 TINY_GPT = ("model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.block_size=32",
             "trainer.val_every=50", "trainer.log_every=25", "trainer.progress=plain")
 
 
+@pytest.mark.integration
 def test_prepare_train_generate(run_cli, tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     prepared = run_cli("prepare", "data.path=corpus.txt", "out=tok")
@@ -36,6 +38,7 @@ def test_prepare_train_generate(run_cli, tmp_path):
     assert sampled.stdout.count("The quick") == 2 and len(sampled.stdout) > 2 * 50
 
 
+@pytest.mark.integration
 def test_generate_refuses_a_classifier(run_cli, tmp_path):
     trained = run_cli("train", "trainer.max_steps=2", "hydra.run.dir=run")
     assert trained.returncode == 0, trained.output
@@ -43,6 +46,7 @@ def test_generate_refuses_a_classifier(run_cli, tmp_path):
     assert result.returncode == 2 and "is not a language model" in result.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
 def test_tokenizers_round_trip_through_their_saved_state(kind):
     if kind == "bpe":
@@ -56,18 +60,20 @@ def test_tokenizers_round_trip_through_their_saved_state(kind):
         assert len(ids) < len(CORPUS[:500].encode()) / 2  # merges make it shorter than bytes
 
 
-def make_token_dir(folder, train_tokens: int, sparse: bool = False, meta: bool = True):
+def make_token_dir(folder, train_tokens: int, sparse: bool = False, meta: bool = True, vocab: int = 50257):
+    """Token files of ids below `vocab` (GPT-2's by default; meta.json pads it to a multiple of 64)."""
     folder.mkdir()
     if sparse:  # a file larger than 4 GiB that takes no disk space and is never read whole
         with open(folder / "train.bin", "wb") as f:
             f.truncate(train_tokens * 2)
     else:
-        (np.arange(train_tokens) % 50257).astype(np.uint16).tofile(folder / "train.bin")  # GPT-2's ids
+        (np.arange(train_tokens) % vocab).astype(np.uint16).tofile(folder / "train.bin")
     (np.arange(1000) % 50).astype(np.uint16).tofile(folder / "val.bin")
     if meta:
-        (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50304}))
+        (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": -(-vocab // 64) * 64}))
 
 
+@pytest.mark.unit
 def test_a_token_file_over_4_gib_opens_without_being_read(tmp_path):
     tokens = 2_300_000_000  # 4.6 GB of uint16
     make_token_dir(tmp_path / "big", tokens, sparse=True)
@@ -82,6 +88,7 @@ def test_a_token_file_over_4_gib_opens_without_being_read(tmp_path):
     assert grown_mib < 200, f"resident memory grew by {grown_mib:.0f} MiB"
 
 
+@pytest.mark.unit
 def test_window_sampler_is_deterministic_and_resumable(tmp_path):
     make_token_dir(tmp_path / "d", 100_000)
     data = TokenFiles(dir=str(tmp_path / "d"), batch_size=4, block_size=16)
@@ -98,6 +105,7 @@ def test_window_sampler_is_deterministic_and_resumable(tmp_path):
     assert not torch.equal(next(iter(other_rank))[0], first[0][0])
 
 
+@pytest.mark.unit
 def test_nanogpt_style_dirs_without_meta(tmp_path):
     make_token_dir(tmp_path / "d", 10_000, meta=False)
     with pytest.raises(UserError, match="set data.vocab_size"):
@@ -107,6 +115,7 @@ def test_nanogpt_style_dirs_without_meta(tmp_path):
     assert data.spec.vocab_size == 50304 and "test" in data.tokens  # val stands in for test
 
 
+@pytest.mark.unit
 def test_activation_checkpointing_gives_the_same_gradients():
     from bigmodel_cli.engine.parallelize import checkpoint_activations
     from bigmodel_cli.models.gpt import GPT
@@ -123,7 +132,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_training_saves_the_plain_model(compose, tmp_path):
     from bigmodel_cli.commands.train import train
     from bigmodel_cli.engine.checkpoint import load_checkpoint
@@ -135,6 +144,7 @@ def test_compiled_training_saves_the_plain_model(compose, tmp_path):
     assert weights and not any(k.startswith("_orig_mod") for k in weights)
 
 
+@pytest.mark.unit
 def test_prefetched_batches_are_the_loaders_own(tmp_path):
     from bigmodel_cli.data.prefetch import Prefetched
 
@@ -164,6 +174,7 @@ def test_prefetched_batches_are_the_loaders_own(tmp_path):
     assert not any(t.name == "bigmodel-prefetch" for t in threading.enumerate())
 
 
+@pytest.mark.unit
 def test_a_failing_loader_raises_through_the_prefetch_thread():
     from bigmodel_cli.data.prefetch import Prefetched
 
@@ -181,11 +192,12 @@ def test_a_failing_loader_raises_through_the_prefetch_thread():
         next(stream)
 
 
+@pytest.mark.integration
 def test_prefetch_leaves_the_run_unchanged(compose, tmp_path):
     """Across epoch boundaries (7 batches per epoch here), where the thread restarts."""
     from bigmodel_cli.commands.train import train
 
-    make_token_dir(tmp_path / "d", 3_000)
+    make_token_dir(tmp_path / "d", 3_000, vocab=256)  # a small vocabulary: the head's softmax is most of a step
     losses = {}
     for depth in (0, 3):
         run = tmp_path / f"prefetch{depth}"
@@ -197,6 +209,7 @@ def test_prefetch_leaves_the_run_unchanged(compose, tmp_path):
     assert losses[0] == losses[3] and len([x for x in losses[0] if x is not None]) == 20
 
 
+@pytest.mark.unit
 def test_changing_prefetch_on_resume_is_allowed():
     from bigmodel_cli.engine.resume import config_changes
 
@@ -207,6 +220,7 @@ def test_changing_prefetch_on_resume_is_allowed():
         config_changes(saved, {"data": {"dir": "other", "prefetch": None}, "model": {"n_layer": 2}})
 
 
+@pytest.mark.unit
 def test_bad_token_folders_fail_with_one_line(tmp_path):
     make_token_dir(tmp_path / "d", 1_000)
     (tmp_path / "d" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50304,

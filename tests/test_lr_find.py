@@ -16,6 +16,7 @@ from bigmodel_cli.config import LrFindConfig
 from bigmodel_cli.engine.lr_range import ExponentialRamp, RangeTest, as_override, ramp_lrs, suggest
 from bigmodel_cli.help import describe_key
 
+
 #: the same numbers on any machine load (trainer.threads=auto sizes by idle CPUs)
 PINNED = ("trainer.threads=1", "trainer.progress=plain")
 
@@ -34,6 +35,7 @@ def curve(lrs, valley=1e-2, drop=2.0, floor=0.3):
 # ------------------------------------------------------------------ the rules
 
 
+@pytest.mark.unit
 def test_the_ramp_runs_geometrically_from_min_to_max_lr():
     lrs = ramp_lrs(1e-6, 1.0, 7)
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
@@ -43,6 +45,7 @@ def test_the_ramp_runs_geometrically_from_min_to_max_lr():
     assert [1e-6 * ramp(s) for s in range(7)] == pytest.approx(lrs)
 
 
+@pytest.mark.unit
 def test_the_smoothed_loss_is_a_bias_corrected_moving_average():
     test = RangeTest(beta=0.9)
     for loss in (2.0, 2.0, 2.0):
@@ -56,6 +59,7 @@ def test_the_smoothed_loss_is_a_bias_corrected_moving_average():
     assert test.losses == [4.0, 2.0]
 
 
+@pytest.mark.unit
 def test_the_test_stops_when_the_smoothed_loss_diverges_or_is_not_finite():
     flat = RangeTest(beta=0.0, diverge_factor=4.0)
     assert not any(flat.add(1e-3, 1.0) for _ in range(50)) and flat.stop_reason is None
@@ -70,6 +74,7 @@ def test_the_test_stops_when_the_smoothed_loss_diverges_or_is_not_finite():
         assert len(broken.losses) == 1  # the non-finite point is not part of the curve
 
 
+@pytest.mark.unit
 def test_the_suggestion_is_the_steepest_fall_before_the_lowest_point():
     lrs = ramp_lrs(1e-7, 10.0, 100)
     losses = curve(lrs, valley=1e-2)
@@ -80,6 +85,7 @@ def test_the_suggestion_is_the_steepest_fall_before_the_lowest_point():
     assert found.lr < found.min_loss_lr
 
 
+@pytest.mark.unit
 def test_the_climb_after_the_minimum_never_counts():
     lrs = ramp_lrs(1e-5, 1.0, 60)
     losses = curve(lrs, valley=1e-2)
@@ -91,6 +97,7 @@ def test_the_climb_after_the_minimum_never_counts():
     assert found is not None and found.index < lowest and 1e-3 / 1.5 < found.lr < 1e-3 * 1.5
 
 
+@pytest.mark.unit
 def test_no_suggestion_without_a_descent():
     lrs = ramp_lrs(1e-4, 1.0, 30)
     assert suggest(lrs, [1.0 + i for i in range(30)]) is None  # rising from the start
@@ -98,6 +105,7 @@ def test_no_suggestion_without_a_descent():
     assert suggest(lrs[:2], [2.0, 1.0]) is None  # too few points
 
 
+@pytest.mark.unit
 def test_a_noisy_start_is_not_taken_for_the_descent():
     lrs = ramp_lrs(1e-7, 10.0, 100)
     losses = curve(lrs, valley=1e-2)
@@ -106,12 +114,14 @@ def test_a_noisy_start_is_not_taken_for_the_descent():
     assert 1e-3 / 1.5 < found.lr < 1e-3 * 1.5
 
 
+@pytest.mark.unit
 def test_the_override_has_two_significant_digits():
     assert as_override(3.16e-3) == "optim.lr=3.2e-3"
     assert as_override(0.1) == "optim.lr=1.0e-1"
     assert as_override(12.5) == "optim.lr=1.2e1"
 
 
+@pytest.mark.unit
 def test_every_lr_find_key_has_a_description():
     missing = [f.name for f in dataclasses.fields(LrFindConfig) if not describe_key(LrFindConfig, f.name)]
     assert not missing
@@ -139,6 +149,7 @@ def assert_no_training_left(cwd):
     assert sorted(p.name for p in outputs.iterdir()) == ["lr_find"]  # no train run dir beside it
 
 
+@pytest.mark.integration
 def test_lr_find_on_digits_suggests_an_lr_that_trains_as_well_as_the_default(run_cli):
     """Acceptance 4 on digits: `bigmodel train optim.lr=<suggested>` reaches the default run's
     test accuracy or better."""
@@ -163,7 +174,7 @@ def test_lr_find_on_digits_suggests_an_lr_that_trains_as_well_as_the_default(run
     assert accuracy[1] >= accuracy[0], f"optim.lr={lr}: {accuracy}"
 
 
-@pytest.mark.slow
+@pytest.mark.accuracy
 def test_lr_find_on_the_char_gpt_suggests_an_lr_that_beats_the_default_at_equal_steps(run_cli):
     """Acceptance 4 on the char GPT: test loss after the same 300 steps, default lr vs suggested."""
     found = run_cli("lr-find", "model=gpt", "data=text", *PINNED)
@@ -180,6 +191,7 @@ def test_lr_find_on_the_char_gpt_suggests_an_lr_that_beats_the_default_at_equal_
     assert losses[1] <= losses[0], f"optim.lr={lr}: test loss {losses}"
 
 
+@pytest.mark.integration
 def test_several_devices_become_accumulation_in_one_process(run_cli):
     result = run_cli("lr-find", "trainer.devices=2", "trainer.grad_accum_steps=2", "lr_find.num_steps=20", *PINNED)
     assert result.returncode == 0, result.output
@@ -202,6 +214,7 @@ BAD = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_exit_2_and_leaves_no_folder(run_cli, args, message):
     result = run_cli("lr-find", *args)
@@ -212,6 +225,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_folder(run_cli, args, messag
     assert not (result.cwd / "outputs").exists()  # the failed start's folder is gone
 
 
+@pytest.mark.integration
 def test_one_rank_of_many_refuses_with_one_line(run_cli):
     result = run_cli("lr-find", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert result.returncode == 2, result.output
@@ -220,6 +234,7 @@ def test_one_rank_of_many_refuses_with_one_line(run_cli):
     assert not (result.cwd / "outputs").exists()
 
 
+@pytest.mark.integration
 def test_an_existing_run_dir_is_never_written_into(run_cli, tmp_path):
     taken = tmp_path / "outputs" / "2026-01-01" / "12-00-00-000000_train"
     taken.mkdir(parents=True)
@@ -232,6 +247,7 @@ def test_an_existing_run_dir_is_never_written_into(run_cli, tmp_path):
     assert (taken / "config.yaml").read_text() == "mine: 1\n"
 
 
+@pytest.mark.e2e
 def test_help_describes_the_command_without_torch():
     probe = ("import sys\nfrom bigmodel_cli.cli import main\n"
              "code = main(['lr-find', '--help'])\n"

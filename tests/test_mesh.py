@@ -6,6 +6,8 @@ from bigmodel_cli.config import ParallelConfig
 from bigmodel_cli.engine.mesh import Layout, data_share, layout_for
 from bigmodel_cli.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def test_data_parallelism_fills_what_tensor_and_pipeline_leave():
     assert layout_for(8, ParallelConfig(tp=2, pp=2)) == Layout(dp=2, tp=2, pp=2)

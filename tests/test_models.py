@@ -7,6 +7,8 @@ from bigmodel_cli.models.mlp import MLP
 from bigmodel_cli.models.rnn import RNN
 from bigmodel_cli.models.transformer import TransformerEncoder, sinusoidal_positions
 
+pytestmark = pytest.mark.unit
+
 
 def test_mlp_shapes_and_layers():
     model = MLP((1, 8, 8), 10, hidden_sizes=[32, 16], activation="gelu", dropout=0.1)

@@ -7,9 +7,11 @@ import pytest
 
 from bigmodel_cli.commands.train import train
 
+
 QUICK = ("trainer.max_steps=20", "trainer.log_every=5", "trainer.val_every=10", "trainer.progress=plain")
 
 
+@pytest.mark.integration
 def test_tensorboard_events_read_back_with_the_right_steps(compose, tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -26,6 +28,7 @@ def test_tensorboard_events_read_back_with_the_right_steps(compose, tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
 
 
+@pytest.mark.integration
 def test_csv_has_one_row_per_record_and_a_column_per_metric(compose, tmp_path):
     train(compose(*QUICK), tmp_path)  # jsonl, csv and tensorboard are the default loggers
     with open(tmp_path / "metrics.csv", newline="") as f:
@@ -36,6 +39,7 @@ def test_csv_has_one_row_per_record_and_a_column_per_metric(compose, tmp_path):
     assert [float(r["loss"]) for r in rows if r["loss"]] == [r["loss"] for r in jsonl if "loss" in r]
 
 
+@pytest.mark.integration
 def test_throughput_memory_and_no_mfu_on_cpu(compose, tmp_path):
     train(compose(*QUICK, "model=gpt", "data=text", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                   "trainer.eval_batches=2", "trainer.device=cpu"), tmp_path)
@@ -47,6 +51,7 @@ def test_throughput_memory_and_no_mfu_on_cpu(compose, tmp_path):
         assert "mfu" not in record  # CPU: no peak to compare with, so nothing is made up
 
 
+@pytest.mark.unit
 def test_mfu_estimate_and_peak_table():
     import torch
 
@@ -57,6 +62,7 @@ def test_mfu_estimate_and_peak_table():
     assert peak_flops(torch.device("cpu"), "bf16") is None
 
 
+@pytest.mark.integration
 def test_a_finished_run_writes_a_report_and_curves(compose, tmp_path):
     pytest.importorskip("matplotlib")
     train(compose(*QUICK), tmp_path)
@@ -65,6 +71,7 @@ def test_a_finished_run_writes_a_report_and_curves(compose, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 def test_plot_of_an_lr_sweep_has_one_labelled_curve_per_run(run_cli, tmp_path):
     pytest.importorskip("matplotlib")
     swept = run_cli("train", "-m", "optim.lr=1e-3,3e-3,1e-2", *QUICK)
@@ -81,6 +88,7 @@ def test_plot_of_an_lr_sweep_has_one_labelled_curve_per_run(run_cli, tmp_path):
     assert all(len(ax.lines) == 3 for ax in figure.axes)
 
 
+@pytest.mark.integration
 def test_plot_errors_are_one_line(run_cli, tmp_path):
     result = run_cli("plot", str(tmp_path / "nope"))
     assert result.returncode == 2 and "does not exist" in result.stderr
@@ -105,6 +113,7 @@ def fake_run(folder, overrides=None, steps=(5, 10, 15, 20), summary=None, config
     return folder
 
 
+@pytest.mark.integration
 def test_plot_of_a_folder_takes_only_training_runs_and_says_how_many_it_skipped(run_cli, tmp_path):
     pytest.importorskip("matplotlib")
     day = tmp_path / "outputs" / "2025-01-01"
@@ -132,6 +141,7 @@ def test_plot_of_a_folder_takes_only_training_runs_and_says_how_many_it_skipped(
         "10-00-00_train", "11-00-00_train_multirun/0", "11-00-00_train_multirun/1"]
 
 
+@pytest.mark.integration
 def test_plot_of_a_folder_without_a_training_run_is_a_one_line_error(run_cli, tmp_path):
     (tmp_path / "runs" / "13-00-00_eval" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty").mkdir()
@@ -143,6 +153,7 @@ def test_plot_of_a_folder_without_a_training_run_is_a_one_line_error(run_cli, tm
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_labels_name_the_overrides_that_differ_else_the_run_dirs(tmp_path):
     from bigmodel_cli.telemetry.plots import run_labels
 
@@ -158,6 +169,7 @@ def test_labels_name_the_overrides_that_differ_else_the_run_dirs(tmp_path):
                                                "day/11-00-00_train"]
 
 
+@pytest.mark.unit
 def test_many_runs_get_distinct_styles_and_a_legend_that_fits(tmp_path):
     pytest.importorskip("matplotlib")
     from bigmodel_cli.telemetry.plots import plot_runs
@@ -177,6 +189,7 @@ def test_many_runs_get_distinct_styles_and_a_legend_that_fits(tmp_path):
     assert all(box.y1 <= ax.get_position().y0 * page.height for ax in figure.axes)  # below the panels
 
 
+@pytest.mark.unit
 def test_curves_mark_the_best_monitored_step(tmp_path):
     pytest.importorskip("matplotlib")
     from bigmodel_cli.telemetry.plots import plot_runs
@@ -199,6 +212,7 @@ def test_curves_mark_the_best_monitored_step(tmp_path):
     assert len(panel.collections) == 2 and not panel.texts and "best" in panel.get_title()
 
 
+@pytest.mark.integration
 def test_report_shows_the_device_used_and_the_time_the_console_shows(compose, tmp_path, caplog):
     pytest.importorskip("matplotlib")
     import re
@@ -216,6 +230,7 @@ def test_report_shows_the_device_used_and_the_time_the_console_shows(compose, tm
     assert texts == [f"best {summary['monitor']} {summary['best_value']:.4g} @ step {summary['best_step']}"]
 
 
+@pytest.mark.unit
 def test_a_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
     import sys
 

@@ -6,6 +6,8 @@ from hydra.utils import instantiate
 
 from bigmodel_cli.optim import Constant, Cosine, Exponential, StepDecay, build_optimizer, param_groups
 
+pytestmark = pytest.mark.unit
+
 OPTIMIZERS = ["sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop"]
 
 

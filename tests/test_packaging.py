@@ -1,7 +1,10 @@
 """The wheel ships every package of bigmodel_cli (pyproject lists them by hand, beside conf/)."""
 
+import pytest
 import tomllib
 from pathlib import Path
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 

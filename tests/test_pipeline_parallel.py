@@ -17,6 +17,7 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.gpt import GPT
 from conftest import CLIResult
 
+
 # Dropout off and per-step logging, so runs compare step by step; checkpoints at steps 10 and 20.
 TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",
             "data.block_size=32", "data.batch_size=8", "trainer.max_steps=20", "trainer.log_every=1",
@@ -81,11 +82,13 @@ def checkpoint(result, step):
 # ---------------------------------------------------------------- the cut (one process)
 
 
+@pytest.mark.unit
 def test_stage_blocks_are_as_even_as_can_be():
     assert stage_blocks(5, 2) == [range(0, 3), range(3, 5)]
     assert stage_blocks(4, 4) == [range(i, i + 1) for i in range(4)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule,owned", [("1f1b", ([0, 1], [2, 3])), ("interleaved_1f1b", ([0, 2], [1, 3]))])
 def test_the_stages_together_hold_the_whole_model_under_its_own_keys(schedule, owned):
     torch.manual_seed(0)
@@ -131,12 +134,14 @@ GPT_CFG = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_layer": 4}
     (GPT_CFG, 8, settings(microbatches=1), r"1f1b needs at least as many micro-batches as stages"),
     (GPT_CFG, 8, TrainerConfig(precision="fp16", parallel=ParallelConfig(pp=2)), r"use trainer.precision=bf16"),
 ])
+@pytest.mark.unit
 def test_what_cannot_be_pipelined_is_one_line(model_cfg, batch, config, message):
     with pytest.raises(UserError, match=message) as err:
         check_config(model_cfg, batch, config)
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.dist
 def test_too_few_blocks_fail_before_launch(tmp_path):
     result = cli("train", *TINY_GPT, *PP2, "model.n_layer=1", cwd=tmp_path)
     assert result.returncode != 0
@@ -149,6 +154,7 @@ def test_too_few_blocks_fail_before_launch(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_two_stages_follow_the_single_process_curve(train, schedule):
     single = train("single", *TINY_GPT)
@@ -163,6 +169,7 @@ def test_two_stages_follow_the_single_process_curve(train, schedule):
     assert "pipeline: 2 stages" in (run_dir(staged) / "train_rank1.log").read_text()
 
 
+@pytest.mark.e2e
 def test_a_pipeline_checkpoint_resumes_in_one_process(train, tmp_path):
     single = train("single", *TINY_GPT)
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
@@ -172,6 +179,7 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(train, tmp_path):
     assert_same_curve(single, resumed)
 
 
+@pytest.mark.e2e
 def test_a_pipeline_checkpoint_evaluates_and_generates_in_one_process(train, tmp_path):
     single = train("single", *TINY_GPT)
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
@@ -188,7 +196,7 @@ def test_a_pipeline_checkpoint_evaluates_and_generates_in_one_process(train, tmp
     assert ours.stdout.strip() and ours.stdout == theirs.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_interleaved_stages_follow_the_single_process_curve(train):
     four_blocks = (*TINY_GPT, "model.n_layer=4")
     single = train("single4", *four_blocks)
@@ -197,7 +205,7 @@ def test_interleaved_stages_follow_the_single_process_curve(train):
     assert_same_curve(single, staged)
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_a_pipeline_resumes_bit_for_bit(train, tmp_path):
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
     resumed = cli("train", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b",
@@ -209,7 +217,7 @@ def test_a_pipeline_resumes_bit_for_bit(train, tmp_path):
     assert all((ours[s]["loss"], ours[s]["grad_norm"]) == (theirs[s]["loss"], theirs[s]["grad_norm"]) for s in ours)
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_two_replicas_of_two_stages_follow_data_parallel(train):
     """pp=2 x dp=2 (4 ranks, under torchrun) with accumulation and clipping == plain DDP on 2."""
     extra = ("trainer.grad_accum_steps=2", "trainer.grad_clip=0.5")
@@ -221,6 +229,7 @@ def test_two_replicas_of_two_stages_follow_data_parallel(train):
         assert theirs == pytest.approx(ours, rel=1e-5)
 
 
+@pytest.mark.dist
 def test_tensor_parallel_stages_follow_the_single_process_curve(train):
     """tp=2 x pp=2 on 4 ranks (torchrun): each stage's blocks are split over two ranks, with
     sequence parallelism (on by default without dropout): activations leave each stage whole."""
@@ -232,7 +241,7 @@ def test_tensor_parallel_stages_follow_the_single_process_curve(train):
     assert_same_curve(single, both, curve=grad_norms)
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_shards_each_stage_over_its_replicas(train, tmp_path):
     """pp=2 x dp=2 under fsdp (4 ranks) with accumulation and clipping == plain DDP on 2, the
     tied embedding and head included; its checkpoint resumes under DDP."""
@@ -249,6 +258,7 @@ def test_fsdp_shards_each_stage_over_its_replicas(train, tmp_path):
     assert_same_curve(ddp, resumed)
 
 
+@pytest.mark.unit
 def test_the_last_stage_resumes_the_tied_head_from_an_unsplit_runs_optimizer_state(tmp_path):
     """A tp or fsdp checkpoint keeps GPT's tied embedding/head state under tok_emb.weight; the
     last stage knows it as lm_head.weight and must still find it (one process, DCP without ranks)."""

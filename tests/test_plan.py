@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.dist
 def test_planned_memory_is_within_20_percent_of_the_measured_peak():
     """Three configurations that fit (one process, with activation checkpointing, FSDP over
     2 ranks): the plan against the peak tensor memory of a real Trainer step (bench/plan_memory.py)."""
@@ -20,6 +22,7 @@ def test_planned_memory_is_within_20_percent_of_the_measured_peak():
     for name, planned, measured, error in rows:
         assert abs(float(error.strip().rstrip("%"))) <= 20, f"{name}: planned {planned} MiB, measured {measured} MiB"
 
+@pytest.mark.integration
 def test_gpt2_on_eight_gpus_with_fsdp_plans_without_a_run_dir(run_cli):
     done = run_cli("plan", "model=gpt2", "trainer.devices=8", "trainer.strategy=fsdp", "trainer.precision=bf16")
     assert done.returncode == 0, done.stderr
@@ -35,6 +38,7 @@ def test_gpt2_on_eight_gpus_with_fsdp_plans_without_a_run_dir(run_cli):
     assert not (done.cwd / "outputs").exists()
 
 
+@pytest.mark.integration
 def test_train_dry_run_prints_the_plan_and_trains_nothing(run_cli):
     done = run_cli("train", "model=cnn", "trainer.dry_run=true")
     assert done.returncode == 0, done.stderr
@@ -43,6 +47,7 @@ def test_train_dry_run_prints_the_plan_and_trains_nothing(run_cli):
     assert not (done.cwd / "outputs").exists()
 
 
+@pytest.mark.integration
 def test_a_gpu_too_small_gets_settings_that_would_fit(run_cli):
     done = run_cli("plan", "model=gpt", "data=text", "data.batch_size=64", "data.block_size=256",
                    "--gpu-memory", "0.25GB")
@@ -63,6 +68,7 @@ def test_a_gpu_too_small_gets_settings_that_would_fit(run_cli):
     (("model=resnet",), "did you mean model=cnn"),
     (("data=tokens",), "data.vocab_size"),
 ])
+@pytest.mark.integration
 def test_bad_input_is_one_line_and_exit_2(run_cli, args, words):
     done = run_cli("plan", *args)
     assert done.returncode == 2, done.output
@@ -72,12 +78,14 @@ def test_bad_input_is_one_line_and_exit_2(run_cli, args, words):
     assert not (done.cwd / "outputs").exists()
 
 
+@pytest.mark.integration
 def test_plan_help_and_the_command_list(run_cli):
     assert "plan" in run_cli("--help").stdout
     done = run_cli("plan", "--help")
     assert done.returncode == 0 and "bigmodel plan" in done.stdout and "dry_run" in done.stdout
 
 
+@pytest.mark.integration
 def test_a_dry_run_sweep_plans_each_job_and_writes_nothing(run_cli):
     done = run_cli("train", "-m", "trainer.dry_run=true", "model=mlp,cnn")
     assert done.returncode == 0, done.stderr
@@ -85,6 +93,7 @@ def test_a_dry_run_sweep_plans_each_job_and_writes_nothing(run_cli):
     assert not (done.cwd / "outputs").exists()
 
 
+@pytest.mark.integration
 def test_a_stand_in_keeps_the_batch_size_given(run_cli):
     done = run_cli("plan", "model=gpt2", "data.batch_size=1", "--gpu-memory", "2GB")
     assert done.returncode == 0, done.stderr

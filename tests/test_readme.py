@@ -8,11 +8,13 @@ lines (`python3 -m venv ...`) are what `.ci/run` runs; the torchrun and srun lin
 tested in tests/test_distributed.py.
 """
 
+import pytest
 import re
 import shlex
 from pathlib import Path
 
 from conftest import write_image_folder, write_user_package
+
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: the Hydra plugin each launcher or sweeper example needs (optional extras)
@@ -61,11 +63,13 @@ def resolve(line: str, cwd: Path) -> str:
     return line
 
 
+@pytest.mark.unit
 def test_the_readme_has_examples_of_every_command():
     commands = {line.split()[1] for line in readme_examples()}
     assert {"train", "eval", "prepare", "generate", "plot", "summary", "--help"} <= commands
 
 
+@pytest.mark.e2e
 def test_every_readme_example_runs(run_cli, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -16,7 +16,8 @@ import torch
 from bigmodel_cli.commands.train import train
 from bigmodel_cli.engine.checkpoint import load_checkpoint
 from bigmodel_cli.errors import UserError
-from conftest import slurm_is_up
+from conftest import bigmodel, slurm_is_up
+
 
 HELPERS = Path(__file__).parent / "helpers"
 # Dropout on (the RNG streams must continue exactly), a loss record every step, a cosine
@@ -107,6 +108,7 @@ def _lines(path: Path):
 # ------------------------------------------------------------------ exactness
 
 
+@pytest.mark.integration
 def test_exact_resume_at_an_epoch_boundary_and_inside_an_epoch(compose, tmp_path):
     full = tmp_path / "full"
     train(compose(*BASE, "trainer.max_steps=45", "trainer.checkpoint_every=1", "trainer.keep_last=100"), full)
@@ -123,12 +125,13 @@ def test_exact_resume_at_an_epoch_boundary_and_inside_an_epoch(compose, tmp_path
         assert summary(resumed)["test"] == summary(full)["test"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_stopped_at_a_random_step_then_resume_auto_matches_an_uninterrupted_run(run_cli, tmp_path, sig):
-    args = (*BASE, "trainer.max_steps=1500", "trainer.val_every=100", "trainer.checkpoint_every=25")
+    args = (*BASE, "trainer.max_steps=500", "trainer.val_every=100", "trainer.checkpoint_every=25")
     reference = run_cli("train", *args, "hydra.run.dir=reference")
     assert reference.returncode == 0, reference.output
-    stop_at = random.Random(sig).randint(60, 900)
+    stop_at = random.Random(sig).randint(60, 300)
     proc = start_cli(tmp_path, *args, "hydra.run.dir=victim")
     wait_for_step(proc, tmp_path / "victim" / "metrics.jsonl", stop_at)
     proc.send_signal(sig)
@@ -146,9 +149,9 @@ def test_stopped_at_a_random_step_then_resume_auto_matches_an_uninterrupted_run(
     assert_same_run(tmp_path / "victim", tmp_path / "reference")
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_two_rank_ddp_stopped_by_sigterm_resumes_exactly(run_cli, tmp_path):
-    args = (*BASE, "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=900", "trainer.val_every=100",
+    args = (*BASE, "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=400", "trainer.val_every=100",
             "trainer.checkpoint_every=8")
     reference = run_cli("train", *args, "hydra.run.dir=reference", timeout=240)
     assert reference.returncode == 0, reference.output
@@ -163,15 +166,16 @@ def test_two_rank_ddp_stopped_by_sigterm_resumes_exactly(run_cli, tmp_path):
     assert_same_run(tmp_path / "victim", tmp_path / "reference")
     # And from a checkpoint at an epoch boundary (8 steps per rank's epoch), into a new run dir.
     boundary = run_cli("train", *args, "hydra.run.dir=boundary",
-                       f"trainer.resume={tmp_path}/reference/checkpoints/step_00000896.pt", timeout=240)
+                       f"trainer.resume={tmp_path}/reference/checkpoints/step_00000392.pt", timeout=240)
     assert boundary.returncode == 0, boundary.output
     reference_losses = step_losses(tmp_path / "reference")
-    assert step_losses(tmp_path / "boundary") == {s: v for s, v in reference_losses.items() if s > 896}
+    assert step_losses(tmp_path / "boundary") == {s: v for s, v in reference_losses.items() if s > 392}
 
 
 # ------------------------------------------------------------------ damage and safety
 
 
+@pytest.mark.integration
 def test_kill_9_while_writing_a_checkpoint_never_replaces_the_previous_one(run_cli, tmp_path):
     args = ("trainer.max_steps=40", "trainer.checkpoint_every=10", "trainer.val_every=1000",
             "trainer.progress=plain", "hydra.run.dir=run")
@@ -189,6 +193,7 @@ def test_kill_9_while_writing_a_checkpoint_never_replaces_the_previous_one(run_c
     assert not list(folder.glob(".*.tmp"))  # cleaned up
 
 
+@pytest.mark.integration
 def test_resume_auto_skips_a_truncated_newest_checkpoint(compose, tmp_path, caplog):
     args = ("trainer.checkpoint_every=10", "trainer.val_every=1000", "trainer.progress=plain")
     train(compose(*args, "trainer.max_steps=30"), tmp_path)
@@ -208,6 +213,7 @@ class RunsCode:
         return (os.mkdir, (str(self.marker),))
 
 
+@pytest.mark.integration
 def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(compose, tmp_path, caplog):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
@@ -224,6 +230,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(compose, tmp
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_model_and_allows_a_longer_run(compose, tmp_path):
     train(compose("trainer.max_steps=5", "model.hidden_sizes=[32]"), tmp_path)
     with pytest.raises(UserError, match=r"cannot resume: .*model.hidden_sizes \(\[32\] -> \[16\]\)"):
@@ -231,6 +238,7 @@ def test_resume_refuses_a_changed_model_and_allows_a_longer_run(compose, tmp_pat
     assert train(compose("trainer.max_steps=8", "model.hidden_sizes=[32]"), tmp_path)["steps"] == 8
 
 
+@pytest.mark.integration
 def test_init_from_starts_fresh_from_another_runs_weights(compose, tmp_path):
     source = tmp_path / "source"
     first = train(compose("trainer.max_steps=20", "model.hidden_sizes=[32]"), source)
@@ -248,6 +256,7 @@ def test_init_from_starts_fresh_from_another_runs_weights(compose, tmp_path):
 # ------------------------------------------------------------------ signals
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])  # sbatch templates, submitit
 def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, sig):
     """A fake Slurm job: a stub scontrol records the requeue; running the same command again
@@ -258,7 +267,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     (stub / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
     (stub / "scontrol").chmod(0o755)
     env = clean_env(SLURM_JOB_ID="4242", PATH=f"{stub}{os.pathsep}{os.environ['PATH']}")
-    args = ("trainer.max_steps=3000", "trainer.val_every=500", "trainer.progress=plain")
+    args = ("trainer.max_steps=1000", "trainer.val_every=250", "trainer.progress=plain")
     proc = start_cli(tmp_path, *args, env=env)
     run_dir = _wait_for_run_dir(tmp_path)
     wait_for_step(proc, run_dir / "metrics.jsonl", 300)
@@ -268,14 +277,12 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(t
     assert f"{sig.name}: requeued the Slurm job" in stderr
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").step
-    assert 300 <= stopped_at < 3000
+    assert 300 <= stopped_at < 1000
     assert json.loads((run_dir / "outcome.json").read_text())["status"] == "stopped"  # for bigmodel summary
-    requeued = subprocess.run([sys.executable, "-m", "bigmodel_cli", "train", *args], cwd=tmp_path,
-                              env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
-                              timeout=300)
+    requeued = bigmodel("train", *args, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"})
     assert requeued.returncode == 0, requeued.stderr
     assert [p for p in (tmp_path / "outputs").glob("*/*_train")] == [run_dir]  # no second run dir
-    assert summary(run_dir)["steps"] == 3000
+    assert summary(run_dir)["steps"] == 1000
     assert summary(run_dir)["resumed_from"].endswith(f"step_{stopped_at:08d}.pt")
     assert not (run_dir / "outcome.json").exists()  # continued: no longer stopped
 
@@ -290,8 +297,9 @@ def _wait_for_run_dir(cwd: Path, timeout: float = 60) -> Path:
     raise AssertionError("no run dir appeared")
 
 
+@pytest.mark.e2e
 def test_sigusr1_outside_slurm_writes_a_checkpoint_and_goes_on(tmp_path):
-    proc = start_cli(tmp_path, "trainer.max_steps=4000", "trainer.val_every=5000", "trainer.progress=plain",
+    proc = start_cli(tmp_path, "trainer.max_steps=1000", "trainer.val_every=5000", "trainer.progress=plain",
                      "hydra.run.dir=run")
     wait_for_step(proc, tmp_path / "run" / "metrics.jsonl", 200)
     proc.send_signal(signal.SIGUSR1)
@@ -300,7 +308,7 @@ def test_sigusr1_outside_slurm_writes_a_checkpoint_and_goes_on(tmp_path):
     assert proc.returncode == 0, stderr
     assert "SIGUSR1 wrote checkpoint" in stdout and "training goes on" in stdout
     steps = sorted(int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
-    assert len(steps) == 2 and 200 <= steps[0] < 4000 and steps[1] == 4000
+    assert len(steps) == 2 and 200 <= steps[0] < 1000 and steps[1] == 1000
 
 
 # ------------------------------------------------------------------ non-finite steps
@@ -312,6 +320,7 @@ def flaky(compose, *overrides):
                    "trainer.checkpoint_every=5", "trainer.progress=plain", "trainer.max_steps=30", *overrides)
 
 
+@pytest.mark.integration
 def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoint(compose, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HELPERS))
     with pytest.raises(UserError, match="non-finite between steps 11 and 15; the checkpoint of step 10 is kept"):
@@ -320,6 +329,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoint(compose, 
     assert not list((tmp_path / "checkpoints").glob("step_00000015*"))
 
 
+@pytest.mark.integration
 def test_on_nonfinite_skip_drops_the_step_and_goes_on(compose, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HELPERS))
     out = train(flaky(compose, "trainer.on_nonfinite=skip"), tmp_path)
@@ -348,7 +358,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @pytest.mark.skipif(not slurm_is_up(), reason="no running Slurm (scripts/local_slurm.sh starts one)")
 def test_real_sbatch_job_is_signalled_requeued_and_finishes(tmp_path):
     script = tmp_path / "job.sh"
@@ -381,7 +391,7 @@ exec {sys.executable} -m bigmodel_cli train trainer.max_steps=2500 trainer.val_e
     assert done["steps"] == 2500 and "step_" in done["resumed_from"]
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_sharded_checkpoints_resume_exactly(run_cli, tmp_path):
     args = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.1",
             "data.block_size=16", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.devices=2", "trainer.device=cpu",
@@ -398,6 +408,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly(run_cli, tmp_path):
     assert summary(tmp_path / "resumed")["test"] == summary(tmp_path / "full")["test"]
 
 
+@pytest.mark.integration
 def test_time_based_checkpoints(compose, tmp_path, monkeypatch):
     """Inside a Slurm job too, a timed checkpoint neither requeues nor stops the run."""
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

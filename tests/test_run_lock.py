@@ -18,6 +18,7 @@ from bigmodel_cli import run_lock
 from bigmodel_cli.errors import UserError
 from test_resume import clean_env, start_cli, wait_for_step
 
+
 LONG = ("trainer.max_steps=100000", "trainer.val_every=50", "trainer.log_every=10", "trainer.progress=plain",
         "model.hidden_sizes=[32]")
 
@@ -26,6 +27,7 @@ def snapshot(folder: Path, names):
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
 
 
+@pytest.mark.e2e
 def test_a_second_writer_on_a_live_run_dir_is_refused_at_once(run_cli, tmp_path):
     first = start_cli(tmp_path, *LONG, "hydra.run.dir=run")
     run = tmp_path / "run"
@@ -51,6 +53,7 @@ def test_a_second_writer_on_a_live_run_dir_is_refused_at_once(run_cli, tmp_path)
     assert "resuming from" in resumed.output
 
 
+@pytest.mark.e2e
 def test_two_runs_started_together_leave_one_run(tmp_path):
     args = ("trainer.max_steps=30", "trainer.val_every=10", "trainer.progress=plain", "hydra.run.dir=run")
     procs = [start_cli(tmp_path, *args, f"trainer.seed={seed}") for seed in (1, 2)]
@@ -66,6 +69,7 @@ def test_two_runs_started_together_leave_one_run(tmp_path):
     assert [r["step"] for r in records if "val/loss" in r] == [0, 10, 20, 30]  # one run's, not two
 
 
+@pytest.mark.e2e
 def test_a_second_sweep_into_the_same_sweep_dir_is_refused(run_cli, tmp_path):
     first = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "-m", "optim.lr=1e-3,2e-3",
                               *LONG[1:], "trainer.max_steps=100000", "hydra.sweep.dir=sweep"], cwd=tmp_path,
@@ -95,6 +99,7 @@ def holder_in_subprocess(run_dir: Path):
     return proc
 
 
+@pytest.mark.e2e
 def test_the_lock_is_reentrant_and_released(tmp_path):
     run_lock.acquire(tmp_path)
     run_lock.acquire(tmp_path)  # the Hydra callback and the train command both take it
@@ -108,6 +113,7 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
     assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["released"]  # no holder any more
 
 
+@pytest.mark.e2e
 def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path):
     holder = holder_in_subprocess(tmp_path)
     try:
@@ -120,6 +126,7 @@ def test_a_live_holder_blocks_and_a_dead_one_does_not(tmp_path):
     run_lock.release(tmp_path)
 
 
+@pytest.mark.e2e
 def test_a_live_holder_without_a_readable_record_still_blocks(tmp_path):
     holder = holder_in_subprocess(tmp_path)
     try:
@@ -144,6 +151,7 @@ def write_record(folder: Path, **record):
     (folder / run_lock.LOCK_NAME).write_text(json.dumps(record))
 
 
+@pytest.mark.e2e
 def test_without_flock_the_record_decides(tmp_path, no_flock):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
@@ -157,6 +165,7 @@ def test_without_flock_the_record_decides(tmp_path, no_flock):
     run_lock.release(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_holder_on_another_host_is_taken_over_once_silent(tmp_path, no_flock):
     write_record(tmp_path, pid=1, host="lost-node", heartbeat=time.time())
     with pytest.raises(run_lock.RunDirBusy, match="last sign of life was 0 s ago"):
@@ -166,6 +175,7 @@ def test_a_holder_on_another_host_is_taken_over_once_silent(tmp_path, no_flock):
     run_lock.release(tmp_path)
 
 
+@pytest.mark.e2e
 def test_after_taking_over_a_lost_nodes_lock_the_next_run_can_too(tmp_path):
     """A shared file system's server may keep a lost node's lock: after one run took it over
     and ended, the next one must not be blocked by that same stale lock."""
@@ -180,6 +190,7 @@ def test_after_taking_over_a_lost_nodes_lock_the_next_run_can_too(tmp_path):
         holder.wait()
 
 
+@pytest.mark.e2e
 def test_a_run_inside_a_live_sweep_and_a_sweep_over_live_runs_are_refused(tmp_path):
     sweep = tmp_path / "sweep"
     holder = holder_in_subprocess(sweep)
@@ -200,6 +211,7 @@ def test_a_run_inside_a_live_sweep_and_a_sweep_over_live_runs_are_refused(tmp_pa
         job.wait()
 
 
+@pytest.mark.unit
 def test_an_unwritable_run_dir_is_one_line(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

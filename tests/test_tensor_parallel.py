@@ -17,6 +17,7 @@ from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_p
 from bigmodel_cli.errors import UserError
 from conftest import outcome_lines
 
+
 # Dropout off, per-step logging: runs compare step by step.
 GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",
        "data.block_size=16", "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10",
@@ -59,6 +60,7 @@ def trained(run_cli, tmp_path, name, *args):
     ({"_target_": "bigmodel_cli.models.mlp.MLP", "hidden_sizes": [33, 16]}, 2, "model.hidden_sizes[0]=33"),
     ({"_target_": "bigmodel_cli.models.cnn.CNN"}, 2, "CNN has no tensor-parallel plan"),
 ])
+@pytest.mark.unit
 def test_a_model_that_does_not_split_is_one_line_naming_a_setting_that_would(model, tp, expect):
     problem = config_split_problem(model, tp)
     assert problem and expect in problem and "\n" not in problem
@@ -66,6 +68,7 @@ def test_a_model_that_does_not_split_is_one_line_naming_a_setting_that_would(mod
     assert config_split_problem(model, 1) is None
 
 
+@pytest.mark.unit
 def test_splits_that_work_pass_and_suggestions_do_split():
     assert config_split_problem({"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}, 2) is None
     # Only the column-wise layers' widths are split: [32, 7] is fine for tp=2 (7 feeds the head row-wise).
@@ -78,6 +81,7 @@ def test_splits_that_work_pass_and_suggestions_do_split():
     assert config_split_problem(gpt, 5).endswith("use trainer.parallel.tp=4")
 
 
+@pytest.mark.unit
 def test_several_replicas_of_a_split_model_pass_the_checks_under_either_strategy():
     from bigmodel_cli.commands.train import check_layout
 
@@ -87,6 +91,7 @@ def test_several_replicas_of_a_split_model_pass_the_checks_under_either_strategy
         check_layout(TrainerConfig(devices=8, strategy=strategy, parallel=ParallelConfig(tp=2, pp=2)), DistEnv(), gpt)
 
 
+@pytest.mark.unit
 def test_fp16_under_tp_is_refused_before_launch():
     """GradScaler decides on each rank's own gradient shards: an overflow in one would skip the
     step there only. (fsdp and pp refuse fp16 for the same reason.)"""
@@ -98,6 +103,7 @@ def test_fp16_under_tp_is_refused_before_launch():
     check_layout(TrainerConfig(devices=2, precision="bf16", parallel=ParallelConfig(tp=2)), DistEnv(), gpt)
 
 
+@pytest.mark.unit
 def test_sequence_parallel_asked_for_with_dropout_off_cuda_is_refused_before_launch():
     """On CPU, DTensor draws a sharded dropout from each rank's own generator: every tp rank
     would mask its part of the sequence alike. Asked for by name, that is one line naming the
@@ -115,6 +121,7 @@ def test_sequence_parallel_asked_for_with_dropout_off_cuda_is_refused_before_lau
     assert sequence_parallel_problem(encoder, 2, True, "cuda") is None
 
 
+@pytest.mark.unit
 def test_sequence_parallel_by_default_where_it_is_exact():
     from bigmodel_cli.engine.tensor_parallel import use_sequence_parallel
     from bigmodel_cli.models.gpt import GPT
@@ -127,6 +134,7 @@ def test_sequence_parallel_by_default_where_it_is_exact():
     assert not use_sequence_parallel(False, plain, "cuda", 2)
 
 
+@pytest.mark.dist
 def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
     result = run_cli("train", *GPT, "model.n_head=1", "trainer.devices=2", "trainer.parallel.tp=2", timeout=120)
     assert result.returncode != 0
@@ -145,6 +153,7 @@ def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
       "trainer.parallel.sequence_parallel=true"),
      "the same dropout mask for its part of the sequence"),
 ])
+@pytest.mark.unit
 def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, expect):
     """`bigmodel plan` (and trainer.dry_run=true) must not plan, with a launch line, a run that fails."""
     from bigmodel_cli.commands.plan import show_plan
@@ -155,6 +164,7 @@ def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, exp
         show_plan(cfg, {"model": overrides[0].split("=")[1]}, list(overrides))
 
 
+@pytest.mark.unit
 def test_lr_find_runs_a_split_model_whole_with_the_global_batch_of_its_replicas():
     """lr-find is one process: tp x pp ranks compute one replica's numbers, so only the
     data-parallel replicas become accumulation (tp=2 on 2 ranks is 1 replica, not 2)."""
@@ -174,6 +184,7 @@ def test_lr_find_runs_a_split_model_whole_with_the_global_batch_of_its_replicas(
 # --------------------------------------------------------------- the same numbers as one process
 
 
+@pytest.mark.dist
 def test_gpt_under_tp2_follows_one_process_and_its_checkpoint_resumes_anywhere(run_cli, tmp_path):
     """tp=2, with sequence parallelism (the default) and activation checkpointing, matches one
     process step by step (loss and the global gradient norm, clipped: the norms' weights are
@@ -201,7 +212,7 @@ def test_gpt_under_tp2_follows_one_process_and_its_checkpoint_resumes_anywhere(r
                                                       rel=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_path):
     """Saved under tp=2 (one replica, batch 16), resumed under dp=2 (two replicas of batch 8).
     Digits' sampler shards one permutation, so both read the same samples each step: the
@@ -214,7 +225,7 @@ def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_pat
     assert_same_curve(curve(dp), {s: v for s, v in curve(tp).items() if s > 6}, 6)
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_tp_within_two_replicas_on_four_ranks_follows_the_two_replicas(run_cli, tmp_path, strategy):
     """dp=2 x tp=2 reads the same data shares as dp=2 alone: the same curve. Under fsdp each
@@ -238,7 +249,6 @@ TRANSFORMER = ("model=transformer", "data=digits", "model.d_model=16", "model.n_
                "model.dropout=0.0")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", [
     ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0"),
     # Sequence parallelism on 9 tokens (8 rows and the class token): shards of 5 and 4; one
@@ -246,6 +256,7 @@ TRANSFORMER = ("model=transformer", "data=digits", "model.d_model=16", "model.n_
     TRANSFORMER,
     (*TRANSFORMER, "trainer.parallel.sequence_parallel=false"),
 ], ids=["mlp", "transformer", "transformer-without-sp"])
+@pytest.mark.dist
 def test_mlp_and_transformer_under_tp2_follow_one_process(run_cli, tmp_path, model):
     args = (*model, "data.batch_size=16", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=12",
             "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")

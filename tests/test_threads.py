@@ -22,6 +22,7 @@ from bigmodel_cli.engine.threads import (
 from bigmodel_cli.errors import UserError
 
 
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -48,11 +49,13 @@ def machine(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("cpu_max,expected", [("150000 100000\n", 1.5), ("max 100000\n", None),
                                                ("200000 100000", 2.0), ("garbage", None)])
+@pytest.mark.unit
 def test_cgroup_v2_cpu_max_at_the_root(tmp_path, cpu_max, expected):
     write(tmp_path / "cg" / "cpu.max", cpu_max)
     assert cgroup_quota(tmp_path / "cg", tmp_path / "missing") == expected
 
 
+@pytest.mark.unit
 def test_cgroup_v2_own_path_and_its_parents_tightest_wins(tmp_path):
     root = tmp_path / "cg"
     write(root / "user.slice" / "cpu.max", "100000 100000")  # 1 CPU for the whole slice
@@ -62,6 +65,7 @@ def test_cgroup_v2_own_path_and_its_parents_tightest_wins(tmp_path):
     assert cgroup_quota(root, proc) == 1.0
 
 
+@pytest.mark.unit
 def test_cgroup_path_outside_the_root_falls_back_to_the_root_files(tmp_path):
     root = tmp_path / "cg"
     write(root / "cpu.max", "300000 100000")
@@ -71,6 +75,7 @@ def test_cgroup_path_outside_the_root_falls_back_to_the_root_files(tmp_path):
     assert cgroup_quota(root, proc) == 3.0
 
 
+@pytest.mark.unit
 def test_cgroup_v1_cfs_quota(tmp_path):
     root = tmp_path / "cg"
     write(root / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us", "250000\n")
@@ -85,6 +90,7 @@ def test_cgroup_v1_cfs_quota(tmp_path):
     assert cgroup_quota(root, proc) is None  # -1: no quota
 
 
+@pytest.mark.unit
 def test_quota_rounds_up_and_limits_usable_cpus(machine, tmp_path):
     root = write(tmp_path / "cg" / "cpu.max", "150000 100000").parent
     usable = usable_cpus({}, root, tmp_path / "missing")
@@ -96,12 +102,14 @@ def test_quota_rounds_up_and_limits_usable_cpus(machine, tmp_path):
 # ------------------------------------------------------- affinity and Slurm
 
 
+@pytest.mark.unit
 def test_affinity_limits_usable_cpus(machine):
     assert usable_cpus({})[:2] == (8, "all 8 cores")
     machine(cores=8, affinity=3)
     assert usable_cpus({})[:2] == (3, "affinity 3 of 8 cores")
 
 
+@pytest.mark.unit
 def test_affinity_missing_falls_back_to_cpu_count(machine, monkeypatch):
     monkeypatch.delattr(threads.os, "sched_getaffinity")
     assert usable_cpus({}).count == 8
@@ -109,10 +117,12 @@ def test_affinity_missing_falls_back_to_cpu_count(machine, monkeypatch):
 
 @pytest.mark.parametrize("value,expected", [("2", (2, "SLURM_CPUS_PER_TASK=2")), ("16", (8, "all 8 cores")),
                                             ("0", (8, "all 8 cores")), ("x", (8, "all 8 cores"))])
+@pytest.mark.unit
 def test_slurm_cpus_per_task(machine, value, expected):
     assert usable_cpus({"SLURM_CPUS_PER_TASK": value})[:2] == expected
 
 
+@pytest.mark.unit
 def test_every_limit_that_ties_is_named(machine):
     machine(cores=8, affinity=2)
     assert usable_cpus({"SLURM_CPUS_PER_TASK": "2"}).reason == "affinity 2 of 8 cores, SLURM_CPUS_PER_TASK=2"
@@ -121,6 +131,7 @@ def test_every_limit_that_ties_is_named(machine):
 # ------------------------------------------------------------ ranks and plan
 
 
+@pytest.mark.unit
 def test_local_ranks():
     assert local_ranks(None, {}) == 1
     assert local_ranks(DistEnv(), {"SLURM_NTASKS_PER_NODE": "4"}) == 1  # a batch script: one process
@@ -131,6 +142,7 @@ def test_local_ranks():
     assert local_ranks(srun, {}) == 8
 
 
+@pytest.mark.unit
 def test_auto_splits_usable_cpus_across_local_ranks(machine):
     assert threads_per_rank("auto", 1) == 8
     assert threads_per_rank("auto", 3) == 2
@@ -140,6 +152,7 @@ def test_auto_splits_usable_cpus_across_local_ranks(machine):
     assert plan == (4, "8 usable CPUs: all 8 cores; 2 local ranks")
 
 
+@pytest.mark.unit
 def test_auto_respects_the_users_omp_num_threads_but_not_the_launchers(machine):
     plan = plan_threads("auto", None, {"OMP_NUM_THREADS": "3"})
     assert plan.per_rank == 3 and "OMP_NUM_THREADS=3, set before the start, wins over auto's 8" in plan.why
@@ -151,12 +164,14 @@ def test_auto_respects_the_users_omp_num_threads_but_not_the_launchers(machine):
     assert plan_threads("auto", None, torchrun) == (4, "8 usable CPUs: all 8 cores; 2 local ranks")
 
 
+@pytest.mark.unit
 def test_a_slurm_tasks_own_cpus_are_not_shared_again(machine):
     env = DistEnv(world_size=4, source="slurm")
     plan = plan_threads("auto", env, {"SLURM_CPUS_PER_TASK": "2", "SLURM_NTASKS_PER_NODE": "4"})
     assert plan.per_rank == 2, plan
 
 
+@pytest.mark.unit
 def test_auto_counts_only_the_cpus_other_work_leaves_idle(machine, tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     ticks = iter([(100, 0), (150, 100)])  # (idle, busy) per CPU: half idle over the sample
@@ -171,6 +186,7 @@ def test_auto_counts_only_the_cpus_other_work_leaves_idle(machine, tmp_path, mon
     assert usable.count == 2 and "idle" in usable.reason
 
 
+@pytest.mark.unit
 def test_launcher_shares_usable_cpus_among_workers(machine, monkeypatch):
     from bigmodel_cli.engine.launch import share_cpus
 
@@ -184,12 +200,14 @@ def test_launcher_shares_usable_cpus_among_workers(machine, monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "7"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "-2", "x", "1.5", ""])
 def test_bad_settings_are_refused_in_one_line(compose, value):
     with pytest.raises(UserError, match=rf"^trainer.threads must be auto or a positive integer, got '{value}'$"):
         validate_train_config(compose(f"trainer.threads='{value}'"))
 
 
+@pytest.mark.unit
 def test_good_settings_validate(compose):
     for value in ("auto", "1", "12"):
         validate_train_config(compose(f"trainer.threads={value}"))
@@ -212,12 +230,14 @@ def train(tmp_path, prefix=(), **env):
     return proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not shutil.which("taskset"), reason="taskset (util-linux) is not installed")
 def test_one_thread_under_taskset_one_cpu(tmp_path):
     log = train(tmp_path, prefix=("taskset", "-c", "0"))
     assert "threads: 1 per rank (1 usable CPU: affinity 1 of" in log
 
 
+@pytest.mark.e2e
 def test_one_thread_with_slurm_cpus_per_task_one(tmp_path):
     log = train(tmp_path, SLURM_CPUS_PER_TASK="1")
     assert "threads: 1 per rank (1 usable CPU:" in log and "SLURM_CPUS_PER_TASK=1" in log

@@ -16,6 +16,7 @@ from bigmodel_cli.data.tokens import TokenFiles
 from bigmodel_cli.errors import UserError
 from conftest import REPO, outcome_lines
 
+
 TINY_GPT = ("model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.block_size=32",
             "trainer.progress=plain", "trainer.threads=1", "trainer.eval_batches=2", "data.batch_size=4")
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n  Speak, speak.  \n"
@@ -39,6 +40,7 @@ def one_error_line(result) -> str:
 # ------------------------------------------------------------------ nanoGPT meta.pkl
 
 
+@pytest.mark.integration
 def test_nanogpt_char_folder_trains_and_generates_with_no_extra_keys(run_cli):
     folder = shared_data("nanogpt_shakespeare_char")
     trained = run_cli("train", "data=tokens", f"data.dir={folder}", "trainer.max_steps=30", *TINY_GPT,
@@ -73,6 +75,7 @@ def nanogpt_folder(folder: Path, meta) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_a_meta_pkl_that_runs_code_is_refused_and_runs_nothing(run_cli, tmp_path):
     marker = tmp_path / "pwned"
     folder = nanogpt_folder(tmp_path / "d", pickle.dumps(RunsShell(f"touch {marker}")))
@@ -101,6 +104,7 @@ GOOD = {"vocab_size": 10, "itos": ITOS, "stoi": {c: i for i, c in ITOS.items()}}
     # a few kB whose shared lists stand for 10^9 items (pickle's memo): refused within a budget
     (lambda: {"vocab_size": 1, "a": [[[1] * 1000] * 1000] * 1000}, "more than 1,048,576 items"),
 ])
+@pytest.mark.unit
 def test_a_damaged_meta_pkl_is_one_line(tmp_path, meta, problem):
     folder = nanogpt_folder(tmp_path / "d", meta() if callable(meta) else meta)
     with pytest.raises(UserError, match=problem) as err:
@@ -108,6 +112,7 @@ def test_a_damaged_meta_pkl_is_one_line(tmp_path, meta, problem):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_a_good_meta_pkl_gives_the_vocabulary_and_a_char_tokenizer(tmp_path):
     data = TokenFiles(dir=str(nanogpt_folder(tmp_path / "d", GOOD)))
     data.setup()
@@ -119,6 +124,7 @@ def test_a_good_meta_pkl_gives_the_vocabulary_and_a_char_tokenizer(tmp_path):
 # ------------------------------------------------------------------ tokenizer=gpt2
 
 
+@pytest.mark.unit
 def test_gpt2_encodes_as_gpt2_does(gpt2_ranks):
     pytest.importorskip("tiktoken", reason="pip install 'bigmodel[tiktoken]'")
     from bigmodel_cli.data.pretrained_tokenizers import GPT2Tokenizer
@@ -139,6 +145,7 @@ def test_gpt2_encodes_as_gpt2_does(gpt2_ranks):
     assert again.encode("Hello world").tolist() == [15496, 995]
 
 
+@pytest.mark.unit
 def test_gpt2_refuses_another_ranks_file(tmp_path):
     pytest.importorskip("tiktoken", reason="pip install 'bigmodel[tiktoken]'")
     from bigmodel_cli.data.pretrained_tokenizers import GPT2Tokenizer
@@ -151,6 +158,7 @@ def test_gpt2_refuses_another_ranks_file(tmp_path):
         GPT2Tokenizer.load(str(tmp_path / "absent.tiktoken"))
 
 
+@pytest.mark.integration
 def test_gpt2_prepare_train_generate(run_cli, tmp_path, gpt2_ranks):
     pytest.importorskip("tiktoken", reason="pip install 'bigmodel[tiktoken]'")
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
@@ -170,6 +178,7 @@ def test_gpt2_prepare_train_generate(run_cli, tmp_path, gpt2_ranks):
     assert "is not GPT-2's BPE ranks file" in one_error_line(wrong)
 
 
+@pytest.mark.integration
 def test_a_nanogpt_gpt2_folder_decodes_with_tokenizer_gpt2(run_cli, tmp_path, gpt2_ranks):
     tiktoken = pytest.importorskip("tiktoken", reason="pip install 'bigmodel[tiktoken]'")
     from bigmodel_cli.data.pretrained_tokenizers import GPT2Tokenizer
@@ -214,6 +223,7 @@ def make_hf_tokenizer(path: Path, corpus: Path) -> None:
     tokenizer.save(str(path))
 
 
+@pytest.mark.integration
 def test_hf_tokenizer_prepare_train_generate(run_cli, tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     make_hf_tokenizer(tmp_path / "tokenizer.json", tmp_path / "corpus.txt")
@@ -238,6 +248,7 @@ def test_hf_tokenizer_prepare_train_generate(run_cli, tmp_path):
     (b'{"model": {"type": "Nope"}}', "does not work with the tokenizers library"),
     (b"\xff\xfe", "not UTF-8 text"),
 ])
+@pytest.mark.unit
 def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path, content, problem):
     pytest.importorskip("tokenizers", reason="pip install 'bigmodel[hf]'")
     from bigmodel_cli.data.pretrained_tokenizers import HFTokenizer
@@ -248,6 +259,7 @@ def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path, content, problem):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.integration
 def test_a_damaged_hf_tokenizer_is_one_line_through_prepare(run_cli, tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     make_hf_tokenizer(tmp_path / "tokenizer.json", tmp_path / "corpus.txt")
@@ -258,6 +270,7 @@ def test_a_damaged_hf_tokenizer_is_one_line_through_prepare(run_cli, tmp_path):
     assert not (tmp_path / "tok").exists()
 
 
+@pytest.mark.unit
 def test_a_sentencepiece_style_tokenizer_encodes_a_long_text_as_a_whole():
     """A "▁" prepended at each text's start (Metaspace) would change the ids where a long text
     is cut into pieces: such a tokenizer encodes the text whole."""

@@ -14,6 +14,7 @@ from bigmodel_cli.commands.train import train
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.optim import TorchSchedule, lr_scheduler
 
+
 BASE = ("model.hidden_sizes=[32]", "model.dropout=0.2", "trainer.log_every=1", "trainer.val_every=10",
         "trainer.progress=plain", "trainer.threads=1", "logger=[jsonl]")
 
@@ -29,6 +30,7 @@ def lrs_of(schedule, steps: int):
     return out
 
 
+@pytest.mark.unit
 def test_warmup_then_cosine_annealing_over_the_rest_of_the_run():
     node = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "warmup_steps": 3, "T_max": None,
             "eta_min": 0.1, "min_lr_ratio": 0.5}  # min_lr_ratio: a key of scheduler=cosine, not torch's
@@ -38,6 +40,7 @@ def test_warmup_then_cosine_annealing_over_the_rest_of_the_run():
     assert lrs_of(schedule, 13) == pytest.approx([0.25, 0.5, 0.75] + cosine)
 
 
+@pytest.mark.unit
 def test_a_torch_scheduler_without_warmup_is_the_class_itself():
     node = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.StepLR", "warmup_steps": 0, "step_size": 2,
                              "gamma": 0.5})
@@ -51,6 +54,7 @@ def test_a_torch_scheduler_without_warmup_is_the_class_itself():
     ({"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau"}, "steps on a validation metric"),
     ({"_target_": "torch.optim.lr_scheduler.CosineAnealingLR"}, "cannot be imported"),
 ])
+@pytest.mark.unit
 def test_a_scheduler_that_cannot_be_built_is_one_line(node, message):
     with pytest.raises(UserError) as caught:
         lrs_of(build_schedule(OmegaConf.create(node), total_steps=10), 1)
@@ -70,6 +74,7 @@ def per_step(run_dir: Path, key: str):
     # OneCycleLR drives Adam's first beta as well as the LR; total_steps comes from the run.
     ("scheduler=constant", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "+scheduler.max_lr=0.01"),
 ], ids=["warmup+cosine", "one-cycle"])
+@pytest.mark.integration
 def test_a_torch_scheduler_resumes_exactly(compose, tmp_path, scheduler):
     full = tmp_path / "full"
     train(compose(*BASE, *scheduler, "trainer.max_steps=20", "trainer.checkpoint_every=1",
@@ -84,6 +89,7 @@ def test_a_torch_scheduler_resumes_exactly(compose, tmp_path, scheduler):
         assert per_step(resumed, "loss") == {s: v for s, v in per_step(full, "loss").items() if s > step}
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_checkpoint_of_another_kind_of_scheduler(compose, tmp_path):
     first = tmp_path / "first"
     train(compose(*BASE, "trainer.max_steps=4"), first)  # bigmodel's cosine
@@ -105,6 +111,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind_of_scheduler(compose, tmp_p
       "trainer.max_steps=8"),
      ("+scheduler.max_lr=0.1",), "max_lr=0.05 there, 0.1 here"),
 ], ids=["cosine-longer", "one-cycle-longer", "changed-argument", "changed-max-lr"])
+@pytest.mark.integration
 def test_resume_refuses_a_torch_scheduler_built_differently(compose, tmp_path, first, changed, message):
     train(compose(*BASE, *first, "trainer.checkpoint_every=4"), tmp_path / "first")
     ckpt = tmp_path / "first" / "checkpoints" / "step_00000004.pt"
@@ -115,6 +122,7 @@ def test_resume_refuses_a_torch_scheduler_built_differently(compose, tmp_path, f
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.integration
 def test_bigmodels_cosine_follows_a_longer_run_on_resume(compose, tmp_path):
     train(compose(*BASE, "trainer.max_steps=8", "trainer.checkpoint_every=4"), tmp_path / "first")
     ckpt = tmp_path / "first" / "checkpoints" / "step_00000004.pt"
@@ -124,6 +132,7 @@ def test_bigmodels_cosine_follows_a_longer_run_on_resume(compose, tmp_path):
         {s: v for s, v in per_step(tmp_path / "fresh", "lr").items() if s > 4})
 
 
+@pytest.mark.unit
 def test_one_cycle_shorter_than_the_run_is_one_line():
     node = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.1, "total_steps": 5})
     with pytest.raises(UserError, match="scheduler.total_steps=5 is shorter than this run's 10 steps"):

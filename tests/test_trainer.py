@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 import torch
@@ -16,6 +17,8 @@ from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts
 from bigmodel_cli.run import build_run
 from bigmodel_cli.signals import STOP
 from bigmodel_cli.telemetry import Telemetry
+
+pytestmark = pytest.mark.integration
 
 
 def constant_schedule(total_steps: int):

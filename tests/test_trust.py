@@ -27,6 +27,7 @@ from bigmodel_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from conftest import compose_config
 from crafting import RunsCode, as_sharded, evil_index, touch
 
+
 HELPERS = Path(__file__).parent / "helpers"
 MLP = ("model.hidden_sizes=[16]", "trainer.val_every=2", "trainer.log_every=1", "trainer.progress=plain")
 CORPUS = "To be, or not to be, that is the question.\n" * 200
@@ -44,6 +45,7 @@ def runs(tmp_path_factory):
     return base
 
 
+@pytest.mark.integration
 def test_the_crafted_index_runs_code_under_plain_pickle(runs, tmp_path):
     """The payload is real: DCP's own reader (pickle.load) would run it."""
     marker = tmp_path / "ran"
@@ -69,6 +71,7 @@ def crafted(kind: str, runs: Path, tmp_path: Path, marker: Path, lm: bool = Fals
 KINDS = ["index", "item", "target"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_runs_no_code_from_a_checkpoint(run_cli, runs, tmp_path, kind):
     marker = tmp_path / "ran"
@@ -79,6 +82,7 @@ def test_eval_runs_no_code_from_a_checkpoint(run_cli, runs, tmp_path, kind):
     assert_one_refusal(result.stderr, kind)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_runs_no_code_from_a_checkpoint(run_cli, runs, tmp_path, kind):
     marker = tmp_path / "ran"
@@ -99,6 +103,7 @@ def assert_one_refusal(stderr: str, kind: str) -> None:
         assert "trusted_targets=[os.mkdir]" in lines[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("start", ["resume", "init_from"])
 def test_resume_and_init_from_run_no_code_from_a_checkpoint(run_cli, runs, tmp_path, kind, start):
@@ -116,6 +121,7 @@ def test_resume_and_init_from_run_no_code_from_a_checkpoint(run_cli, runs, tmp_p
     assert ("cannot resume" if kind == "target" else "refused to load") in errors[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_auto_skips_a_crafted_newest_checkpoint(run_cli, runs, tmp_path, kind):
     """Planted as the newest checkpoint of a run dir, it is skipped (or, for a stored
@@ -138,6 +144,7 @@ def test_resume_auto_skips_a_crafted_newest_checkpoint(run_cli, runs, tmp_path, 
         assert "resuming from" in result.output and "step_00000004.pt" in result.output
 
 
+@pytest.mark.integration
 def test_a_nested_stored_target_is_refused_too(run_cli, runs, tmp_path):
     marker = tmp_path / "ran"
     state = load_checkpoint(runs / "mlp" / "checkpoints" / "last.pt").to_state()
@@ -148,6 +155,7 @@ def test_a_nested_stored_target_is_refused_too(run_cli, runs, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key", ["model.hidden_sizes", "data.seed"])
 def test_an_interpolation_in_a_rebuilt_section_is_refused(run_cli, runs, tmp_path, key):
     """Hydra's instantiate resolves a node before building it: `${oc.create:...}` would make a
@@ -162,6 +170,7 @@ def test_an_interpolation_in_a_rebuilt_section_is_refused(run_cli, runs, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_stored_interpolations_elsewhere_stay_text(runs, tmp_path, monkeypatch):
     from bigmodel_cli.trust import vetted_config
 
@@ -173,6 +182,7 @@ def test_stored_interpolations_elsewhere_stay_text(runs, tmp_path, monkeypatch):
     assert OmegaConf.to_container(config, resolve=True)["trainer"]["note"] == config.trainer.note
 
 
+@pytest.mark.e2e
 def test_trusted_targets_lets_a_custom_model_be_evaluated(run_cli, tmp_path):
     env = {"PYTHONPATH": str(HELPERS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     trained = run_cli("train", "model=custom", "model._target_=flaky_model.NonFiniteAt", "+model.at=100000",
@@ -185,6 +195,7 @@ def test_trusted_targets_lets_a_custom_model_be_evaluated(run_cli, tmp_path):
     assert "accuracy" in allowed.stdout
 
 
+@pytest.mark.unit
 def test_a_crafted_index_cannot_point_outside_its_folder(runs, tmp_path):
     from bigmodel_cli.engine.sharded import read_index
     from bigmodel_cli.errors import UserError
@@ -198,6 +209,7 @@ def test_a_crafted_index_cannot_point_outside_its_folder(runs, tmp_path):
         read_index(folder)
 
 
+@pytest.mark.integration
 def test_a_genuine_sharded_checkpoint_still_loads(runs, tmp_path):
     """The restricted reading admits what DCP itself writes (eval and a resume from it)."""
     from bigmodel_cli.engine.sharded import read_index
@@ -219,6 +231,7 @@ def test_a_genuine_sharded_checkpoint_still_loads(runs, tmp_path):
     (b"\x80\x02cposix\nsystem\n.", "posix.system"),
     (b"\x80\x04\x95\x17\x00\x00\x00\x00\x00\x00\x00\x8c\x05torch\x8c\x0cSize.__new__\x93.", "torch.Size.__new__"),
 ])
+@pytest.mark.unit
 def test_the_index_unpickler_admits_nothing_but_dcp_metadata(stream, reason):
     from bigmodel_cli.engine.sharded import _IndexUnpickler
 

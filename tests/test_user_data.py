@@ -14,6 +14,7 @@ from bigmodel_cli.data.image_folder import ImageFolder, find_images
 from bigmodel_cli.errors import UserError
 from conftest import write_image_folder
 
+
 PACKAGE = '''
 import torch
 from torch.utils.data import Dataset
@@ -108,6 +109,7 @@ def step_losses(run_dir: Path):
 # ---------------------------------------------------------------- a torch Dataset
 
 
+@pytest.mark.dist
 def test_a_users_dataset_trains_on_two_ranks_as_on_one(run_cli, tmp_path):
     """Acceptance 3: the user's package in the working directory, one process with batch 32
     and two ranks (gloo) with batch 16 each see the same samples at every step."""
@@ -127,6 +129,7 @@ def test_a_users_dataset_trains_on_two_ranks_as_on_one(run_cli, tmp_path):
     assert two.summary()["test"]["accuracy"] == pytest.approx(one.summary()["test"]["accuracy"])
 
 
+@pytest.mark.integration
 def test_a_users_dataset_resumes_exactly_inside_an_epoch(run_cli, tmp_path):
     """Dropout on and DataLoader workers: the data position and every RNG stream continue,
     so a run resumed mid-epoch logs the very losses of the uninterrupted one."""
@@ -146,6 +149,7 @@ def test_a_users_dataset_resumes_exactly_inside_an_epoch(run_cli, tmp_path):
     assert test_metrics[0] == test_metrics[1]
 
 
+@pytest.mark.integration
 def test_a_checkpoints_data_source_is_followed_only_when_trusted(run_cli, tmp_path):
     write_package(tmp_path)
     trained = run_cli("train", "data=dataset", "data.source=mypkg.make_dataset", *TINY, "trainer.max_steps=5")
@@ -160,6 +164,7 @@ def test_a_checkpoints_data_source_is_followed_only_when_trusted(run_cli, tmp_pa
     assert report["metrics"]["loss"] == pytest.approx(trained.summary()["test"]["loss"], rel=1e-5)
 
 
+@pytest.mark.unit
 def test_splits_kwargs_and_the_inferred_task(user_package):
     data = TorchDataset(source=f"{user_package}.make_dataset", kwargs={"n": 200}, val_fraction=0.1,
                         test_fraction=0.2)
@@ -187,6 +192,7 @@ def test_splits_kwargs_and_the_inferred_task(user_package):
     assert tokens.units_per_sample() == 8 and tokens.unit == "tokens"
 
 
+@pytest.mark.unit
 def test_each_rank_reads_a_disjoint_share_of_each_epoch(user_package):
     data = TorchDataset(source=f"{user_package}.make_dataset", batch_size=10)
     data.setup()
@@ -207,6 +213,7 @@ def test_each_rank_reads_a_disjoint_share_of_each_epoch(user_package):
 # ---------------------------------------------------------------- image folders
 
 
+@pytest.mark.integration
 def test_a_cnn_learns_a_folder_of_images(compose, tmp_path):
     """Acceptance 4: model=cnn data=image_folder on generated PNGs, decoded in workers."""
     images = write_image_folder(tmp_path / "images")
@@ -225,6 +232,7 @@ def test_a_cnn_learns_a_folder_of_images(compose, tmp_path):
     assert abs(float(x.mean())) < 2  # normalised, not raw 0..255 pixels
 
 
+@pytest.mark.unit
 def test_image_folder_val_path_and_grey_images(tmp_path):
     train_dir, val_dir = write_image_folder(tmp_path / "train", 6), write_image_folder(tmp_path / "val", 3)
     data = ImageFolder(path=str(train_dir), val_path=str(val_dir), image_size=8, channels=1, normalize="folder",
@@ -247,6 +255,7 @@ def one_line_error(data) -> str:
     return message
 
 
+@pytest.mark.unit
 def test_a_source_that_gives_the_wrong_thing_is_one_line(user_package):
     message = one_line_error(TorchDataset(source=f"{user_package}.wrong"))
     assert f"data.source={user_package}.wrong gave a list of 3 (int)" in message
@@ -260,6 +269,7 @@ def test_a_source_that_gives_the_wrong_thing_is_one_line(user_package):
     assert "regression needs a float y" in message
 
 
+@pytest.mark.unit
 def test_a_label_beyond_num_classes_is_one_line_not_a_device_assert(user_package):
     data = TorchDataset(source=f"{user_package}.make_dataset", num_classes=2, num_workers=1)
     data.setup()
@@ -267,6 +277,7 @@ def test_a_label_beyond_num_classes_is_one_line_not_a_device_assert(user_package
         list(data.train_batches(seed=0))
 
 
+@pytest.mark.integration
 def test_a_module_that_cannot_be_imported_is_one_line(run_cli, tmp_path):
     result = run_cli("train", "data=dataset", "data.source=nosuchpkg.make_dataset", *TINY)
     assert result.returncode == 2
@@ -280,6 +291,7 @@ def test_a_module_that_cannot_be_imported_is_one_line(run_cli, tmp_path):
     ("no_images", "has class subfolders (cat) but no images"),
     ("one_class", "has one class subfolder (cat)"),
 ])
+@pytest.mark.unit
 def test_an_unusable_image_folder_is_one_line(tmp_path, layout, expected):
     folder = tmp_path / "images"
     if layout != "missing":
@@ -295,6 +307,7 @@ def test_an_unusable_image_folder_is_one_line(tmp_path, layout, expected):
     assert expected in message and f"data.path={folder}" in message
 
 
+@pytest.mark.unit
 def test_an_iterable_dataset_is_refused_in_one_line(user_package, tmp_path):
     module = tmp_path / f"{user_package}_stream.py"
     module.write_text("from torch.utils.data import IterableDataset\n\n\nclass Stream(IterableDataset):\n"
@@ -303,12 +316,14 @@ def test_an_iterable_dataset_is_refused_in_one_line(user_package, tmp_path):
     assert "gave an IterableDataset as its train split" in message and "map-style" in message
 
 
+@pytest.mark.unit
 def test_a_sample_that_cannot_be_read_while_counting_labels_is_one_line(user_package):
     message = one_line_error(TorchDataset(source=f"{user_package}.BrokenAt5"))
     assert "reading sample 5 of" in message and "(OSError: cannot read sample 5)" in message
     assert "fix the Dataset's __getitem__" in message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damaged,normalize", [(0, "imagenet"), (3, "folder")])
 def test_a_damaged_image_is_one_line_naming_it(tmp_path, damaged, normalize):
     folder = write_image_folder(tmp_path / "images", 4)
