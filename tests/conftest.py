@@ -10,6 +10,8 @@ from typing import List
 
 import pytest
 
+from cli_runner import forget_user_modules, invoke
+
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
@@ -21,8 +23,6 @@ pytest_plugins = ["tiers", "pytester"]
 def forget_modules_made_by_the_test():
     """A test that writes a user's package (mypkg/ in its tmp_path) and imports it, or has a
     command import it, must not leave it to the next test, whose mypkg may differ."""
-    from cli_runner import forget_user_modules
-
     before, path = set(sys.modules), list(sys.path)
     yield
     forget_user_modules(before)
@@ -114,8 +114,6 @@ def run_in_this_process(args, cwd: Path, env: dict | None) -> CLIResult:
     """cli.main(args) here, with its own cwd, environment, argv and stdout/stderr; the
     process-wide state a command changes (threads, logging, signal handlers, Hydra's
     singletons) is put back afterwards so that the next test starts clean."""
-    from cli_runner import invoke
-
     code, out, err = invoke(list(args), cwd, cli_env(env))
     return CLIResult(subprocess.CompletedProcess(["bigmodel", *args], code, out, err), cwd)
 
