@@ -22,7 +22,8 @@ hook="$site/bigmodel-coverage-hook.pth"
 echo "import coverage; coverage.process_startup()" > "$hook"
 trap 'rm -f "$hook"' EXIT
 status=0
-COVERAGE_PROCESS_START="$out/coveragerc" "$py" -m pytest -p no:cacheprovider "$@" || status=$?
+# Tracing slows every test down: the suite's CPU budget (tests/tiers.py) is off here.
+COVERAGE_PROCESS_START="$out/coveragerc" BIGMODEL_TEST_CPU_BUDGET_S=0 "$py" -m pytest -p no:cacheprovider "$@" || status=$?
 "$py" -m coverage combine --rcfile="$out/coveragerc" -q
 "$py" -m coverage report --rcfile="$out/coveragerc" > "$out/report.txt"
 "$py" -m coverage json --rcfile="$out/coveragerc" -q -o "$out/coverage.json"

@@ -10,6 +10,7 @@ stay independent of each other and of the order they run in.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -114,11 +115,21 @@ def forget_user_modules(before: set) -> None:
     """A user's own modules (mypkg.nets in a test's cwd) imported by this command: the next
     test's cwd may hold a different mypkg under the same name."""
     for name in set(sys.modules) - before:
-        module = sys.modules.get(name)
-        origin = getattr(module, "__file__", None) or ""
+        origin = module_location(sys.modules.get(name))
         if origin and "site-packages" not in origin and "bigmodel_cli" not in origin \
                 and not origin.startswith(sys.prefix) and not origin.startswith(sys.base_prefix):
             del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def module_location(module) -> str:
+    """Where a module was read from; a namespace package (mypkg/ with no __init__.py) has no
+    __file__, only the folders on its __path__."""
+    origin = getattr(module, "__file__", None)
+    if origin:
+        return origin
+    folders = list(getattr(module, "__path__", None) or [])
+    return str(folders[0]) if folders else ""
 
 
 def logging_state():
