@@ -64,7 +64,8 @@ def planned_peak(overrides: Sequence[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from bigmodel_cli.config import trainer_settings, validate_train_config
+    from bigmodel_cli.config import trainer_settings
+    from bigmodel_cli.config_checks import validate_train_config
     from bigmodel_cli.plan.planner import make_plan
 
     cfg = compose(overrides)
@@ -109,7 +110,8 @@ def measure_rank(overrides: Sequence[str]) -> int:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from bigmodel_cli.config import trainer_settings, validate_train_config
+    from bigmodel_cli.config import trainer_settings
+    from bigmodel_cli.config_checks import validate_train_config
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.run import Placement, build_run
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
-import os
-import sys
 from typing import Any, Dict, Optional
 
 from hydra.errors import InstantiationException
@@ -17,6 +14,7 @@ from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
 from bigmodel_cli.data.base import DataModule, DataSpec
+from bigmodel_cli.dotted_path import import_object
 from bigmodel_cli.errors import UserError, first_line, root_cause
 
 log = logging.getLogger("bigmodel")
@@ -48,44 +46,6 @@ def import_target(node: DictConfig, what: str) -> Any:
     except Exception as err:  # a missing name, or the user's module failing as it is imported
         raise UserError(f"{what}._target_={target} cannot be imported ({root_cause(err)}); "
                         "give the full dotted path of a class") from None
-
-
-def import_object(path: str) -> Any:
-    """'pkg.module.Name' -> the object. A user's `_target_` is found as `python -m` would find
-    it: on sys.path, and else in the working directory (added to the end of sys.path only
-    then, so it never shadows an installed module)."""
-    here = os.getcwd()
-    try:
-        return _import_longest_prefix(path)
-    except NoSuchModule as err:
-        if here in sys.path or "" in sys.path:
-            raise NoSuchModule(f"{err}, neither on sys.path nor in the working directory {here}") from None
-    sys.path.append(here)
-    importlib.invalidate_caches()
-    try:
-        return _import_longest_prefix(path)
-    except NoSuchModule as err:
-        raise NoSuchModule(f"{err}, neither on sys.path nor in the working directory {here}") from None
-
-
-class NoSuchModule(ImportError):
-    """No prefix of a dotted path names an importable module."""
-
-
-def _import_longest_prefix(path: str) -> Any:
-    """'pkg.module.Name' -> the object, importing the longest importable module prefix."""
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError as err:
-            if err.name and not ".".join(parts[:cut]).startswith(err.name):
-                raise  # the module exists but one of its own imports is missing
-            continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise NoSuchModule(f"no module named '{parts[0]}'")
 
 
 def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:

@@ -58,7 +58,7 @@ class Schedule:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then `decay`."""
 
     def __init__(self, warmup_steps: int = 0, total_steps: Optional[int] = None):
-        # (Values are checked with their schema: config.validate_scheduler.)
+        # (Values are checked with their schema: config_checks.validate_scheduler.)
         self.total_steps = total_steps
         self.warmup_steps = fitted_warmup(warmup_steps, total_steps)
 

@@ -8,12 +8,13 @@ joblib worker, in a submitit job on another node).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+from bigmodel_cli.telemetry.run_files import count, number, read_json
 
 log = logging.getLogger("bigmodel")
 
@@ -76,37 +77,27 @@ class JobResult:
         diverged job's value from before it diverged is not)."""
         return self.status in (FINISHED, EARLY_STOPPED) and self.best is not None and math.isfinite(self.best)
 
+    def override_items(self) -> Dict[str, str]:
+        """The job's own overrides, {key: value} (Hydra's own and the +/~ marks left out)."""
+        items = {}
+        for override in self.overrides:
+            key, sep, value = override.partition("=")
+            if sep and not key.startswith("hydra."):
+                items[key.lstrip("+~")] = value
+        return items
 
-def read_json(path: Path) -> Optional[Dict[str, Any]]:
-    """A JSON object from disk, or None when missing or damaged (JSON only: nothing runs)."""
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def number(value: Any) -> Optional[float]:
-    """A finite number from a file, else None (a damaged file may hold anything)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return value if math.isfinite(value) else None
-
-
-def count(value: Any) -> Optional[int]:
-    found = number(value)
-    return int(found) if found is not None and found >= 0 else None
+    def label(self, keys: Sequence[str]) -> str:
+        """The job as the sweep's varying `keys` name it (its run dir's name without them)."""
+        items = self.override_items()
+        shown = " ".join(f"{k}={items[k]}" for k in keys if k in items)
+        return shown or Path(self.run_dir).name
 
 
 def read_job(run_dir: Path) -> JobResult:
     """How the run in `run_dir` ended: running (its dir is locked by a live process), else
     summary.json or outcome.json, whichever is newer (a run continued after a failure),
     else no result. A damaged file reads as no result, never as an error."""
-    from bigmodel_cli.telemetry.plots import run_overrides
+    from bigmodel_cli.telemetry.run_files import run_overrides
 
     job = JobResult(str(run_dir), overrides=run_overrides(run_dir) or [])
     try:
@@ -153,7 +144,7 @@ def fill_finished(job: JobResult, summary: Dict[str, Any]) -> None:
 def fill_monitor(job: JobResult, run_dir: Path) -> None:
     """For a run without summary.json: the monitored metric from its config, its best and
     last values from its metrics (a diverged run's best before it diverged)."""
-    from bigmodel_cli.telemetry.plots import metrics_file, monitor_setting, read_records
+    from bigmodel_cli.telemetry.run_files import metrics_file, monitor_setting, read_records
 
     if job.monitor is not None and job.maximize is not None:
         return
@@ -168,7 +159,7 @@ def fill_monitor(job: JobResult, run_dir: Path) -> None:
 
 
 def last_step(run_dir: Path) -> Optional[int]:
-    from bigmodel_cli.telemetry.plots import metrics_file, read_records
+    from bigmodel_cli.telemetry.run_files import metrics_file, read_records
 
     if metrics_file(run_dir) is None:
         return None

@@ -129,7 +129,8 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
                    place: Placement) -> TrainingParts:
     """Model and data on the device, the model parallelized, and the optimizer over its
     (possibly sharded) parameters."""
-    from bigmodel_cli.build import build_optimizer, build_schedule, import_object, takes_key
+    from bigmodel_cli.build import build_optimizer, build_schedule, takes_key
+    from bigmodel_cli.dotted_path import import_object
     from bigmodel_cli.engine.mesh import build_mesh, layout_for
     from bigmodel_cli.engine.distill import objective_for
     from bigmodel_cli.engine.parallelize import parallelize

@@ -34,7 +34,7 @@ LAST_SWEEP_FAILED: List[JobResult] = []
 
 def is_job(folder: Path) -> bool:
     """A run dir; not a sweep dir (multirun.yaml, or the summary.json this module writes)."""
-    from bigmodel_cli.outcome import read_json
+    from bigmodel_cli.telemetry.run_files import read_json
 
     if any((folder / name).exists() for name in SWEEP_MARKERS + OTHER_COMMANDS):
         return False
@@ -73,25 +73,10 @@ def swept_keys(jobs: Sequence[JobResult]) -> List[str]:
     """The override keys whose value differs between jobs (what the sweep varied)."""
     values: Dict[str, set] = {}
     for job in jobs:
-        for key, value in override_items(job).items():
+        for key, value in job.override_items().items():
             values.setdefault(key, set()).add(value)
-    keys = [k for k, v in values.items() if len(v) > 1 or any(k not in override_items(j) for j in jobs)]
+    keys = [k for k, v in values.items() if len(v) > 1 or any(k not in j.override_items() for j in jobs)]
     return keys if len(jobs) > 1 else list(values)
-
-
-def override_items(job: JobResult) -> Dict[str, str]:
-    items = {}
-    for override in job.overrides:
-        key, sep, value = override.partition("=")
-        if sep and not key.startswith("hydra."):
-            items[key.lstrip("+~")] = value
-    return items
-
-
-def label(job: JobResult, keys: Sequence[str]) -> str:
-    items = override_items(job)
-    shown = " ".join(f"{k}={items[k]}" for k in keys if k in items)
-    return shown or Path(job.run_dir).name
 
 
 def as_rows(jobs: Sequence[JobResult], keys: Sequence[str], out_dir: Path) -> List[Dict[str, Any]]:
@@ -100,7 +85,7 @@ def as_rows(jobs: Sequence[JobResult], keys: Sequence[str], out_dir: Path) -> Li
     sweep dir is moved), else absolute."""
     rows = []
     for place, job in enumerate(jobs, 1):
-        row = {"rank": place, "job": label(job, keys), **{k: override_items(job).get(k) for k in keys}}
+        row = {"rank": place, "job": job.label(keys), **{k: job.override_items().get(k) for k in keys}}
         row.update(job.as_dict())
         row["run_dir"] = shown_path(Path(job.run_dir), out_dir)
         rows.append(row)
@@ -167,14 +152,14 @@ def print_table(jobs: Sequence[JobResult], keys: Sequence[str]) -> None:
         table.add_column(column, justify="right" if column in ("#", "steps", "time") else "left")
     for place, job in enumerate(jobs, 1):
         style = STATUS_STYLE.get(job.status, "red")
-        table.add_row(str(place), escape(label(job, keys)), f"[{style}]{job.status}[/{style}]", shown(job.best),
+        table.add_row(str(place), escape(job.label(keys)), f"[{style}]{job.status}[/{style}]", shown(job.best),
                       shown(job.final), "" if job.steps is None else str(job.steps),
                       "" if job.time_s is None else f"{job.time_s:.1f}s")
     console = Console(file=sys.stdout, width=max(100, shutil.get_terminal_size().columns))
     console.print(table)
     for place, job in enumerate(jobs, 1):  # whole, below the table: a reason is one long line
         if job.reason:
-            console.print(f"  #{place} {label(job, keys)}: {job.status}: {job.reason}", soft_wrap=True,
+            console.print(f"  #{place} {job.label(keys)}: {job.status}: {job.reason}", soft_wrap=True,
                           markup=False, highlight=False)
 
 

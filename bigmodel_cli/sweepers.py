@@ -24,19 +24,11 @@ from omegaconf import DictConfig, flag_override
 
 from bigmodel_cli.errors import EXIT_USER_ERROR, first_line
 from bigmodel_cli.run_lock import quiet_rank
+from bigmodel_cli.telemetry.run_files import direction
 
 log = logging.getLogger("bigmodel")
 
-#: metrics for which larger is better (engine/tasks.py; kept here to stay free of torch)
-LARGER_IS_BETTER = ("accuracy",)
 STUDY_NAME = "bigmodel"
-
-
-def direction(monitor: str, mode: str = "auto") -> str:
-    """Optuna's direction for a monitored metric: `maximize` or `minimize`."""
-    if str(mode) in ("max", "min"):
-        return "maximize" if str(mode) == "max" else "minimize"
-    return "maximize" if str(monitor).partition("/")[2] in LARGER_IS_BETTER else "minimize"
 
 
 def gpus(device: str, count: Any) -> Any:

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from bigmodel_cli.config import validate_train_config
+from bigmodel_cli.config_checks import validate_train_config
 from bigmodel_cli.errors import UserError
 
 pytestmark = pytest.mark.unit

@@ -102,7 +102,7 @@ def test_a_teacher_for_another_task_stops_the_run_in_one_line(teacher, compose, 
                                         r"classification, this run is language_modeling"):
         build(compose, tmp_path, "model=gpt", "data=text", f"distill.teacher={teacher}")
     with pytest.raises(UserError, match="distill.alpha must be in"):
-        from bigmodel_cli.config import validate_train_config
+        from bigmodel_cli.config_checks import validate_train_config
 
         validate_train_config(compose("distill.alpha=1.5"))
 

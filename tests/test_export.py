@@ -94,7 +94,7 @@ def load_export(fmt: str, folder: Path) -> torch.nn.Module:
     meta = json.loads((folder / "bigmodel.json").read_text())["model"]  # the README's plain-module snippet
     from safetensors.torch import load_model
 
-    from bigmodel_cli.build import import_object
+    from bigmodel_cli.dotted_path import import_object
 
     model = import_object(meta["class"])(**meta["kwargs"])
     load_model(model, str(folder / "model.safetensors"))

@@ -56,7 +56,7 @@ def test_an_unknown_trainer_key_is_refused_by_the_app_itself_too():
     """Without the command-line check (a Hydra app called directly), validation refuses it."""
     from omegaconf import OmegaConf
 
-    from bigmodel_cli.config import validate_train_config
+    from bigmodel_cli.config_checks import validate_train_config
     from bigmodel_cli.errors import UserError
 
     cfg = compose_config("+trainer.max_step=50")

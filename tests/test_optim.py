@@ -106,7 +106,7 @@ def test_schedule_configs_drive_lambdalr_and_round_trip(compose, name):
 def test_bad_schedule_values():
     from omegaconf import OmegaConf
 
-    from bigmodel_cli.config import validate_scheduler
+    from bigmodel_cli.config_checks import validate_scheduler
     from bigmodel_cli.errors import UserError
 
     with pytest.raises(UserError, match=r"scheduler.min_lr_ratio must be in \[0, 1\] \(got 2.0\)"):

@@ -417,10 +417,10 @@ def test_torchrun_multinode_script_joins_two_nodes(tmp_path):
 
 @pytest.mark.unit
 def test_the_torch_free_direction_agrees_with_the_tasks():
-    """sweepers.LARGER_IS_BETTER (read without torch: summaries, plots, Optuna's direction)
+    """run_files.LARGER_IS_BETTER (read without torch: summaries, plots, Optuna's direction)
     lists exactly the metrics the tasks maximise."""
     from bigmodel_cli.engine.tasks import Task
-    from bigmodel_cli.sweepers import LARGER_IS_BETTER, direction
+    from bigmodel_cli.telemetry.run_files import LARGER_IS_BETTER, direction
 
     maximised = {m for task in Task.__subclasses__() for m, larger in task.metrics.items() if larger}
     assert maximised == set(LARGER_IS_BETTER)

@@ -83,7 +83,7 @@ def test_splits_that_work_pass_and_suggestions_do_split():
 
 @pytest.mark.unit
 def test_several_replicas_of_a_split_model_pass_the_checks_under_either_strategy():
-    from bigmodel_cli.commands.train import check_layout
+    from bigmodel_cli.engine.layout_checks import check_layout
 
     gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
     for strategy in ("ddp", "fsdp"):
@@ -95,7 +95,7 @@ def test_several_replicas_of_a_split_model_pass_the_checks_under_either_strategy
 def test_fp16_under_tp_is_refused_before_launch():
     """GradScaler decides on each rank's own gradient shards: an overflow in one would skip the
     step there only. (fsdp and pp refuse fp16 for the same reason.)"""
-    from bigmodel_cli.commands.train import check_layout
+    from bigmodel_cli.engine.layout_checks import check_layout
 
     gpt = {"_target_": "bigmodel_cli.models.gpt.GPT", "n_head": 4}
     with pytest.raises(UserError, match="use trainer.precision=bf16"):
@@ -108,7 +108,7 @@ def test_sequence_parallel_asked_for_with_dropout_off_cuda_is_refused_before_lau
     """On CPU, DTensor draws a sharded dropout from each rank's own generator: every tp rank
     would mask its part of the sequence alike. Asked for by name, that is one line naming the
     ways out; left at null, it is simply not used there."""
-    from bigmodel_cli.commands.train import check_layout
+    from bigmodel_cli.engine.layout_checks import check_layout
 
     encoder = {"_target_": "bigmodel_cli.models.transformer.TransformerEncoder", "n_heads": 2, "dropout": 0.1}
     asked = TrainerConfig(devices=2, device="cpu", parallel=ParallelConfig(tp=2, sequence_parallel=True))
@@ -156,7 +156,7 @@ def test_heads_not_divisible_fails_before_any_worker_starts(run_cli):
 @pytest.mark.unit
 def test_plan_and_dry_run_refuse_what_train_refuses_before_launch(overrides, expect):
     """`bigmodel plan` (and trainer.dry_run=true) must not plan, with a launch line, a run that fails."""
-    from bigmodel_cli.commands.plan import show_plan
+    from bigmodel_cli.plan.show import show_plan
     from conftest import compose_config
 
     cfg = compose_config(*overrides)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bigmodel_cli.config import validate_train_config
+from bigmodel_cli.config_checks import validate_train_config
 from bigmodel_cli.engine import threads
 from bigmodel_cli.engine.distributed import DistEnv
 from bigmodel_cli.engine.threads import (

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
-from bigmodel_cli.errors import report_user_errors
+from bigmodel_cli.error_report import report_user_errors
 
 register_configs()
 

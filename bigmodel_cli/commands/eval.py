@@ -11,8 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs, validate_data_config
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.config import plain_config, register_configs
+from bigmodel_cli.config_checks import validate_data_config
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()

@@ -12,8 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs, validate_explain
-from bigmodel_cli.errors import report_user_errors
+from bigmodel_cli.config import plain_config, register_configs
+from bigmodel_cli.config_checks import validate_explain
+from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()

@@ -28,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli import failed_start
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import (LrFindConfig, register_configs, trainer_settings, validate_lr_find,
-                                 validate_train_config)
+from bigmodel_cli.config import LrFindConfig, register_configs, trainer_settings
+from bigmodel_cli.config_checks import validate_lr_find, validate_train_config
 from bigmodel_cli.engine.lr_range import RangeTest, Suggestion, as_override, suggest
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -89,7 +90,7 @@ def replicas(t: Dict[str, Any]) -> int:
 
 def refuse_what_train_refuses(train_cfg: DictConfig) -> None:
     """The train command lr-find suggests must start: its layout and model split as train checks."""
-    from bigmodel_cli.commands.train import check_layout, check_pipeline
+    from bigmodel_cli.engine.layout_checks import check_layout, check_pipeline
     from bigmodel_cli.engine.distributed import DistEnv
 
     config = OmegaConf.to_container(train_cfg, resolve=True, enum_to_str=True)

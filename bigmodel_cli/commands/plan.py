@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -10,31 +10,10 @@ from omegaconf import DictConfig
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
-from bigmodel_cli.errors import report_user_errors
+from bigmodel_cli.error_report import report_user_errors
+from bigmodel_cli.plan.show import show_plan
 
 register_configs()
-
-
-def show_plan(cfg: DictConfig, choices: Dict[str, str], overrides: Sequence[str], gpu=None) -> None:
-    """Validate `cfg` as train does, plan it, print the plan."""
-    from omegaconf import OmegaConf
-
-    from bigmodel_cli.commands.train import check_layout, check_pipeline
-    from bigmodel_cli.config import plain_config, trainer_settings, validate_train_config
-    from bigmodel_cli.engine.distributed import DistEnv
-    from bigmodel_cli.plan import gpus
-    from bigmodel_cli.plan.planner import make_plan
-    from bigmodel_cli.plan.report import print_plan
-
-    validate_train_config(cfg)
-    settings = trainer_settings(cfg)
-    plain = plain_config(cfg)
-    # What train would refuse before launch (a model or layout that does not split) is not planned.
-    config = OmegaConf.to_container(plain)
-    check_layout(settings, DistEnv(), config.get("model") or {})
-    check_pipeline(config, settings)
-    gpu = gpu or gpus.REQUESTED or gpus.local_gpu()
-    print_plan(make_plan(plain, settings, choices, list(overrides), gpu), choices)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="plan")

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.error_report import report_user_errors
 
 #: What a run dir holds from its start on (Hydra's .hydra/, the run's log, its config, a
 #: failure marker), training or not: such a folder with no training run in or below it is
@@ -43,7 +44,7 @@ def expand(paths: List[str]) -> Tuple[List[Path], int]:
 def find_runs(folder: Path, depth: int = 4) -> Tuple[List[Path], int]:
     """Training runs in or below `folder` (job dirs in numeric order), and the run dirs
     without training records passed over."""
-    from bigmodel_cli.telemetry.plots import has_training
+    from bigmodel_cli.telemetry.run_files import has_training
 
     if has_training(folder):
         return [folder], 0

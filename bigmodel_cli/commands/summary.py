@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from bigmodel_cli.errors import UserError, report_user_errors
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.error_report import report_user_errors
 
 
 def runs_and_out(paths: List[str], out: Optional[str]) -> Tuple[List[Path], Path]:

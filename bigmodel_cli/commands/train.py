@@ -16,10 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli import failed_start, run_lock
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, trainer_settings, validate_train_config
+from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, trainer_settings
+from bigmodel_cli.config_checks import validate_train_config
 from bigmodel_cli.engine.files import WriteFailed
-from bigmodel_cli.errors import EXIT_INTERRUPTED, Diverged, TrainingStopped, UserError, first_line, report_user_errors
+from bigmodel_cli.engine.layout_checks import check_layout, check_pipeline
+from bigmodel_cli.errors import EXIT_INTERRUPTED, Diverged, TrainingStopped, UserError, first_line
+from bigmodel_cli.error_report import report_user_errors
 from bigmodel_cli.outcome import record_outcome
+from bigmodel_cli.plan.show import show_plan
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -114,37 +118,6 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] = No
     if job.settings.devices > 1 and not env.is_distributed:
         return launch_workers(job)
     return run_rank(job, env)
-
-
-def check_layout(settings: TrainerConfig, env, model_cfg: Dict[str, Any]) -> None:
-    """Before anything launches: the world the run will have must split into trainer.parallel's
-    tensor x pipeline ranks, the model into T tensor-parallel parts (heads, hidden widths), and
-    sequence parallelism, where asked for, must be exact; one line naming the numbers otherwise."""
-    from bigmodel_cli.engine.device import device_type
-    from bigmodel_cli.engine.mesh import layout_for
-    from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_parallel_problem
-
-    world = env.world_size if env.is_distributed else settings.devices * settings.num_nodes
-    layout = layout_for(world, settings.parallel)
-    problem = config_split_problem(model_cfg, layout.tp) or sequence_parallel_problem(
-        model_cfg, layout.tp, settings.parallel.sequence_parallel, device_type(settings.device))
-    if problem:
-        raise UserError(problem)
-    if layout.tp > 1 and str(settings.precision) == "fp16":  # (as with fsdp: one loss scale per shard)
-        raise UserError(f"trainer.precision=fp16 with trainer.parallel.tp={layout.tp} is not supported (each rank "
-                        "would skip steps on its own shard's overflow, and the ranks would diverge); use "
-                        "trainer.precision=bf16")
-
-
-def check_pipeline(config: Dict[str, Any], settings: TrainerConfig) -> None:
-    """Before anything launches: trainer.parallel.pp>1 can cut this model (its blocks, from the
-    config) with this batch and schedule (one line naming the numbers otherwise)."""
-    from bigmodel_cli.engine.pipeline import check_config
-
-    check_config(config.get("model") or {}, (config.get("data") or {}).get("batch_size"), settings)
-    if settings.parallel.pp > 1 and (config.get("distill") or {}).get("teacher"):
-        raise UserError(f"distill.teacher with trainer.parallel.pp={settings.parallel.pp} is not supported (a pipeline "
-                        "computes its loss inside the last stage); distill with trainer.parallel.pp=1")
 
 
 def launch_workers(job: RankJob) -> Dict[str, Any]:
@@ -258,7 +231,7 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 def disk_failure(err: Exception, run_dir: Path) -> UserError:
     """One line: what could not be written and why, and the checkpoint to continue from."""
     from bigmodel_cli.engine.checkpoint_folder import CHECKPOINT_DIR, list_step_checkpoints
-    from bigmodel_cli.errors import describe_unexpected
+    from bigmodel_cli.error_report import describe_unexpected
 
     steps = list_step_checkpoints(run_dir / CHECKPOINT_DIR)
     kept = f"the last good checkpoint is {steps[-1][1]}" if steps else "no checkpoint was written"
@@ -362,7 +335,6 @@ def dry_run(cfg: DictConfig, hydra_cfg) -> None:
     """trainer.dry_run=true: the plan, as `bigmodel plan` prints it; the run dir Hydra made goes."""
     from hydra.types import RunMode
 
-    from bigmodel_cli.commands.plan import show_plan
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -409,7 +381,7 @@ def sweep_value_of_failure(cfg: DictConfig, ended: List[str]) -> Optional[float]
     trial diverged still has a best one. Failed: None, which Optuna records as a failed
     trial and goes on from (NaN would end the study)."""
     from bigmodel_cli.outcome import DIVERGED
-    from bigmodel_cli.sweepers import direction
+    from bigmodel_cli.telemetry.run_files import direction
 
     if DIVERGED not in ended:
         return None

@@ -35,7 +35,8 @@ def compress_checkpoint(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     from bigmodel_cli.compress import quantize
     from bigmodel_cli.compress.checkpoint import save_compressed, size_on_disk
     from bigmodel_cli.compress.report import write_report
-    from bigmodel_cli.config import plain_config, validate_compress_config
+    from bigmodel_cli.config import plain_config
+    from bigmodel_cli.config_checks import validate_compress_config
     from bigmodel_cli.engine.inference import open_trained, ready_model
     from bigmodel_cli.engine.tasks import task_for
 
@@ -70,7 +71,7 @@ def compress_checkpoint(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 def checkpoint_data(trained: TrainedModel) -> DataModule:
     """The checkpoint's own data, split as it was in training (as `bigmodel eval` builds it)."""
     from bigmodel_cli.build import build_data
-    from bigmodel_cli.config import validate_data_config
+    from bigmodel_cli.config_checks import validate_data_config
 
     validate_data_config(trained.config.data)
     data = build_data(trained.config.data, trained.checkpoint.data)

@@ -91,7 +91,7 @@ class TorchDataset(DataModule):
 
     def load(self) -> Any:
         """The user's Datasets: data.source imported and (unless it is a Dataset) called."""
-        from bigmodel_cli.build import import_object
+        from bigmodel_cli.dotted_path import import_object
 
         if not self.source:
             raise UserError("data=dataset needs data.source=<module.DatasetClass or module.function returning "

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from bigmodel_cli.data.base import DataModule, DataSpec, check_split
-from bigmodel_cli.data.tokenizers import vocabulary_problem
+from bigmodel_cli.data.tokenizers import encode, vocabulary_problem
 from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
@@ -39,21 +39,6 @@ def read_corpus(path: str) -> str:
             raise UserError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start}); "
                             "convert it or leave it out of data.path") from None
     return "\n".join(texts)
-
-
-def encode(text: str, vocab: List[str]) -> np.ndarray:
-    """Characters -> vocabulary ids, vectorised (no Python loop over the characters)."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    points = np.array([ord(ch) for ch in vocab], dtype=np.uint32)
-    order = np.argsort(points)
-    pos = np.minimum(np.searchsorted(points[order], codes), len(points) - 1)
-    known = points[order][pos] == codes
-    if not known.all():
-        unknown = sorted(set(chr(c) for c in codes[~known].tolist()))
-        raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
-                        f"({''.join(unknown[:20])!r}); use text in the alphabet the model was trained on")
-    ids = order[pos]
-    return ids.astype(np.int64)
 
 
 class CharText(DataModule):

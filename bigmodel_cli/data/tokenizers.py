@@ -17,6 +17,21 @@ from bigmodel_cli.data.text_chunks import text_chunks
 from bigmodel_cli.errors import UserError, first_line
 
 
+def encode(text: str, vocab: List[str]) -> np.ndarray:
+    """Characters -> vocabulary ids, vectorised (no Python loop over the characters)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    points = np.array([ord(ch) for ch in vocab], dtype=np.uint32)
+    order = np.argsort(points)
+    pos = np.minimum(np.searchsorted(points[order], codes), len(points) - 1)
+    known = points[order][pos] == codes
+    if not known.all():
+        unknown = sorted(set(chr(c) for c in codes[~known].tolist()))
+        raise UserError(f"the text has {len(unknown)} characters outside the model's vocabulary "
+                        f"({''.join(unknown[:20])!r}); use text in the alphabet the model was trained on")
+    ids = order[pos]
+    return ids.astype(np.int64)
+
+
 class CharTokenizer:
     kind = "char"
 
@@ -40,8 +55,6 @@ class CharTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str) -> np.ndarray:
-        from bigmodel_cli.data.text import encode
-
         return encode(text, self.vocab)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -22,10 +22,9 @@ from torch import nn
 
 from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine import distributed, sharded
-from bigmodel_cli.engine.files import atomic_write, check_zip_archive, refusal_reason
+from bigmodel_cli.engine.checkpoint_file import FORMAT, save_checkpoint  # noqa: F401  (save_checkpoint: the module's API)
+from bigmodel_cli.engine.files import check_zip_archive, refusal_reason
 from bigmodel_cli.errors import UserError
-
-FORMAT = "bigmodel-checkpoint/1"
 
 
 @dataclass
@@ -79,13 +78,6 @@ class Checkpoint(CheckpointRecord):
     def to_state(self) -> Dict[str, Any]:
         tensors = {} if self.is_sharded else {"model": self.model, "optimizer": self.optimizer}
         return {**super().to_state(), **tensors}
-
-
-def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """Write a checkpoint's dict to a temporary file in the same folder, fsync, then rename
-    over `path`: a crash at any moment leaves either the old file or the new one, never a
-    torn one. torch.save records a CRC-32 per archive member, which `load_checkpoint` checks."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

@@ -30,15 +30,13 @@ applied: checkpointing and compile keep the module tree as it is, and the traine
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bigmodel_cli.config import TrainerConfig
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.distributed import DistEnv, repeated_blocks
+from bigmodel_cli.engine.recompute import recomputing
 from bigmodel_cli.errors import UserError
 
 
@@ -99,12 +97,3 @@ def checkpoint_activations(model: nn.Module) -> None:
                         f"{type(model).__name__} has none; set model.activation_checkpointing=false")
     for block in blocks:
         block.forward = recomputing(block, block.forward)
-
-
-def recomputing(block: nn.Module, forward: Callable) -> Callable:
-    def forward_with_recompute(*args, **kwargs):
-        if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return forward_with_recompute

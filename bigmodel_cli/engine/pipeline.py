@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
+from bigmodel_cli.engine.recompute import recomputing
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -319,8 +320,6 @@ def parallelize_stages(model: nn.Module, settings: TrainerConfig, mesh, checkpoi
     rank runs over mesh["tp"]; recompute and compile them (each block on its own, so state-dict
     keys stay the model's); under trainer.strategy=fsdp, shard each block and then each stage
     over mesh["dp"] (ddp: the stages' gradients are averaged in engine/pipeline_step.py)."""
-    from bigmodel_cli.engine.parallelize import recomputing
-
     stages = cut(model, settings.parallel, mesh["pp"].get_local_rank())
     own = sorted(i for stage in stages.stages for i in stage.blocks)
     if settings.parallel.tp > 1:  # stage by stage: each stage's activations enter and leave it whole

@@ -6,4 +6,5 @@
     gpus.py      GPU memory by card name, and the --gpu-memory flag
     data.py      the data's shape (vocabulary, context, samples) without loading batches
     report.py    the printed plan and the launch command
+    show.py      validate a train config, plan it, print the plan (plan, train's dry run)
 """

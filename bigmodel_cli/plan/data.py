@@ -88,7 +88,7 @@ def token_shape(data_cfg: DictConfig, world_size: int) -> PlanData:
 
 def data_unit(data_cfg: DictConfig) -> str:
     """What a sample of this data set is made of (DataModule.unit), read from its class."""
-    from bigmodel_cli.build import import_object
+    from bigmodel_cli.dotted_path import import_object
 
     try:
         return str(getattr(import_object(str(data_cfg._target_)), "unit", "samples"))
@@ -97,7 +97,7 @@ def data_unit(data_cfg: DictConfig) -> str:
 
 
 def model_input_kinds(cfg: DictConfig) -> tuple:
-    from bigmodel_cli.build import import_object
+    from bigmodel_cli.dotted_path import import_object
 
     try:
         return tuple(getattr(import_object(str(cfg.model._target_)), "input_kinds", ()))

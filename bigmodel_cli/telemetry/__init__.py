@@ -93,7 +93,7 @@ class Telemetry:
 
 
 def build_sink(config: Mapping[str, Any], run_dir: Path, resume_step: int) -> Sink:
-    from bigmodel_cli.build import import_object
+    from bigmodel_cli.dotted_path import import_object
 
     settings = {k: v for k, v in dict(config).items() if k != "_target_"}
     return import_object(config["_target_"])(run_dir, resume_step, **settings)

@@ -4,8 +4,6 @@ marked. matplotlib draws them off-screen with its Agg backend."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -13,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.telemetry.run_files import count, monitor_setting, number, read_json, read_records, run_overrides
 
 PLOT_INSTALL_HINT = "pip install matplotlib"
 #: With a 10-colour palette these tell 40 runs apart before a colour and style pair repeats.
@@ -33,66 +32,6 @@ class Curves:
     label: str = ""
     style: Dict[str, Any] = field(default_factory=dict)
     best: Optional[Tuple[str, int, float]] = None  # the monitored metric, its best step and value
-
-
-def metrics_file(run_dir: Path) -> Optional[Path]:
-    """The run's metrics: metrics.jsonl, else metrics.csv (logger=[csv]), else None."""
-    return next((p for p in (run_dir / "metrics.jsonl", run_dir / "metrics.csv") if p.is_file()), None)
-
-
-def read_records(run_dir: Path) -> List[Dict]:
-    path = metrics_file(run_dir)
-    if path is None:
-        raise UserError(f"{run_dir} has no metrics.jsonl (or metrics.csv); pass run dirs written by "
-                        "bigmodel train (with the jsonl or csv logger, both on by default)")
-    if path.suffix == ".csv":
-        return read_csv_records(path)
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if isinstance(record, dict):  # a damaged file may hold other JSON
-            records.append(record)
-    return records
-
-
-def read_csv_records(path: Path) -> List[Dict]:
-    """metrics.csv's rows as jsonl-like records: numbers, without the row's empty cells."""
-    records = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            try:
-                record = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
-            except ValueError:
-                continue  # a row cut short by a kill
-            if "step" in record:
-                records.append({**record, "step": int(record["step"])})
-    return records
-
-
-def has_training(run_dir: Path) -> bool:
-    """Whether the dir holds a training run: metrics with at least one train record (eval,
-    prepare and generate runs, and a run that failed before its first step, have none)."""
-    return metrics_file(run_dir) is not None and any("loss" in r for r in read_records(run_dir))
-
-
-def run_overrides(run_dir: Path) -> Optional[List[str]]:
-    """The command-line overrides a run was started with (Hydra records them); None when
-    the run recorded none."""
-    from omegaconf import OmegaConf
-
-    for source in (run_dir / ".hydra" / "overrides.yaml", run_dir / "summary.json"):
-        if not source.is_file():
-            continue
-        try:  # safe loaders only; a damaged file labels the run by its dir instead
-            found = json.loads(source.read_text()).get("overrides") if source.suffix == ".json" \
-                else OmegaConf.to_container(OmegaConf.load(source), resolve=False)
-        except Exception:  # noqa: BLE001 - any damage: no label from it
-            return None
-        return [str(o) for o in found] if isinstance(found, list) else None
-    return None
 
 
 def run_labels(run_dirs: Sequence[Path]) -> List[str]:
@@ -137,8 +76,6 @@ def best_point(run_dir: Path, records: List[Dict]) -> Optional[Tuple[str, int, f
     """The run's best monitored validation value as (metric, step, value): summary.json's
     (the trainer's own), else picked from the records as the trainer picks it (the first
     strictly better value, NaN skipped) for config.yaml's trainer.monitor and monitor_mode."""
-    from bigmodel_cli.outcome import count, number, read_json
-
     saved = read_json(run_dir / "summary.json") or {}  # damaged: picked from the records instead
     step, value = count(saved.get("best_step")), number(saved.get("best_value"))
     if step is not None and value is not None and isinstance(saved.get("monitor"), str):
@@ -152,23 +89,6 @@ def best_point(run_dir: Path, records: List[Dict]) -> Optional[Tuple[str, int, f
         if best is None or (value > best[1] if maximize else value < best[1]):
             best = (int(record["step"]), float(value))
     return (metric, *best) if best else None
-
-
-def monitor_setting(run_dir: Path) -> Tuple[str, bool]:
-    """trainer.monitor from the run's config.yaml (val/loss without one), and whether larger is better."""
-    metric, mode = "val/loss", "auto"
-    if (run_dir / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        try:  # a damaged config.yaml: the defaults
-            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
-            metric = str(cfg["trainer"].get("monitor", metric))
-            mode = str(cfg["trainer"].get("monitor_mode", mode))
-        except Exception:  # noqa: BLE001
-            pass
-    from bigmodel_cli.sweepers import direction
-
-    return metric, direction(metric, mode) == "maximize"
 
 
 def load_pyplot():

@@ -13,7 +13,8 @@ log = logging.getLogger("bigmodel")
 def write_curves(run_dir: Path) -> str:
     """curves.png, the best monitored step marked; without matplotlib, a line saying how to get it."""
     from bigmodel_cli.errors import UserError
-    from bigmodel_cli.telemetry.plots import metrics_file, plot_runs
+    from bigmodel_cli.telemetry.plots import plot_runs
+    from bigmodel_cli.telemetry.run_files import metrics_file
 
     if metrics_file(run_dir) is None:
         return "no curves: the jsonl and csv loggers were off"
@@ -30,7 +31,7 @@ def write_curves(run_dir: Path) -> str:
 
 def throughput(run_dir: Path) -> Dict[str, float]:
     """Medians over the run's log intervals (the first one includes warm-up)."""
-    from bigmodel_cli.telemetry.plots import metrics_file, read_records
+    from bigmodel_cli.telemetry.run_files import metrics_file, read_records
 
     if metrics_file(run_dir) is None:
         return {}

@@ -20,11 +20,9 @@ TOP_CURVES = 5
 def numeric_values(jobs: Sequence[JobResult], key: str) -> Optional[List[Optional[float]]]:
     """Each job's value of `key` as a number (None where a job does not set it), or None
     when any value is not a number (a choice such as model=cnn)."""
-    from bigmodel_cli.sweep_summary import override_items
-
     values: List[Optional[float]] = []
     for job in jobs:
-        raw = override_items(job).get(key)
+        raw = job.override_items().get(key)
         try:
             values.append(None if raw is None else float(raw))
         except ValueError:
@@ -62,7 +60,8 @@ def draw_setting(ax, key: str, values: Sequence[Optional[float]], jobs: Sequence
 
 
 def draw_top_curves(ax, jobs: Sequence[JobResult], labels: Dict[str, str]) -> None:
-    from bigmodel_cli.telemetry.plots import metrics_file, read_records, run_styles
+    from bigmodel_cli.telemetry.plots import run_styles
+    from bigmodel_cli.telemetry.run_files import metrics_file, read_records
 
     top = [j for j in jobs if j.scored and metrics_file(Path(j.run_dir)) is not None][:TOP_CURVES]
     for job, style in zip(top, run_styles(len(top))):
@@ -79,7 +78,6 @@ def draw_top_curves(ax, jobs: Sequence[JobResult], labels: Dict[str, str]) -> No
 
 
 def plot_sweep(out: Path, jobs: Sequence[JobResult], keys: Sequence[str]) -> None:
-    from bigmodel_cli.sweep_summary import label
     from bigmodel_cli.telemetry.plots import load_pyplot
 
     plt = load_pyplot()
@@ -88,7 +86,7 @@ def plot_sweep(out: Path, jobs: Sequence[JobResult], keys: Sequence[str]) -> Non
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
     for ax, (key, values) in zip(axes[0], settings):
         draw_setting(ax, key, values, jobs)
-    draw_top_curves(axes[0][-1], jobs, {j.run_dir: label(j, keys) for j in jobs})
+    draw_top_curves(axes[0][-1], jobs, {j.run_dir: j.label(keys) for j in jobs})
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
