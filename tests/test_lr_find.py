@@ -149,13 +149,18 @@ def assert_no_training_left(cwd):
     assert sorted(p.name for p in outputs.iterdir()) == ["lr_find"]  # no train run dir beside it
 
 
-@pytest.mark.integration
-def test_lr_find_on_digits_suggests_an_lr_that_trains_as_well_as_the_default(run_cli):
-    """Acceptance 4 on digits: `bigmodel train optim.lr=<suggested>` reaches the default run's
-    test accuracy or better."""
+def find_on_digits(run_cli):
+    """`bigmodel lr-find` on digits: its result, and the suggested lr."""
     found = run_cli("lr-find", *PINNED)
     assert found.returncode == 0, found.output
-    lr = suggested_lr(found)
+    return found, suggested_lr(found)
+
+
+@pytest.mark.integration
+def test_lr_find_on_digits_writes_its_curve_and_suggestion(run_cli):
+    """Acceptance 4 on digits, the command: its curve, its settings and its suggestion, with
+    no training run left behind. (The suggestion trains well: the test below.)"""
+    found, lr = find_on_digits(run_cli)
     folder = lr_find_dir(found)
     assert str(folder) in found.stdout
     assert (folder / "lr_find.png").stat().st_size > 10_000
@@ -166,6 +171,12 @@ def test_lr_find_on_digits_suggests_an_lr_that_trains_as_well_as_the_default(run
                                  "diverge_factor": 4.0}
     assert_no_training_left(found.cwd)
 
+
+@pytest.mark.accuracy
+def test_lr_find_on_digits_suggests_an_lr_that_trains_as_well_as_the_default(run_cli):
+    """Acceptance 4 on digits: `bigmodel train optim.lr=<suggested>` reaches the default run's
+    test accuracy or better."""
+    _, lr = find_on_digits(run_cli)
     default = run_cli("train", *PINNED)
     tuned = run_cli("train", f"optim.lr={lr}", *PINNED)
     assert default.returncode == 0 and tuned.returncode == 0, default.output + tuned.output

@@ -36,7 +36,7 @@ def test_a_test_over_its_cpu_budget_fails_saying_how_much_it_spent(pytester, tie
     result.assert_outcomes(failed=1)
     spent = float(result.stdout.str().split(" spent ")[1].split(" s of CPU")[0])
     assert spent >= 1.9  # the child's CPU counts as well as this process's
-    result.stdout.fnmatch_lines(["*spent * s of CPU in its call (the budget outside the *tiers is 1 s)*"])
+    result.stdout.fnmatch_lines(["*spent * s of CPU in its call (the budget outside the *tiers is 1 s, 1.25 s with the allowance*"])
 
 
 @pytest.mark.parametrize("tier", tiers.SLOW_TIERS)
@@ -58,7 +58,7 @@ def test_thirty_seconds(monkeypatch):
 """
     result = run_inner(pytester, source)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*spent 30.0 s of CPU in its call (the budget * is {tiers.BUDGET_S:g} s)*"])
+    result.stdout.fnmatch_lines([f"*spent 30.0 s of CPU in its call (the budget * is {tiers.BUDGET_S:g} s, *"])
 
 
 def test_a_test_without_exactly_one_tier_stops_the_collection(pytester):

@@ -12,7 +12,9 @@ is busy. It counts this process's CPU (every thread) and that of the child proce
 waited for, in the setup phase (the fixtures a test is first to need) and in the test
 itself, each against the budget: 20 s (BUDGET_S), or --cpu-budget=S, or
 BIGMODEL_TEST_CPU_BUDGET_S (0 turns the check off); a test that needs more says so, and
-why, with @pytest.mark.cpu_budget(seconds, reason="...").
+why, with @pytest.mark.cpu_budget(seconds, reason="..."). It fails a test only past the
+budget times ALLOWANCE: CPU time drifts too on a shared machine (caches, memory bandwidth),
+and a test near its budget should not fail one run in ten.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ TIERS = {
 #: the tiers whose tests may take as long as the behaviour they show needs
 SLOW_TIERS = ("e2e", "dist", "slurm", "accuracy", "compile")
 BUDGET_S = 20.0
+# A test fails past its budget times this (see above).
+ALLOWANCE = 1.25
 ENV = "BIGMODEL_TEST_CPU_BUDGET_S"
 
 
@@ -100,11 +104,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     own = item.get_closest_marker("cpu_budget")
     if own is not None and limit > 0:  # a test that says why it needs more
         limit = max(limit, float(own.args[0]))
-    if spent is None or not report.passed or limit <= 0 or tier_of(item) in SLOW_TIERS or spent <= limit:
+    if spent is None or not report.passed or limit <= 0 or tier_of(item) in SLOW_TIERS or spent <= limit * ALLOWANCE:
         return
     report.outcome = "failed"
     report.longrepr = (f"{item.nodeid} spent {spent:.1f} s of CPU in its {call.when} (the budget outside the "
-                       f"{'/'.join(SLOW_TIERS)} tiers is {limit:g} s): make it smaller (fewer steps, a tinier "
+                       f"{'/'.join(SLOW_TIERS)} tiers is {limit:g} s, {limit * ALLOWANCE:g} s with the allowance for a loaded "
+                       "machine): make it smaller (fewer steps, a tinier "
                        "model, a shared trained fixture) or mark it with the tier it belongs to")
 
 
