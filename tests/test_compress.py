@@ -16,6 +16,9 @@ from bigmodel_cli.commands.train import train
 from bigmodel_cli.compress.pipeline import compress_checkpoint
 from conftest import compose_config, outcome_lines
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("compress")
+
 
 QUICK = ("trainer.progress=plain", "trainer.threads=1", "trainer.log_every=100")
 MLP = ("trainer.max_steps=300", "trainer.val_every=300", *QUICK)

@@ -15,6 +15,9 @@ from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine.distill import Distillation, mismatch, soft_kl
 from bigmodel_cli.errors import UserError
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("distill")
+
 
 TINY = ("trainer.progress=plain", "trainer.threads=1", "trainer.val_at_start=false")
 

@@ -16,6 +16,9 @@ pytest.importorskip("captum", reason="pip install 'bigmodel[explain]'")
 
 from conftest import CLIResult, bigmodel  # noqa: E402  (after the skip: captum is optional)
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("explain")
+
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 QUIET = ("trainer.progress=plain", "trainer.threads=1")

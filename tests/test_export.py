@@ -11,6 +11,9 @@ import torch
 
 from bigmodel_cli.errors import UserError
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("export")
+
 
 TINY = ("trainer.progress=plain", "trainer.threads=1", "trainer.val_at_start=false", "logger=[]")
 CORPUS = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40

@@ -23,6 +23,9 @@ from conftest import compose_config, outcome_lines
 from crafting import as_sharded
 from test_resume import clean_env, start_cli, step_losses, summary
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("faults")
+
 
 # Checkpoints at steps 4, 8 and 12; the only monitored validation is at step 12, so the
 # best checkpoint is the last (a resumed run re-validates it); dropout on, so the RNG

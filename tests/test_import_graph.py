@@ -95,3 +95,13 @@ def test_a_cycle_is_found():
 def test_the_package_imports_without_a_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles (deferred imports included):\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_a_command_is_imported_by_the_cli_alone():
+    """Commands share code through the modules below them, never through each other: each
+    command's module is imported by cli.py only (by name, as its entry point)."""
+    graph = import_graph()
+    commands = {name for name in graph if name.startswith("bigmodel_cli.commands.")}
+    importers = {name: sorted(importer for importer, targets in graph.items() if name in targets)
+                 for name in commands}
+    assert {name: found for name, found in importers.items() if found} == {}

@@ -17,6 +17,9 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.gpt import GPT
 from conftest import CLIResult
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("pipeline_parallel")
+
 
 # Dropout off and per-step logging, so runs compare step by step; checkpoints at steps 10 and 20.
 TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",

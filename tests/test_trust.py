@@ -27,6 +27,9 @@ from bigmodel_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from conftest import compose_config
 from crafting import RunsCode, as_sharded, evil_index, touch
 
+# Its module-scoped trained runs are made once: every test of the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("trust")
+
 
 HELPERS = Path(__file__).parent / "helpers"
 MLP = ("model.hidden_sizes=[16]", "trainer.val_every=2", "trainer.log_every=1", "trainer.progress=plain")

@@ -12,17 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import plain_config, register_configs
-from bigmodel_cli.config_checks import validate_data_config
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
 register_configs()
-
-# Data keys that decide which samples land in which split: changing one at eval time would
-# let training samples into the split being evaluated.
-SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "num_samples")
-
 
 def print_table(title: str, metrics: Dict[str, float]) -> None:
     from rich.console import Console
@@ -41,6 +35,7 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.engine.device import check_precision, resolve_device
     from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.engine.trained_inputs import eval_data
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
     from bigmodel_cli.telemetry import write_json
@@ -67,22 +62,6 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
     print_table(f"{cfg.split} split | {path} | step {step}", metrics)
     log.debug("eval.json written to %s", run_dir)
     return metrics
-
-
-def eval_data(cfg: DictConfig, trained):
-    """The checkpoint's data, with this command's data overrides (never ones that re-split it)."""
-    from bigmodel_cli.build import build_data
-
-    stored = trained.config.data
-    changed = [k for k in SPLIT_KEYS if k in cfg.data and cfg.data[k] != stored.get(k)]
-    if changed:
-        raise UserError(f"data.{changed[0]} would re-split the data, mixing training samples into the "
-                        f"{cfg.split} split; evaluate with the checkpoint's own split settings")
-    data_cfg = OmegaConf.merge(stored, cfg.data)
-    if cfg.batch_size is not None:
-        data_cfg.batch_size = cfg.batch_size
-    validate_data_config(data_cfg)
-    return build_data(data_cfg, trained.checkpoint.data), data_cfg
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -22,6 +22,7 @@ register_configs()
 def load_language_model(ckpt: str, device, trusted_targets=(), tokenizer_override=None):
     """The model and tokenizer a checkpoint was trained with (its config rebuilds it)."""
     from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.engine.trained_inputs import checkpoint_tokenizer  # (torch: not before argv is parsed)
 
     trained = open_trained(ckpt, trusted_targets)
     path, spec = trained.checkpoint.path, trained.checkpoint.spec
@@ -33,31 +34,6 @@ def load_language_model(ckpt: str, device, trusted_targets=(), tokenizer_overrid
         raise UserError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size:,} token ids but the model in "
                         f"{path} only {spec.vocab_size:,}; use the tokenizer its training data was made with")
     return ready_model(trained, device), tokenizer, spec, path
-
-
-def checkpoint_tokenizer(data_state: dict, override, path):
-    """The checkpoint's own tokenizer, or the one given (tokenizer=gpt2|hf) where it has none
-    or the same kind (its ranks file or tokenizer.json found elsewhere)."""
-    from bigmodel_cli.data.tokenizers import PRETRAINED, CharTokenizer, tokenizer_from_state
-
-    stored = data_state.get("tokenizer") or {}
-    stored_kind = "char" if data_state.get("vocab") else stored.get("kind")
-    if override is not None:
-        if override.kind not in PRETRAINED:
-            raise UserError(f"generate takes tokenizer=gpt2 or tokenizer=hf, not tokenizer={override.kind}: a "
-                            f"{override.kind} tokenizer comes with the checkpoint it was trained for")
-        if stored_kind not in (None, override.kind):
-            raise UserError(f"{path} was trained with a {stored_kind} tokenizer, not {override.kind}; "
-                            "leave tokenizer= out to use its own")
-        return PRETRAINED[override.kind].load(override.get("path"))
-    if data_state.get("vocab"):
-        return CharTokenizer.from_vocab(data_state["vocab"], f"the vocabulary in {path}")
-    tokenizer = tokenizer_from_state(data_state.get("tokenizer"), f"the tokenizer in {path}")
-    if tokenizer is None:
-        raise UserError(f"{path} has no tokenizer (its token files had no meta.json or meta.pkl); give the one "
-                        "its tokens were made with: tokenizer=gpt2 (nanoGPT's GPT-2 folders) or tokenizer=hf "
-                        "tokenizer.path=<tokenizer.json>, or prepare the data with bigmodel prepare")
-    return tokenizer
 
 
 def start_token(tokenizer) -> List[int]:

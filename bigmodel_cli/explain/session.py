@@ -85,7 +85,7 @@ def changed(space: Space, inputs: torch.Tensor, level: str) -> np.ndarray:
 
 def load(cfg: DictConfig, device: torch.device):
     """The checkpoint's model, ready on `device`, and its data, through eval's own loaders."""
-    from bigmodel_cli.commands.eval import eval_data
+    from bigmodel_cli.engine.trained_inputs import eval_data
     from bigmodel_cli.engine.inference import open_trained, ready_model
 
     trained = open_trained(cfg.ckpt, cfg.trusted_targets, sections=("model", "data"))
@@ -107,7 +107,7 @@ def choose_examples(cfg: DictConfig, trained, data, device: torch.device) -> Exa
 
 def text_tokenizer(trained):
     """The checkpoint's own tokenizer (as generate finds it), or None where it has none."""
-    from bigmodel_cli.commands.generate import checkpoint_tokenizer
+    from bigmodel_cli.engine.trained_inputs import checkpoint_tokenizer
 
     try:
         return checkpoint_tokenizer(trained.checkpoint.data, None, trained.checkpoint.path)
