@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
-from bigmodel_cli.dotted_path import import_object
+from bigmodel_cli.dotted_path import import_or_none
 from bigmodel_cli.engine.recompute import recomputing
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.description import PipelineStages, pipeline_stages_of
@@ -43,15 +43,6 @@ PIPELINE_ATTRIBUTE = "_bigmodel_pipeline"  # where the cut is kept on the rank's
 
 
 # ---------------------------------------------------------------------------- stage plans
-
-
-def class_of_target(target: str) -> Any:
-    """The class a model config's _target_ names, or None where it cannot be imported (the
-    build then says why)."""
-    try:
-        return import_object(target) if "." in target else None
-    except Exception:  # noqa: BLE001 - reported where the model is built
-        return None
 
 
 def plan_for(model_or_class: Any, name: str) -> PipelineStages:
@@ -117,7 +108,7 @@ def check_config(model_cfg, batch_size: Optional[int], settings: TrainerConfig) 
     if settings.parallel.pp == 1:
         return
     target = str(model_cfg.get("_target_", ""))
-    plan = plan_for(class_of_target(target), target.rsplit(".", 1)[-1])
+    plan = plan_for(import_or_none(target), target.rsplit(".", 1)[-1])
     blocks = model_cfg.get(plan.layers_key)
     check_pipeline(settings, plan, int(blocks) if isinstance(blocks, int) else None, batch_size)
 

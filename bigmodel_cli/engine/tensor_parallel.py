@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from bigmodel_cli.dotted_path import import_object
+from bigmodel_cli.dotted_path import import_or_none
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.description import LinearPairs, TransformerBlocks, tensor_parallel_of
 
@@ -61,7 +61,7 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
     if tp == 1:
         return None
     target = str(model_cfg.get("_target_", ""))
-    cls = model_class(target)
+    cls = import_or_none(target)
     plan = tensor_parallel_of(cls)
     if plan is None:
         return no_plan(target.rsplit(".", 1)[-1] or "this model", tp)
@@ -70,15 +70,6 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
         return heads_problem(f"model.{plan.heads_key}", int(heads), tp, model_cfg.get(plan.width_key))
     widths = model_cfg.get(plan.widths_key, constructor_default(cls, plan.widths_key)) or []
     return widths_problem([int(w) for w in widths], tp)
-
-
-def model_class(target: str) -> Any:
-    """The class a model config's _target_ names, or None where it cannot be imported (the
-    build then says why)."""
-    try:
-        return import_object(target) if "." in target else None
-    except Exception:  # noqa: BLE001 - reported where the model is built
-        return None
 
 
 def constructor_default(cls: Any, name: str) -> Any:
@@ -98,7 +89,7 @@ def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_pa
     (Left at null, sequence parallelism is simply not used there: use_sequence_parallel.)"""
     if tp == 1 or sequence_parallel is not True or device_type == "cuda":
         return None
-    if not isinstance(tensor_parallel_of(model_class(str(model_cfg.get("_target_", "")))), TransformerBlocks):
+    if not isinstance(tensor_parallel_of(import_or_none(str(model_cfg.get("_target_", "")))), TransformerBlocks):
         return None  # no blocks, no sequence shards
     dropout = float(model_cfg.get("dropout") or 0.0)
     if dropout == 0.0:
