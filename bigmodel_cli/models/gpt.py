@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from bigmodel_cli.models.attention import Block, LayerCache
 from bigmodel_cli.models.description import PipelineStages, TransformerBlocks
+from bigmodel_cli.models.gpt2_names import gpt2_config, gpt2_weights
 
 
 class KVCache:
@@ -77,6 +78,11 @@ class GPT(nn.Module):
     def stage_output(self, x: torch.Tensor) -> torch.Tensor:
         """The logits, from the last block's output."""
         return self.lm_head(self.ln_f(x))
+
+    def as_gpt2(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+        """This model as Hugging Face's GPT2LMHeadModel: GPT2Config's keyword arguments and the
+        weights by GPT-2's names (models/gpt2_names.py; `bigmodel export format=hf`)."""
+        return gpt2_config(self), gpt2_weights(self)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty cache for `batch_size` sequences of up to block_size tokens."""
