@@ -40,7 +40,9 @@ class HuggingFaceGPT2(Format):
         config, weights = model.as_gpt2()
         hf = GPT2LMHeadModel(GPT2Config(**config))
         missing, unexpected = hf.load_state_dict(weights, strict=False)
-        left = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+        embedding = hf.get_input_embeddings().weight  # GPT-2's head is tied to it: not in the mapping
+        tied = {name for name, tensor in hf.state_dict(keep_vars=True).items() if tensor is embedding}
+        left = [k for k in missing if k not in tied]
         if left or unexpected:
             raise RuntimeError(f"GPT-2 weight mapping incomplete: missing {left[:3]}, unexpected {unexpected[:3]}")
         hf.tie_weights()

@@ -9,6 +9,7 @@ A model class declares, as class attributes:
     tensor_parallel = TransformerBlocks(...) or LinearPairs(...)
     pipeline_stages = PipelineStages(...), with the methods stage_input(x) -> the first
                       block's input and stage_output(h) -> the output, from the last block's
+    flops = TransformerFlops(...)   FLOPs per token as MFU counts them (a decoder LM)
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ class PipelineStages:
     before: Tuple[str, ...]
     after: Tuple[str, ...]
     layers_key: str
+
+
+@dataclass(frozen=True)
+class TransformerFlops:
+    """FLOPs per token of a decoder language model as MFU counts them (6N + 12·L·d·T, PaLM's
+    appendix B): its depth and width by the model config's keys; `positions` names a learned
+    position table, whose parameters N leaves out."""
+
+    layers_key: str
+    width_key: str
+    positions: Optional[str] = None
+
+
+def flops_of(model_or_class: Any) -> Optional[TransformerFlops]:
+    found = getattr(model_or_class, "flops", None)
+    return found if isinstance(found, TransformerFlops) else None
 
 
 def tensor_parallel_of(model_or_class: Any) -> Optional[TensorParallel]:

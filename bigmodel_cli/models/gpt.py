@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.models.attention import Block, LayerCache
-from bigmodel_cli.models.description import PipelineStages, TransformerBlocks
+from bigmodel_cli.models.description import PipelineStages, TransformerBlocks, TransformerFlops
 from bigmodel_cli.models.gpt2_names import gpt2_config, gpt2_weights
 
 
@@ -33,6 +33,7 @@ class GPT(nn.Module):
     tensor_parallel = TransformerBlocks(heads_key="n_head", width_key="n_embd")
     # Token + position embeddings before the blocks; the final norm and the (tied) head after.
     pipeline_stages = PipelineStages("blocks", ("tok_emb", "pos_emb"), ("ln_f", "lm_head"), "n_layer")
+    flops = TransformerFlops("n_layer", "n_embd", positions="pos_emb")
 
     def __init__(self, vocab_size: int, block_size: int, n_layer: int = 4, n_head: int = 4,
                  n_embd: int = 128, dropout: float = 0.0, bias: bool = True):
