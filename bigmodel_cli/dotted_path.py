@@ -44,3 +44,12 @@ def _import_longest_prefix(path: str) -> Any:
             obj = getattr(obj, attr)
         return obj
     raise NoSuchModule(f"no module named '{parts[0]}'")
+
+
+def import_or_none(path: str) -> Any:
+    """The object a dotted path names, or None where it names none or cannot be imported:
+    for checks that run before the build, which then says why."""
+    try:
+        return import_object(path) if "." in path else None
+    except Exception:  # noqa: BLE001 - the user's module may raise anything as it is imported
+        return None

@@ -228,7 +228,6 @@ def test_the_gpt2_mapping_computes_the_same_function_for_any_weights(bias):
     """Large random weights make every difference in architecture show (gelu against
     gelu_new, a missed transpose, a bias left out), which a briefly trained GPT would hide."""
     transformers = pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]'")
-    from bigmodel_cli.export.hf_gpt2 import gpt2_config, gpt2_weights
     from bigmodel_cli.models.gpt import GPT
 
     torch.manual_seed(0)
@@ -236,8 +235,9 @@ def test_the_gpt2_mapping_computes_the_same_function_for_any_weights(bias):
     with torch.no_grad():
         for param in ours.parameters():
             param.normal_(0.0, 0.5)
-    hf = transformers.GPT2LMHeadModel(gpt2_config(ours)).eval()
-    missing, unexpected = hf.load_state_dict(gpt2_weights(ours), strict=False)
+    config, weights = ours.as_gpt2()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
     assert missing in ([], ["lm_head.weight"]) and unexpected == []
     hf.tie_weights()
     ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -2,9 +2,9 @@
 the interleaved schedule, INTERLEAVED_STAGES) per pipeline rank.
 
 The first stage runs what comes before the blocks (embeddings), the last what comes after
-(final norm, head; the loss is computed there too). How a model family splits is a
-StagePlan here, keyed by the model's class and naming its own submodules: model files hold
-no pipeline code.
+(final norm, head; the loss is computed there too). How a model splits, it describes itself
+(models/description.py: PipelineStages, by its own attribute names, and its stage_input and
+stage_output methods); this module holds the pipeline code and names no model.
 
 Each rank keeps the whole model object, with what it does not run removed: blocks of other
 stages become parameter-free placeholders in their ModuleList, and the embeddings (head)
@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
+from bigmodel_cli.dotted_path import import_or_none
 from bigmodel_cli.engine.recompute import recomputing
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.models.description import PipelineStages, pipeline_stages_of
 
 log = logging.getLogger("bigmodel")
 
@@ -43,56 +45,11 @@ PIPELINE_ATTRIBUTE = "_bigmodel_pipeline"  # where the cut is kept on the rank's
 # ---------------------------------------------------------------------------- stage plans
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    """How one model family runs in stages: its ModuleList of blocks, what runs before them
-    (on the first stage) and after them (on the last), by the model's own attribute names."""
-
-    blocks: str
-    before: Tuple[str, ...]  # modules / parameters only the first stage keeps
-    after: Tuple[str, ...]  # ... only the last stage keeps
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, input) -> first activations
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, last activations) -> output
-    layers_key: str  # the model config's number of blocks
-
-
-def _gpt_embed(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(idx.shape[1], device=idx.device)
-    return model.dropout(model.tok_emb(idx) + model.pos_emb(pos))
-
-
-def _gpt_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.ln_f(x))
-
-
-def _encoder_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    h = model.embed(model.to_sequence(x))
-    h = torch.cat([model.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
-    return model.dropout(h + model.pos[:, : h.shape[1]])
-
-
-def _encoder_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return model.head(model.ln_f(h[:, 0]))
-
-
-#: model._target_ -> its plan (GPT: token + position embeddings, blocks, ln_f + tied lm_head).
-STAGE_PLANS: Dict[str, StagePlan] = {
-    "bigmodel_cli.models.gpt.GPT": StagePlan("blocks", ("tok_emb", "pos_emb"), ("ln_f", "lm_head"),
-                                             _gpt_embed, _gpt_head, "n_layer"),
-    "bigmodel_cli.models.transformer.TransformerEncoder": StagePlan(
-        "blocks", ("embed", "cls_token", "pos"), ("ln_f", "head"), _encoder_embed, _encoder_head, "n_layers"),
-}
-
-
-def class_path(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
-
-
-def plan_for(target: str) -> StagePlan:
-    plan = STAGE_PLANS.get(target)
+def plan_for(model_or_class: Any, name: str) -> PipelineStages:
+    """The model's own description of its stages, or one line saying it has none."""
+    plan = pipeline_stages_of(model_or_class)
     if plan is None:
-        short = target.rsplit(".", 1)[-1]
-        raise UserError(f"trainer.parallel.pp>1 cuts a model's repeated blocks into stages, and {short} has no "
+        raise UserError(f"trainer.parallel.pp>1 cuts a model's repeated blocks into stages, and {name} has no "
                         f"stage plan (models that can: gpt, transformer); set trainer.parallel.pp=1")
     return plan
 
@@ -108,14 +65,14 @@ def microbatches(parallel: ParallelConfig) -> int:
     return parallel.microbatches if parallel.microbatches is not None else 2 * parallel.pp
 
 
-def check_pipeline(settings: TrainerConfig, target: str, blocks: Optional[int], batch_size: Optional[int]) -> None:
+def check_pipeline(settings: TrainerConfig, plan: PipelineStages, blocks: Optional[int],
+                   batch_size: Optional[int]) -> None:
     """What makes a pipeline impossible, in one line with a setting that works: checked before
     launch (from the config) and again on each rank (from the built model)."""
     parallel = settings.parallel
     pp = parallel.pp
     if pp == 1:
         return
-    plan_for(target)
     if str(settings.precision) == "fp16":
         raise UserError("trainer.precision=fp16 needs one loss scale across all pipeline stages, which "
                         f"trainer.parallel.pp={pp} does not have; use trainer.precision=bf16 or fp32")
@@ -124,7 +81,7 @@ def check_pipeline(settings: TrainerConfig, target: str, blocks: Optional[int], 
         how = f"{pp} stages" if v == 1 else f"{pp} ranks x {v} stages each ({parallel.schedule})"
         fix = f"trainer.parallel.pp={max(1, blocks // v)}" if blocks >= v else "trainer.parallel.pp=1"
         also = ", or trainer.parallel.schedule=1f1b" if v > 1 and blocks >= pp else ""
-        key = f"model.{plan_for(target).layers_key}"
+        key = f"model.{plan.layers_key}"
         raise UserError(f"the model has {blocks} block{'s' if blocks != 1 else ''}, too few to cut into {how}; "
                         f"use {fix}{also}, or {key}={pp * v} or more")
     check_microbatches(parallel, batch_size)
@@ -151,9 +108,9 @@ def check_config(model_cfg, batch_size: Optional[int], settings: TrainerConfig) 
     if settings.parallel.pp == 1:
         return
     target = str(model_cfg.get("_target_", ""))
-    plan = plan_for(target)
+    plan = plan_for(import_or_none(target), target.rsplit(".", 1)[-1])
     blocks = model_cfg.get(plan.layers_key)
-    check_pipeline(settings, target, int(blocks) if isinstance(blocks, int) else None, batch_size)
+    check_pipeline(settings, plan, int(blocks) if isinstance(blocks, int) else None, batch_size)
 
 
 # ---------------------------------------------------------------------------- the cut
@@ -185,9 +142,9 @@ class StageModule(nn.Module):
     Its submodules are only what it runs (its blocks, and the modules before or after them
     on the first or last stage), the same objects as the model's: the stages of one rank own
     disjoint parameters, so each can be sharded (FSDP) as a unit of its own. The model itself
-    is held as a plain attribute, for the plan's embed and head functions."""
+    is held as a plain attribute, for its stage_input and stage_output."""
 
-    def __init__(self, model: nn.Module, plan: StagePlan, index: int, n_stages: int, blocks: range):
+    def __init__(self, model: nn.Module, plan: PipelineStages, index: int, n_stages: int, blocks: range):
         super().__init__()
         object.__setattr__(self, "model", model)  # (not a submodule: shared by the rank's stages)
         self.plan, self.index, self.blocks = plan, index, blocks
@@ -205,10 +162,10 @@ class StageModule(nn.Module):
                 if isinstance(getattr(self.model, name), nn.Parameter)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.plan.embed(self.model, x) if self.is_first else x
+        h = self.model.stage_input(x) if self.is_first else x
         for block in self.runs:
             h = block(h)
-        return self.plan.head(self.model, h) if self.is_last else h
+        return self.model.stage_output(h) if self.is_last else h
 
 
 @dataclass
@@ -238,12 +195,12 @@ class PipelineCut:
 def cut(model: nn.Module, parallel: ParallelConfig, pp_rank: int) -> PipelineCut:
     """Cut `model` in place into this pp rank's stages and return them (checked again here,
     for torchrun/srun runs and models whose config does not name their blocks)."""
-    plan = plan_for(class_path(model))
+    plan = plan_for(model, type(model).__name__)
     block_list = getattr(model, plan.blocks)
     pp, v = parallel.pp, stages_per_rank(parallel)
     n_stages = pp * v
     if len(block_list) < n_stages:
-        check_pipeline(TrainerConfig(parallel=parallel), class_path(model), len(block_list), None)
+        check_pipeline(TrainerConfig(parallel=parallel), plan, len(block_list), None)
     ranges = stage_blocks(len(block_list), n_stages)
     mine = [s for s in range(n_stages) if s % pp == pp_rank]  # loop order: stage s on pp rank s % pp
     owners = owner_of_names(model, plan, ranges, pp)
@@ -265,7 +222,7 @@ def cut(model: nn.Module, parallel: ParallelConfig, pp_rank: int) -> PipelineCut
     return cut_record
 
 
-def owner_of_names(model: nn.Module, plan: StagePlan, ranges: Sequence[range], pp: int) -> Dict[str, int]:
+def owner_of_names(model: nn.Module, plan: PipelineStages, ranges: Sequence[range], pp: int) -> Dict[str, int]:
     """The pp rank that keeps each top-level name of the model after the cut."""
     last = len(ranges) - 1
     owners = {name: 0 for name in plan.before}

@@ -1,17 +1,17 @@
-"""Tensor parallelism: each model's plan, keyed by its own submodule names, and the checks
-that a model splits across trainer.parallel.tp=T ranks.
+"""Tensor parallelism: the plan a model describes (models/description.py, by its own
+submodule names), turned into PyTorch's torch.distributed.tensor.parallel styles, and the
+checks that a model splits across trainer.parallel.tp=T ranks. Megatron-style:
 
-The plans use PyTorch's torch.distributed.tensor.parallel, Megatron-style:
+    TransformerBlocks  per block: the qkv projection and the MLP's first layer column-wise
+                       (each rank computes its heads' q, k, v and its share of the MLP's
+                       hidden units), the two output projections row-wise (partial sums,
+                       all-reduced: the block's output is whole on every rank). Embeddings,
+                       norms and the head stay whole, so the loss is computed on full logits,
+                       as in one process. (gpt, transformer)
+    LinearPairs        the Linear layers in pairs, column-wise then row-wise; with an odd
+                       number of layers the last one (the head) stays whole. (mlp)
 
-    gpt, transformer  per block: attn.qkv and mlp.fc column-wise (each rank computes its
-                      heads' q, k, v and its share of the MLP's hidden units), attn.proj
-                      and mlp.proj row-wise (partial sums, all-reduced: the block's output
-                      is whole on every rank). Embeddings, norms and the head stay whole,
-                      so the loss is computed on full logits, as in one process.
-    mlp               the Linear layers in pairs, column-wise then row-wise; with an odd
-                      number of layers the last one (the head) stays whole.
-
-Sequence parallelism (trainer.parallel.sequence_parallel, gpt and transformer): inside the
+Sequence parallelism (trainer.parallel.sequence_parallel, TransformerBlocks): inside the
 blocks, what the plan above keeps whole (the norms, dropout, residual adds) runs on each
 rank's part of the sequence instead. The residual stream is a DTensor sharded on the
 sequence (Shard(1)); the norms run under SequenceParallel (their weights become replicated
@@ -19,8 +19,8 @@ DTensors, whose partial gradients are summed once after backward); the column-wi
 all-gather the sequence and the row-wise ones reduce-scatter into it instead of all-reducing.
 The first planned block takes the whole embeddings and keeps its shard, the last gathers the
 whole sequence back as a plain tensor, so the final norm, the head and the loss are as
-before. Shards may be uneven (9 tokens over 2 ranks: 5 and 4). `block_plan(i)` is one
-block's styles and `sequence_edges(first, last)` where the sharded stretch begins and ends.
+before. Shards may be uneven (9 tokens over 2 ranks: 5 and 4). `block_plan(plan, i)` is one
+block's styles and `sequence_edges(plan, first, last)` where the sharded stretch begins and ends.
 
 The fused qkv projection holds q, k and v one after the other ([q; k; v] rows), so a
 contiguous column shard would hand a rank q's and k's columns but not its heads'. Its
@@ -31,25 +31,25 @@ checkpoints reshard between any meshes.
 Weights become DTensors sharded over the mesh's "tp" dimension; everything else (but the
 sequence-parallel blocks' residual stream) stays a plain tensor, the same on every tp rank
 (they read the same batches and seed their random numbers alike). Checks run twice: from
-the model config before any worker starts (commands/train.py), and on the built model for
-torchrun and srun.
+the model config before any worker starts (engine/layout_checks.py: the model's class is
+imported to read its description), and on the built model for torchrun and srun.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import operator
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from bigmodel_cli.dotted_path import import_or_none
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.models.description import LinearPairs, TransformerBlocks, tensor_parallel_of
 
 log = logging.getLogger("bigmodel")
-
-# Models with a plan: the config target each is built from, and the name users choose it by.
-PLANNED = {"bigmodel_cli.models.gpt.GPT": "gpt", "bigmodel_cli.models.transformer.TransformerEncoder": "transformer",
-           "bigmodel_cli.models.mlp.MLP": "mlp"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -61,14 +61,24 @@ def config_split_problem(model_cfg: Mapping[str, Any], tp: int) -> Optional[str]
     if tp == 1:
         return None
     target = str(model_cfg.get("_target_", ""))
-    name = PLANNED.get(target)
-    if name is None:
+    cls = import_or_none(target)
+    plan = tensor_parallel_of(cls)
+    if plan is None:
         return no_plan(target.rsplit(".", 1)[-1] or "this model", tp)
-    if name == "gpt":
-        return heads_problem("model.n_head", int(model_cfg.get("n_head", 4)), tp, model_cfg.get("n_embd"))
-    if name == "transformer":
-        return heads_problem("model.n_heads", int(model_cfg.get("n_heads", 4)), tp, model_cfg.get("d_model"))
-    return widths_problem([int(w) for w in model_cfg.get("hidden_sizes", [])], tp)
+    if isinstance(plan, TransformerBlocks):
+        heads = model_cfg.get(plan.heads_key, constructor_default(cls, plan.heads_key))
+        return heads_problem(f"model.{plan.heads_key}", int(heads), tp, model_cfg.get(plan.width_key))
+    widths = model_cfg.get(plan.widths_key, constructor_default(cls, plan.widths_key)) or []
+    return widths_problem([int(w) for w in widths], tp)
+
+
+def constructor_default(cls: Any, name: str) -> Any:
+    """The default of the constructor argument `name` (a model config may leave it out)."""
+    try:
+        default = inspect.signature(cls).parameters[name].default
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else default
 
 
 def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_parallel: Optional[bool],
@@ -79,7 +89,7 @@ def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_pa
     (Left at null, sequence parallelism is simply not used there: use_sequence_parallel.)"""
     if tp == 1 or sequence_parallel is not True or device_type == "cuda":
         return None
-    if PLANNED.get(str(model_cfg.get("_target_", ""))) not in ("gpt", "transformer"):
+    if not isinstance(tensor_parallel_of(import_or_none(str(model_cfg.get("_target_", "")))), TransformerBlocks):
         return None  # no blocks, no sequence shards
     dropout = float(model_cfg.get("dropout") or 0.0)
     if dropout == 0.0:
@@ -92,8 +102,8 @@ def sequence_parallel_problem(model_cfg: Mapping[str, Any], tp: int, sequence_pa
 
 def use_sequence_parallel(setting: Optional[bool], model: nn.Module, device_type: str, tp: int) -> bool:
     """trainer.parallel.sequence_parallel for this model here: true or false as set; null (the
-    default) on for gpt and transformer wherever it is exact (on CUDA, or without dropout)."""
-    if model_kind(model) not in ("gpt", "transformer"):
+    default) on for attention blocks wherever it is exact (on CUDA, or without dropout)."""
+    if not isinstance(tensor_parallel_of(model), TransformerBlocks):
         return False  # no sequence to split
     use = bool(setting) if setting is not None else device_type == "cuda" or not has_dropout(model)
     if use:
@@ -120,22 +130,29 @@ def check_split(model: nn.Module, tp: int) -> None:
 def split_problem(model: nn.Module, tp: int) -> Optional[str]:
     if tp == 1:
         return None
-    kind = model_kind(model)
-    if kind is None:
+    plan = tensor_parallel_of(model)
+    if plan is None:
         return no_plan(type(model).__name__, tp)
-    if kind == "mlp":
-        return widths_problem(mlp_hidden_widths(model), tp)
-    key = "model.n_head" if kind == "gpt" else "model.n_heads"
-    built = [block for block in model.blocks if hasattr(block, "attn")]  # (not a pipeline placeholder)
+    if isinstance(plan, LinearPairs):
+        return widths_problem(linear_widths(model, plan)[:-1], tp)
+    built = [block for block in getattr(model, plan.blocks) if has_submodule(block, plan.qkv)]  # (not placeholders)
     if not built:
         return None
-    attention = built[0].attn
-    return heads_problem(key, attention.n_heads, tp, attention.qkv.in_features)
+    heads = operator.attrgetter(plan.heads)(built[0])
+    return heads_problem(f"model.{plan.heads_key}", heads, tp, built[0].get_submodule(plan.qkv).in_features)
+
+
+def has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def no_plan(name: str, tp: int) -> str:
-    return (f"trainer.parallel.tp={tp} splits the layers of model=gpt, transformer or mlp, and {name} has no "
-            "tensor-parallel plan; use trainer.parallel.tp=1 (and trainer.strategy=fsdp to shard it)")
+    return (f"trainer.parallel.tp={tp} splits the layers of a model that describes how (model=gpt, transformer, "
+            f"mlp), and {name} has no tensor-parallel plan; use trainer.parallel.tp=1 (and trainer.strategy=fsdp to shard it)")
 
 
 def heads_problem(key: str, heads: int, tp: int, width: Optional[int] = None) -> Optional[str]:
@@ -176,55 +193,48 @@ def largest_divisor(value: int, limit: int) -> int:
     return max(d for d in range(1, limit + 1) if value % d == 0)
 
 
-def model_kind(model: nn.Module) -> Optional[str]:
-    from bigmodel_cli.models.gpt import GPT
-    from bigmodel_cli.models.mlp import MLP
-    from bigmodel_cli.models.transformer import TransformerEncoder
-
-    for cls, kind in ((GPT, "gpt"), (TransformerEncoder, "transformer"), (MLP, "mlp")):
-        if isinstance(model, cls):
-            return kind
-    return None
+def linears(model: nn.Module, plan: LinearPairs) -> List[str]:
+    """The Linear layers of the stack, by their names in `plan.container`."""
+    container = model.get_submodule(plan.container)
+    return [name for name, module in container.named_children() if isinstance(module, nn.Linear)]
 
 
-def mlp_linears(model: nn.Module) -> List[str]:
-    return [name for name, module in model.net.named_children() if isinstance(module, nn.Linear)]
-
-
-def mlp_hidden_widths(model: nn.Module) -> List[int]:
-    return [model.net.get_submodule(name).out_features for name in mlp_linears(model)[:-1]]
+def linear_widths(model: nn.Module, plan: LinearPairs) -> List[int]:
+    container = model.get_submodule(plan.container)
+    return [container.get_submodule(name).out_features for name in linears(model, plan)]
 
 
 # --------------------------------------------------------------------------- plans
 
 
 def tp_plan(model: nn.Module, sequence_parallel: bool = False, blocks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
-    """{submodule name: ParallelStyle} for `model` (one of the planned kinds); with
+    """{submodule name: ParallelStyle} for `model`, from its description; with
     `sequence_parallel`, the blocks' norms and residual stream run on sequence shards. For a
     pipeline stage, of the (contiguous) `blocks` it runs only: its activations enter and leave
     it whole."""
-    if model_kind(model) == "mlp":  # no sequence: nothing for sequence parallelism to split
-        return mlp_plan(model)
-    planned = list(range(len(model.blocks)) if blocks is None else blocks)
-    plan = {}
+    plan = tensor_parallel_of(model)
+    if isinstance(plan, LinearPairs):  # no sequence: nothing for sequence parallelism to split
+        return pairs_plan(model, plan)
+    planned = list(range(len(getattr(model, plan.blocks))) if blocks is None else blocks)
+    styles = {}
     for i in planned:
-        plan.update(block_plan(i, sequence_parallel))
+        styles.update(block_plan(plan, i, sequence_parallel))
     if sequence_parallel and planned:
-        plan.update(sequence_edges(planned[0], planned[-1]))
-    return plan
+        styles.update(sequence_edges(plan, planned[0], planned[-1]))
+    return styles
 
 
-def mlp_plan(model: nn.Module) -> Dict[str, Any]:
+def pairs_plan(model: nn.Module, plan: LinearPairs) -> Dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    names = mlp_linears(model)
-    plan = {}
+    names = linears(model, plan)
+    styles = {}
     for first, second in zip(names[0::2], names[1::2]):
-        plan[f"net.{first}"], plan[f"net.{second}"] = ColwiseParallel(), RowwiseParallel()
-    return plan
+        styles[f"{plan.container}.{first}"], styles[f"{plan.container}.{second}"] = ColwiseParallel(), RowwiseParallel()
+    return styles
 
 
-def block_plan(i: int, sequence_parallel: bool = False) -> Dict[str, Any]:
+def block_plan(plan: TransformerBlocks, i: int, sequence_parallel: bool = False) -> Dict[str, Any]:
     """Block i's styles. Under sequence parallelism the residual stream between blocks is a
     DTensor sharded on the sequence (Shard(1)): the norms run on their shard, the column-wise
     layers all-gather it, the row-wise ones reduce-scatter into it (instead of all-reducing)
@@ -232,19 +242,20 @@ def block_plan(i: int, sequence_parallel: bool = False) -> Dict[str, Any]:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
-    p = f"blocks.{i}."
+    p = f"{plan.blocks}.{i}."
     if not sequence_parallel:
-        return {p + "attn.qkv": ColwiseParallel(use_local_output=False), p + "attn.proj": RowwiseParallel(),
-                p + "mlp.fc": ColwiseParallel(), p + "mlp.proj": RowwiseParallel()}
-    return {p + "ln_1": SequenceParallel(),
-            p + "attn.qkv": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
-            p + "attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-            p + "ln_2": SequenceParallel(),
-            p + "mlp.fc": ColwiseParallel(input_layouts=Shard(1)),
-            p + "mlp.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
+        return {p + plan.qkv: ColwiseParallel(use_local_output=False), p + plan.attn_out: RowwiseParallel(),
+                p + plan.mlp_in: ColwiseParallel(), p + plan.mlp_out: RowwiseParallel()}
+    before_attention, before_mlp = plan.norms
+    return {p + before_attention: SequenceParallel(),
+            p + plan.qkv: ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            p + plan.attn_out: RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            p + before_mlp: SequenceParallel(),
+            p + plan.mlp_in: ColwiseParallel(input_layouts=Shard(1)),
+            p + plan.mlp_out: RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
 
 
-def sequence_edges(first: int, last: int) -> Dict[str, Any]:
+def sequence_edges(plan: TransformerBlocks, first: int, last: int) -> Dict[str, Any]:
     """Where the blocks first..last meet the whole-tensor rest of the model: the first block
     takes the (whole) embeddings and keeps this rank's sequence shard; the last one gathers
     the sequence back into a whole plain tensor for the final norm and the head."""
@@ -254,8 +265,8 @@ def sequence_edges(first: int, last: int) -> Dict[str, Any]:
     take = dict(input_layouts=Replicate(), desired_input_layouts=Shard(1))
     give = dict(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
     if first == last:
-        return {f"blocks.{first}": PrepareModuleInputOutput(**take, **give)}
-    return {f"blocks.{first}": PrepareModuleInput(**take), f"blocks.{last}": PrepareModuleOutput(**give)}
+        return {f"{plan.blocks}.{first}": PrepareModuleInputOutput(**take, **give)}
+    return {f"{plan.blocks}.{first}": PrepareModuleInput(**take), f"{plan.blocks}.{last}": PrepareModuleOutput(**give)}
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False,
@@ -267,14 +278,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
 
     check_split(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, blocks))
-    if model_kind(model) == "mlp":
+    plan = tensor_parallel_of(model)
+    if not isinstance(plan, TransformerBlocks):
         return model
-    for i in range(len(model.blocks)) if blocks is None else blocks:
-        block = model.blocks[i]
-        block.attn.qkv.register_forward_hook(own_heads_of(tp_mesh))
+    block_list = getattr(model, plan.blocks)
+    for i in range(len(block_list)) if blocks is None else blocks:
+        block = block_list[i]
+        block.get_submodule(plan.qkv).register_forward_hook(own_heads_of(tp_mesh))
         if sequence_parallel:
-            for param in (*block.ln_1.parameters(), *block.ln_2.parameters()):
-                param.register_post_accumulate_grad_hook(sum_partial_grad)
+            for norm in plan.norms:
+                for param in block.get_submodule(norm).parameters():
+                    param.register_post_accumulate_grad_hook(sum_partial_grad)
     return model
 
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from bigmodel_cli.models.attention import Block, LayerCache
+from bigmodel_cli.models.description import PipelineStages, TransformerBlocks, TransformerFlops
+from bigmodel_cli.models.gpt2_names import gpt2_config, gpt2_weights
 
 
 class KVCache:
@@ -28,6 +30,10 @@ class GPT(nn.Module):
     """
 
     input_kinds = ("tokens",)
+    tensor_parallel = TransformerBlocks(heads_key="n_head", width_key="n_embd")
+    # Token + position embeddings before the blocks; the final norm and the (tied) head after.
+    pipeline_stages = PipelineStages("blocks", ("tok_emb", "pos_emb"), ("ln_f", "lm_head"), "n_layer")
+    flops = TransformerFlops("n_layer", "n_embd", positions="pos_emb")
 
     def __init__(self, vocab_size: int, block_size: int, n_layer: int = 4, n_head: int = 4,
                  n_embd: int = 128, dropout: float = 0.0, bias: bool = True):
@@ -60,11 +66,24 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than block_size={self.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.stage_input(idx)
         for block in self.blocks:
             x = block(x)
+        return self.stage_output(x)
+
+    def stage_input(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the first block reads: token + position embeddings (dropped out)."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.dropout(self.tok_emb(idx) + self.pos_emb(pos))
+
+    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, from the last block's output."""
         return self.lm_head(self.ln_f(x))
+
+    def as_gpt2(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+        """This model as Hugging Face's GPT2LMHeadModel: GPT2Config's keyword arguments and the
+        weights by GPT-2's names (models/gpt2_names.py; `bigmodel export format=hf`)."""
+        return gpt2_config(self), gpt2_weights(self)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty cache for `batch_size` sequences of up to block_size tokens."""

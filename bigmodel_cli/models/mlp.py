@@ -5,6 +5,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from bigmodel_cli.models.description import LinearPairs
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
 
@@ -18,6 +20,7 @@ class MLP(nn.Module):
     """Stacked Linear + activation (+ dropout): h = f(W x + b), then a linear head."""
 
     input_kinds = ("vector", "sequence", "image")
+    tensor_parallel = LinearPairs(container="net", widths_key="hidden_sizes")
 
     def __init__(self, input_shape: Sequence[int], num_outputs: int,
                  hidden_sizes: Sequence[int] = (256, 128), activation: str = "relu",

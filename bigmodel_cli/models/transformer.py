@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.models.attention import Block
+from bigmodel_cli.models.description import PipelineStages, TransformerBlocks
 from bigmodel_cli.models.rnn import as_sequence, sequence_shape
 
 
@@ -28,6 +29,9 @@ class TransformerEncoder(nn.Module):
     """
 
     input_kinds = ("sequence", "image", "vector")
+    tensor_parallel = TransformerBlocks(heads_key="n_heads", width_key="d_model")
+    # The input projection, [CLS] token and positions before the blocks; norm and head after.
+    pipeline_stages = PipelineStages("blocks", ("embed", "cls_token", "pos"), ("ln_f", "head"), "n_layers")
 
     def __init__(self, input_shape: Sequence[int], num_outputs: int, d_model: int = 64,
                  n_heads: int = 4, n_layers: int = 2, mlp_ratio: int = 4, dropout: float = 0.1,
@@ -65,11 +69,19 @@ class TransformerEncoder(nn.Module):
         return patches.reshape(b, (h // p) * (w // p), c * p * p)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.embed(self.to_sequence(x))
-        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
-        h = self.dropout(h + self.pos[:, : h.shape[1]])
+        h = self.stage_input(x)
         if padding_mask is not None:  # the [CLS] token is never padding
             padding_mask = torch.cat([padding_mask.new_zeros(h.shape[0], 1), padding_mask], dim=1)
         for block in self.blocks:
             h = block(h, key_padding_mask=padding_mask)
+        return self.stage_output(h)
+
+    def stage_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first block reads: the embedded sequence after a [CLS] token, with positions."""
+        h = self.embed(self.to_sequence(x))
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        return self.dropout(h + self.pos[:, : h.shape[1]])
+
+    def stage_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The prediction, from the last block's output at the [CLS] token."""
         return self.head(self.ln_f(h[:, 0]))

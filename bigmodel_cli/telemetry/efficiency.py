@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from bigmodel_cli.models.description import flops_of
+
 # Dense peak FLOP/s by GPU model (substring of torch.cuda.get_device_name) and math mode:
 # "half" for bf16/fp16 tensor cores, "tf32" for fp32 matmuls on TF32 tensor cores, "fp32"
 # for plain fp32. From the vendors' data sheets (SXM parts; without sparsity).
@@ -73,17 +75,20 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def model_flops_per_token(model: torch.nn.Module, model_cfg, task: str, context: Optional[int],
                           n_params: int) -> Optional[float]:
-    """The estimate above for a GPT-style language model, counting parameters without the
-    position embedding; None for any other model. Its depth and width come from the model's
-    own config object where it has one (Hugging Face models: num_hidden_layers, hidden_size,
-    which every transformers config answers to), else from the model config (n_layer, n_embd)."""
+    """The estimate above for a decoder language model, None for any other model. A Hugging
+    Face model's depth and width come from its own config object (num_hidden_layers,
+    hidden_size, which every transformers config answers to); one of ours says by which model
+    config keys, and which position table to leave out of the count (models/description.py)."""
+    if task != "language_modeling" or not context:
+        return None
     own = getattr(model, "config", None)
     n_layer, width = getattr(own, "num_hidden_layers", None), getattr(own, "hidden_size", None)
-    if not (isinstance(n_layer, int) and isinstance(width, int)):
-        n_layer, width = model_cfg.get("n_layer"), model_cfg.get("n_embd")
-    if task != "language_modeling" or not n_layer or not width or not context:
+    described = flops_of(model)
+    if not (isinstance(n_layer, int) and isinstance(width, int)) and described is not None:
+        n_layer, width = model_cfg.get(described.layers_key), model_cfg.get(described.width_key)
+        positions = getattr(model, described.positions, None) if described.positions else None
+        if isinstance(positions, torch.nn.Embedding):  # (absent on a pipeline rank without the first stage)
+            n_params -= positions.weight.numel()
+    if not n_layer or not width:
         return None
-    positions = getattr(model, "pos_emb", None)
-    if isinstance(positions, torch.nn.Embedding):
-        n_params -= positions.weight.numel()
     return transformer_flops_per_token(n_params, n_layer, width, context)

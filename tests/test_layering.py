@@ -1,0 +1,63 @@
+"""The engine, the planner and the exporters read what a model says of itself
+(models/description.py) and never name a model class or one of its attributes: renaming a
+GPT attribute is then a change to models/ alone (issue 28). Docstrings and comments aside."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PACKAGE = Path(__file__).resolve().parent.parent / "bigmodel_cli"
+READERS = ("engine", "plan", "export")
+#: attribute names only bigmodel's own models use (generic words such as `head` or `blocks`
+#: also name the descriptions' fields, and are left out)
+MODEL_ATTRIBUTES = {"tok_emb", "pos_emb", "lm_head", "ln_f", "cls_token", "ln_1", "ln_2", "c_attn"}
+
+
+def model_classes():
+    """The nn.Module classes of models/ (not the descriptions the engine is meant to read)."""
+    names = set()
+    for path in (PACKAGE / "models").glob("*.py"):
+        names |= {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+                  and any("Module" in ast.unparse(base) for base in node.bases)}
+    return names
+
+
+def docstrings(tree):
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def mentions(path: Path, classes):
+    """(line, what) for each place the module's code names a model class or attribute."""
+    tree = ast.parse(path.read_text())
+    skip = docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in MODEL_ATTRIBUTES | classes:
+            found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Name) and node.id in classes:
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            words = set(node.value.replace(".", " ").replace("_target_=", " ").split())
+            named = words & MODEL_ATTRIBUTES or ({node.value} if node.value.startswith("bigmodel_cli.models.") else set())
+            found += [(node.lineno, word) for word in sorted(named)]
+    return found
+
+
+def test_the_check_sees_a_model_named(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text('"""GPT\'s tok_emb, in a docstring: fine."""\nx = model.tok_emb\ny = GPT(3)\n'
+                    'z = "bigmodel_cli.models.gpt.GPT"\n')
+    assert sorted(what for _, what in mentions(path, {"GPT"})) == ["GPT", "bigmodel_cli.models.gpt.GPT", "tok_emb"]
+
+
+def test_the_engine_planner_and_exporters_name_no_model():
+    classes = model_classes()
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {what}"
+             for folder in READERS for path in sorted((PACKAGE / folder).rglob("*.py"))
+             for line, what in mentions(path, classes)]
+    assert not found, "\n".join(found)
