@@ -16,7 +16,6 @@ preparation data).
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
 import os
 from multiprocessing import forkserver
@@ -50,22 +49,8 @@ def server_environment() -> Dict[str, str]:
     forkserver.ensure_running()
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if pid != _server_pid or not _server_env:  # (re)started by the call above
-        if _server_pid is None:
-            atexit.register(stop_server)
         _server_pid, _server_env = pid, environ
     return _server_env
-
-
-def stop_server() -> None:
-    """At exit: end the server and wait for it, so that nothing this process started outlives
-    it (the server would end on its own a moment later, unaccounted for: `time bigmodel train`
-    and a batch system's accounting would miss its workers' CPU)."""
-    stop = getattr(forkserver._forkserver, "_stop", None)  # (CPython's own, for its tests)
-    if stop is not None:
-        try:
-            stop()
-        except OSError:  # already gone
-            pass
 
 
 def in_launch_environment(launch_env: Dict[str, str], server_env: Dict[str, str],
