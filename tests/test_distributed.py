@@ -36,31 +36,19 @@ def fresh_dir(path):
     return path
 
 
-def processes():
-    """{pid: (parent pid, command line)} of every process there is."""
-    table = {}
+def worker_pids(parent_pid, marker=b"spawn_main"):
+    """The launcher's worker processes: children of `parent_pid` started by multiprocessing
+    spawn (or, with another `marker`, its other helpers)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            table[int(stat.parent.name)] = (ppid, (stat.parent / "cmdline").read_bytes())
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-    return table
-
-
-def helper_pids(parent_pid, marker):
-    """Children of `parent_pid` whose command line holds `marker` (its fork server, its
-    resource tracker)."""
-    return sorted(pid for pid, (ppid, cmdline) in processes().items() if ppid == parent_pid and marker in cmdline)
-
-
-def worker_pids(launcher_pid):
-    """The launcher's worker processes: forked by the fork server it started
-    (bigmodel_cli/engine/worker_start.py)."""
-    table = processes()
-    servers = {pid for pid, (ppid, cmdline) in table.items()
-               if ppid == launcher_pid and b"multiprocessing.forkserver" in cmdline}
-    return sorted(pid for pid, (ppid, _) in table.items() if ppid in servers)
+        if ppid == parent_pid and marker in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def train_losses(run_dir):
@@ -350,14 +338,13 @@ def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path):
     proc = start_two_workers(tmp_path, "trainer.dist_timeout_s=20")
     workers = worker_pids(proc.pid)
     assert len(workers) == 2
-    helpers = helper_pids(proc.pid, b"resource_tracker") + helper_pids(proc.pid, b"multiprocessing.forkserver")
-    assert len(helpers) == 2, helpers
+    tracker = [pid for pid in worker_pids(proc.pid, marker=b"resource_tracker")]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 20 + 60  # dist_timeout_s, and a wide margin for a loaded machine
-    while time.time() < deadline and any(alive(pid) for pid in workers + helpers):
+    while time.time() < deadline and any(alive(pid) for pid in workers + tracker):
         time.sleep(0.5)
-    assert not any(alive(pid) for pid in workers + helpers), "a worker outlived its launcher"
+    assert not any(alive(pid) for pid in workers + tracker), "a worker outlived its launcher"
     # They stopped as on a signal: a checkpoint at the step they stopped, besides the
     # validation checkpoints every 200 steps.
     steps = [int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt")]

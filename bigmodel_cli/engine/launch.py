@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from bigmodel_cli.engine.threads import LAUNCHER_OMP
-from bigmodel_cli.engine.worker_start import START_METHOD, worker_call
 from bigmodel_cli.engine.worker_link import WorkerLink, explain_failure, read_records
 from bigmodel_cli.errors import TrainingStopped, UserError
 from bigmodel_cli.signals import CHECKPOINT_SIGNALS, REPEAT_GRACE_S
@@ -57,8 +56,7 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     forwarded: Dict[int, float] = {}
     try:
         with forward_signals_to_workers(forwarded, link), quiet_agent(), ending_silent_workers(link):
-            entry, entry_args = worker_call(worker, (*args, link))
-            return elastic_launch(config, entry)(*entry_args)
+            return elastic_launch(config, worker)(*args, link)
     except SignalException as err:  # the agent's own handlers (SIGHUP, SIGQUIT) stopped the workers
         raise TrainingStopped(f"{signal_name(err.sigval)}: the launcher stopped the workers") from None
     except ChildFailedError as err:
@@ -110,7 +108,7 @@ def launch_config(nprocs: int, num_nodes: int, run_id: str):
         min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nprocs,
         run_id=run_id or os.environ.get("SLURM_JOB_ID") or default_id,
         rdzv_backend="c10d", rdzv_endpoint=endpoint,
-        max_restarts=0, monitor_interval=0.2, start_method=START_METHOD, **agent_signals)
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", **agent_signals)
 
 
 # Once a worker has failed, the others have this long to fail on their own (and say why)

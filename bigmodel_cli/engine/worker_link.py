@@ -55,9 +55,6 @@ class WorkerWatch:
     def __init__(self, link: WorkerLink, rank: int):
         self.link, self.rank = link, rank
         self.record: Dict[str, Any] = {"rank": rank, "pid": os.getpid()}
-        # The launcher, or the fork server it started the worker from (engine/worker_start.py),
-        # which exits with the launcher: either way, a new parent means the launcher is gone.
-        self._parent_at_start = os.getppid()
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
         self.write()
@@ -68,7 +65,7 @@ class WorkerWatch:
         orphaned_at: Optional[float] = None
         last_beat = 0.0
         while not self._stop.wait(WATCH_S):
-            if orphaned_at is None and self.launcher_gone():
+            if orphaned_at is None and os.getppid() != self.link.parent_pid:
                 orphaned_at = time.monotonic()
                 self._orphaned()
             elif orphaned_at is not None and time.monotonic() - orphaned_at > self.link.timeout_s:
@@ -77,17 +74,6 @@ class WorkerWatch:
             if time.monotonic() - last_beat >= BEAT_S:
                 self.write()
                 last_beat = time.monotonic()
-
-    def launcher_gone(self) -> bool:
-        if os.getppid() != self._parent_at_start:
-            return True
-        try:
-            os.kill(self.link.parent_pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, under another user: not ours, but not gone either
-            pass
-        return False
 
     def _orphaned(self) -> None:
         """The launcher died, and its run dir lock with it: rank 0, the one that writes,
