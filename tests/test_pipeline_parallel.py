@@ -283,3 +283,16 @@ def test_the_last_stage_resumes_the_tied_head_from_an_unsplit_runs_optimizer_sta
     head = resumed.state[last.lm_head.weight]
     assert torch.equal(last.lm_head.weight, full.lm_head.weight)
     assert torch.equal(head["exp_avg"], optimizer.state[full.tok_emb.weight]["exp_avg"])
+
+
+@pytest.mark.unit
+def test_a_model_that_describes_stages_without_their_methods_is_one_line():
+    from bigmodel_cli.engine.pipeline import plan_for
+    from bigmodel_cli.models.description import PipelineStages
+
+    class HalfDescribed:
+        pipeline_stages = PipelineStages("layers", ("embed",), ("head",), "depth")
+
+    with pytest.raises(UserError, match=r"HalfDescribed describes pipeline stages but has no stage_input or "
+                                        r"stage_output method.*trainer.parallel.pp=1"):
+        plan_for(HalfDescribed, "HalfDescribed")

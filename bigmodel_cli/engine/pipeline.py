@@ -51,6 +51,11 @@ def plan_for(model_or_class: Any, name: str) -> PipelineStages:
     if plan is None:
         raise UserError(f"trainer.parallel.pp>1 cuts a model's repeated blocks into stages, and {name} has no "
                         f"stage plan (models that can: gpt, transformer); set trainer.parallel.pp=1")
+    missing = [m for m in ("stage_input", "stage_output") if not callable(getattr(model_or_class, m, None))]
+    if missing:
+        raise UserError(f"{name} describes pipeline stages but has no {' or '.join(missing)} method (what the first "
+                        "stage runs before its blocks, the last after them: docs/contributing.md); add them or set "
+                        "trainer.parallel.pp=1")
     return plan
 
 
