@@ -99,6 +99,7 @@ def process_state_kept():
         torch.set_default_dtype(dtype)
         sys.argv[:], sys.path[:] = argv, path
         forget_user_modules(modules)
+        stop_reusable_workers()
 
 
 def fresh_module_records() -> None:
@@ -109,6 +110,16 @@ def fresh_module_records() -> None:
 
     sweep_summary.LAST_SWEEP_FAILED.clear()
     gpus.REQUESTED = None
+
+
+def stop_reusable_workers() -> None:
+    """joblib's launcher leaves its loky worker processes alive for reuse; a process that
+    ends takes them along, so here they go too, inside the test that started them (their CPU
+    time would otherwise be charged to whichever later test reaps them)."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
 
 
 def forget_user_modules(before: set) -> None:

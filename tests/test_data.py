@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bigmodel_cli.data.base import SequentialBatches, ShuffledBatches
-from bigmodel_cli.data.digits import Digits
+from bigmodel_cli.data.digits import Digits, load_digits_arrays
 from bigmodel_cli.data.sine import Sine
 from bigmodel_cli.data.synthetic import Synthetic
 from bigmodel_cli.data.text import CharText
@@ -11,6 +11,18 @@ from bigmodel_cli.data.windows import RandomWindows, SequentialWindows
 from bigmodel_cli.errors import UserError
 
 pytestmark = pytest.mark.unit
+
+
+def test_digits_read_from_scikit_learns_file_are_its_own_loaders(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    ours, theirs = load_digits_arrays(), load_digits()
+    assert np.array_equal(ours[0], theirs.data) and np.array_equal(ours[1], theirs.target)
+    assert ours[1].dtype == theirs.target.dtype
+    # Where a scikit-learn keeps the file elsewhere, its own loader gives the same arrays.
+    monkeypatch.setattr("bigmodel_cli.data.digits.Path.is_file", lambda self: False)
+    fallback = load_digits_arrays()
+    assert np.array_equal(fallback[0], theirs.data) and np.array_equal(fallback[1], theirs.target)
 
 
 def test_digits_split_is_fixed_and_normalised():

@@ -2,8 +2,9 @@
 README order, in one working directory, as a new user would type them.
 
 Placeholders (`outputs/<date>/<run>`, `runA runB`, a time-stamped run dir) stand for the
-newest matching folder at that moment; training examples get a few-step cap appended so
-that the whole README runs in a few minutes (a later override wins in Hydra). The install
+newest matching folder at that moment; training examples get a few-step cap appended, and
+a study's trials and the examples explained a small count, so that the whole README runs in
+a few minutes (a later override wins in Hydra). The install
 lines (`python3 -m venv ...`) are what `.ci/run` runs; the torchrun and srun lines are
 tested in tests/test_distributed.py.
 """
@@ -24,6 +25,15 @@ PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
 #: the optional package each example needs (an extra; skipped where it is not installed)
 EXTRAS = {"data=hf": "datasets", "data=image_folder": "PIL", "format=onnx": "onnxscript", "format=hf": "transformers"}
 CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "trainer.eval_batches=2")
+#: the same for the other sizes an example names: an Optuna study's trials, the examples explained
+SIZE_CAPS = {"hydra.sweeper.n_trials=": "hydra.sweeper.n_trials=2", "num_examples=": "num_examples=4"}
+
+
+def caps(args) -> tuple:
+    """What keeps an example small: a later override wins in Hydra."""
+    trains = args and args[0] == "train" and "--help" not in args and "--cfg" not in args
+    return (*(CAP if trains else ()),
+            *(cap for key, cap in SIZE_CAPS.items() if any(a.startswith(key) for a in args)))
 
 
 def readme_examples():
@@ -92,8 +102,7 @@ def test_every_readme_example_runs(run_cli, tmp_path):
         if any(key in example and not _importable(module) for key, module in EXTRAS.items()):
             continue  # an optional extra that is not installed (its own tests say which)
         args = shlex.split(resolve(example, tmp_path), comments=True)[1:]
-        trains = args and args[0] == "train" and "--help" not in args and "--cfg" not in args
-        result = run_cli(*args, *(CAP if trains else ()), env={"HOME": str(home)}, timeout=600)
+        result = run_cli(*args, *caps(args), env={"HOME": str(home)}, timeout=600)
         assert result.returncode == 0, f"README example failed: {example}\n{result.output[-3000:]}"
         ran.append(example)
     assert len(ran) >= 20

@@ -209,12 +209,14 @@ def test_a_sweep_token_admits_only_the_jobs_of_the_sweep_that_holds_the_lock(tmp
 @needs_optuna
 @needs_submitit
 def test_the_same_optuna_sweep_runs_through_the_submitit_local_launcher(run_cli, tmp_path):
-    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=6",
-                     "optim.lr=interval(1e-4,1e-1)", "trainer.max_steps=30", *FAST, timeout=1200)
+    # Three trials: more than one batch of the sweeper's n_jobs (2), the last one short.
+    result = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=3",
+                     "hydra.sweeper.n_jobs=2", "optim.lr=interval(1e-4,1e-1)", "trainer.max_steps=10", *FAST,
+                     timeout=1200)
     assert result.returncode == 0, result.output
     folder = sweep_dir(tmp_path)
     rows = json.loads((folder / "summary.json").read_text())["jobs"]
-    assert len(rows) == 6 and all(r["status"] == "finished" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
     assert "best_value" in (folder / "optimization_results.yaml").read_text()
 
 

@@ -116,7 +116,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def _timed(item: pytest.Item, phase: str):
     start = cpu_seconds()
     yield
-    item.__dict__.setdefault("_cpu_spent", {})[phase] = cpu_seconds() - start
+    spent = cpu_seconds() - start
+    item.__dict__.setdefault("_cpu_spent", {})[phase] = spent
+    # in --junitxml's report too, where the suite's cost is read test by test
+    item.user_properties.append((f"cpu_s_{phase}", round(spent, 2)))
 
 
 @pytest.hookimpl(hookwrapper=True)
