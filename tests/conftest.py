@@ -104,6 +104,32 @@ def launches_workers(args) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """`bigmodel train ARGS` by its arguments, each trained once for the module and its run
+    dir handed to every test that asks (to read: a test that resumes one writes into a run
+    dir of its own). `launcher` runs it under another launcher (torchrun's argv). A module
+    that uses it marks itself with an xdist_group, so that its tests share one worker."""
+    done = {}
+
+    def run(*args: str, launcher: tuple = ()) -> Path:
+        if (args, launcher) not in done:
+            cwd = tmp_path_factory.mktemp("run")
+            env = {"CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU machine
+            if launcher:
+                cmd = [sys.executable, *launcher, "-m", "bigmodel_cli", "train", *args, "hydra.run.dir=run"]
+                proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                                      env={**cli_env(env), "OMP_NUM_THREADS": "1"})
+                assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+            else:
+                result = bigmodel("train", *args, "hydra.run.dir=run", cwd=cwd, env=env, timeout=600)
+                assert result.returncode == 0, result.output
+            done[args, launcher] = cwd / "run"
+        return done[args, launcher]
+
+    return run
+
+
 def run_in_process_of_its_own(args, cwd: Path, env: dict | None, timeout: int) -> CLIResult:
     proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", *args], cwd=cwd, env=cli_env(env),
                           capture_output=True, text=True, timeout=timeout)

@@ -3,28 +3,39 @@
 pipeline stages, exactly as in one process, and is planned, with no line outside its file."""
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import bigmodel
+
 pytestmark = [pytest.mark.dist, pytest.mark.xdist_group("add_a_model")]
 
-HELPERS = str(Path(__file__).parent / "helpers")
+HELPERS = Path(__file__).parent / "helpers"
 TOY = ("model=custom", "model._target_=toy_lm.ToyLM", "+model.depth=2", "data=text", "data.block_size=16",
        "data.batch_size=8", "trainer.max_steps=8", "trainer.log_every=1", "trainer.val_every=8",
        "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
 
 
-def toy(run_cli, tmp_path, *args):
-    return run_cli(*args, cwd=tmp_path, timeout=400,
-                   env={"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")})
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A user's working directory with the model's file in it (toy_lm.py), as the recipe has
+    it; the one-process run that both splits are compared with is trained there once."""
+    folder = tmp_path_factory.mktemp("project")
+    shutil.copy(HELPERS / "toy_lm.py", folder)
+    trained(folder, "one")
+    return folder
 
 
-def trained(run_cli, tmp_path, name, *args):
-    result = toy(run_cli, tmp_path, "train", *TOY, *args, f"hydra.run.dir={name}")
+def toy(folder: Path, *args):
+    return bigmodel(*args, cwd=folder, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=400)
+
+
+def trained(folder: Path, name, *args) -> Path:
+    result = toy(folder, "train", *TOY, *args, f"hydra.run.dir={name}")
     assert result.returncode == 0, result.output
-    return tmp_path / name
+    return folder / name
 
 
 def losses(run_dir: Path):
@@ -38,20 +49,18 @@ def assert_same_losses(got, expected):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}: {got[step]} vs {expected[step]}"
 
 
-def test_a_described_model_splits_over_two_tensor_parallel_ranks(run_cli, tmp_path):
-    one = trained(run_cli, tmp_path, "one")
-    split = trained(run_cli, tmp_path, "tp", "trainer.devices=2", "trainer.parallel.tp=2")
-    assert_same_losses(losses(split), losses(one))
+def test_a_described_model_splits_over_two_tensor_parallel_ranks(project):
+    split = trained(project, "tp", "trainer.devices=2", "trainer.parallel.tp=2")
+    assert_same_losses(losses(split), losses(project / "one"))
     log = (split / "train_rank1.log").read_text()
     assert "sequence parallelism: the blocks' norms" in log  # its norms, by its own names
-    refused = toy(run_cli, tmp_path, "train", *TOY, "+model.heads=3", "trainer.devices=2", "trainer.parallel.tp=2")
+    refused = toy(project, "train", *TOY, "+model.heads=3", "trainer.devices=2", "trainer.parallel.tp=2")
     assert refused.returncode == 2 and "model.heads=3 attention heads do not split" in refused.stderr, refused.output
 
 
-def test_a_described_model_runs_as_two_pipeline_stages(run_cli, tmp_path):
-    one = trained(run_cli, tmp_path, "one")
-    staged = trained(run_cli, tmp_path, "pp", "trainer.devices=2", "trainer.parallel.pp=2")
-    assert_same_losses(losses(staged), losses(one))
+def test_a_described_model_runs_as_two_pipeline_stages(project):
+    staged = trained(project, "pp", "trainer.devices=2", "trainer.parallel.pp=2")
+    assert_same_losses(losses(staged), losses(project / "one"))
     assert "pipeline: 2 stages" in (staged / "train_rank1.log").read_text()
-    planned = toy(run_cli, tmp_path, "plan", *TOY, "trainer.devices=2", "trainer.parallel.pp=2")
+    planned = toy(project, "plan", *TOY, "trainer.devices=2", "trainer.parallel.pp=2")
     assert planned.returncode == 0, planned.output

@@ -56,6 +56,10 @@ def train_losses(run_dir):
     return [r["loss"] for r in records if "loss" in r]
 
 
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 # ---------------------------------------------------------------- environment
 
 
@@ -100,31 +104,37 @@ def test_eval_shards_cover_every_sample_once():
 # ---------------------------------------------------------------- end to end
 
 
+def two_ranks(strategy: str) -> tuple:
+    """TINY on 2 ranks of batch 16: one process's batch 32, split."""
+    return (*TINY, "data.batch_size=16", "trainer.devices=2", f"trainer.strategy={strategy}")
+
+
+# The tests that read the same trained runs (trained_once) run on one xdist worker.
+SHARED_RUNS = pytest.mark.xdist_group("distributed_runs")
+
+
 @pytest.mark.dist
+@SHARED_RUNS
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_follow_the_single_process_curve(run_cli, tmp_path, strategy):
+def test_two_ranks_follow_the_single_process_curve(trained_once, strategy):
     """2 ranks with per-device batch b == one process with batch 2b, step by step."""
-    single = run_cli("train", *TINY, "data.batch_size=32", cwd=fresh_dir(tmp_path / "one"))
-    assert single.returncode == 0, single.output
-    ddp = run_cli("train", *TINY, "data.batch_size=16", "trainer.devices=2", f"trainer.strategy={strategy}",
-                  cwd=fresh_dir(tmp_path / "two"))
-    assert ddp.returncode == 0, ddp.output
-    a, b = train_losses(single.run_dir()), train_losses(ddp.run_dir())
+    single = trained_once(*TINY, "data.batch_size=32")
+    ddp = trained_once(*two_ranks(strategy))
+    a, b = train_losses(single), train_losses(ddp)
     assert len(a) == len(b) == 20
     for step, (x, y) in enumerate(zip(a, b), 1):
         assert y == pytest.approx(x, rel=1e-5), f"step {step}: {x} vs {y}"
     # Evaluation counts every sample once under DDP: the metrics agree too.
-    assert ddp.summary()["test"]["accuracy"] == pytest.approx(single.summary()["test"]["accuracy"])
-    run_dir = ddp.run_dir()
-    assert len(ddp.run_dirs()) == 1
-    assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
-    assert "per replica x 2 replicas" in ddp.stderr  # the effective global batch is printed
+    assert summary(ddp)["test"]["accuracy"] == pytest.approx(summary(single)["test"]["accuracy"])
+    assert not (ddp.parent / "outputs").exists()  # rank 1 made no run dir of its own
+    assert (ddp / "train_rank0.log").is_file() and (ddp / "train_rank1.log").is_file()
+    assert "per replica x 2 replicas" in (ddp / "train_rank0.log").read_text()  # the effective global batch
 
 
 @pytest.mark.dist
 def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
-    trained = run_cli("train", "model=gpt", "data=text", "trainer.strategy=fsdp", "trainer.devices=2",
-                      "trainer.max_steps=6", "trainer.val_every=3", "trainer.progress=plain")
+    trained = run_cli("train", *TINY_GPT[:-4], "trainer.strategy=fsdp", "trainer.devices=2", "trainer.max_steps=6",
+                      "trainer.val_every=3", "trainer.progress=plain")
     assert trained.returncode == 0, trained.output
     shards = trained.run_dir() / "checkpoints" / "best.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == {p.name for p in shards.iterdir()}
@@ -136,18 +146,18 @@ def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
 
 
 @pytest.mark.dist
-def test_torchrun_joins_the_existing_world(run_cli, tmp_path):
-    ours = run_cli("train", *TINY, "trainer.devices=2")
-    assert ours.returncode == 0, ours.output
+@SHARED_RUNS
+def test_torchrun_joins_the_existing_world(trained_once, tmp_path):
+    ours = trained_once(*two_ranks("ddp"))  # the run the curve test compares with one process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bigmodel_cli", "train", *TINY]
+           "-m", "bigmodel_cli", "train", *two_ranks("ddp")]
     other = tmp_path / "torchrun"
     other.mkdir()
     proc = subprocess.run(cmd, cwd=other, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dirs = list((other / "outputs").glob("*/*_train"))
     assert len(dirs) == 1, dirs  # rank 1 made no run dir of its own
-    assert train_losses(dirs[0]) == pytest.approx(train_losses(ours.run_dir()), rel=1e-6)
+    assert train_losses(dirs[0]) == pytest.approx(train_losses(ours), rel=1e-6)
     # Rank 1 logs into the shared run dir as under our launcher (its Hydra logging is off).
     rank1 = (dirs[0] / "train_rank1.log").read_text()
     assert "rank 1 of 2 (torchrun)" in rank1 and "step 20 |" in rank1

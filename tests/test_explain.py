@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,17 +182,17 @@ def test_a_missing_captum_says_how_to_install_it(tiny_cnn, tmp_path):
     assert result.returncode == 2 and "pip install 'bigmodel[explain]'" in result.stderr, result.stderr
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_a_model_without_a_token_embedding_is_explained_by_perturbation(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
+    shutil.copy(HELPERS / "onehot_lm.py", tmp_path)  # the user's model, in their working directory
     run = trained(tmp_path, "model=custom", "model._target_=onehot_lm.OneHotLM", "data=text", "data.path=corpus.txt",
-                  "data.block_size=8", "trainer.max_steps=2", "trainer.val_every=2", env=env)
+                  "data.block_size=8", "trainer.max_steps=2", "trainer.val_every=2")
     trust = "trusted_targets=[onehot_lm.OneHotLM]"
-    refused = cli(tmp_path, "explain", f"ckpt={run}", trust, "method=ig", env=env)
+    refused = cli(tmp_path, "explain", f"ckpt={run}", trust, "method=ig")
     assert refused.returncode == 2, refused.stderr
     assert "method=ig cannot explain model=custom" in refused.stderr and "method=occlusion" in refused.stderr
-    out = explained(tmp_path, run, trust, "method=occlusion", "num_examples=2", "sanity_check=false", env=env)
+    out = explained(tmp_path, run, trust, "method=occlusion", "num_examples=2", "sanity_check=false")
     features = np.load(out / "attributions.npz")["occlusion_features"]
     # The model reads only each position's own token: the last one decides the next token alone.
     assert features.shape == (2, 8) and np.all(features[:, :-1] == 0) and np.all(features[:, -1] != 0)

@@ -4,7 +4,6 @@ and what cannot be pipelined is one line before launch."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from bigmodel_cli.config import ParallelConfig, TrainerConfig
 from bigmodel_cli.engine.pipeline import check_config, cut, stage_blocks
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.gpt import GPT
-from conftest import CLIResult
+from conftest import CLIResult, bigmodel, cli_env
 
 # Its module-scoped trained runs are made once: every test of the module on one xdist worker.
 pytestmark = pytest.mark.xdist_group("pipeline_parallel")
@@ -30,10 +29,12 @@ TORCHRUN4 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"
 
 
 def cli(*args, cwd, launcher=()):
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BIGMODEL_DEBUG")}
-    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
+    """`bigmodel ARGS` (in this process where no worker is launched), or under `launcher`."""
+    env = {"CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU machine
+    if not launcher:
+        return bigmodel(*args, cwd=cwd, env=env, timeout=600)
     cmd = [sys.executable, *launcher, "-m", "bigmodel_cli", *args]
-    return CLIResult(subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600), cwd)
+    return CLIResult(subprocess.run(cmd, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=600), cwd)
 
 
 @pytest.fixture(scope="module")

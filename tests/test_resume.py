@@ -151,12 +151,12 @@ def test_stopped_at_a_random_step_then_resume_auto_matches_an_uninterrupted_run(
 
 @pytest.mark.dist
 def test_two_rank_ddp_stopped_by_sigterm_resumes_exactly(run_cli, tmp_path):
-    args = (*BASE, "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=400", "trainer.val_every=100",
-            "trainer.checkpoint_every=8")
+    args = (*BASE, "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=200", "trainer.val_every=50",
+            "trainer.checkpoint_every=16")
     reference = run_cli("train", *args, "hydra.run.dir=reference", timeout=240)
     assert reference.returncode == 0, reference.output
     proc = start_cli(tmp_path, *args, "hydra.run.dir=victim")
-    wait_for_step(proc, tmp_path / "victim" / "metrics.jsonl", 150)
+    wait_for_step(proc, tmp_path / "victim" / "metrics.jsonl", 60)
     proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both workers
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 75, stderr
@@ -166,10 +166,10 @@ def test_two_rank_ddp_stopped_by_sigterm_resumes_exactly(run_cli, tmp_path):
     assert_same_run(tmp_path / "victim", tmp_path / "reference")
     # And from a checkpoint at an epoch boundary (8 steps per rank's epoch), into a new run dir.
     boundary = run_cli("train", *args, "hydra.run.dir=boundary",
-                       f"trainer.resume={tmp_path}/reference/checkpoints/step_00000392.pt", timeout=240)
+                       f"trainer.resume={tmp_path}/reference/checkpoints/step_00000192.pt", timeout=240)
     assert boundary.returncode == 0, boundary.output
     reference_losses = step_losses(tmp_path / "reference")
-    assert step_losses(tmp_path / "boundary") == {s: v for s, v in reference_losses.items() if s > 392}
+    assert step_losses(tmp_path / "boundary") == {s: v for s, v in reference_losses.items() if s > 192}
 
 
 # ------------------------------------------------------------------ damage and safety

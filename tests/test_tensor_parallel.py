@@ -5,9 +5,6 @@ step, checkpoints that resume under other meshes, and one line for a model that 
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,11 +14,16 @@ from bigmodel_cli.engine.tensor_parallel import config_split_problem, sequence_p
 from bigmodel_cli.errors import UserError
 from conftest import outcome_lines
 
+# The tests that read the same trained runs (trained_once) run on one xdist worker.
+SHARED_RUNS = pytest.mark.xdist_group("tensor_parallel_runs")
+
 
 # Dropout off, per-step logging: runs compare step by step.
 GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",
        "data.block_size=16", "trainer.max_steps=20", "trainer.log_every=1", "trainer.val_every=10",
        "trainer.eval_batches=2", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+TP2 = ("trainer.devices=2", "trainer.parallel.tp=2")
+TORCHRUN4 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4")
 MLP = ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0", "trainer.log_every=1",
        "trainer.val_every=6", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
 
@@ -213,13 +215,14 @@ def test_gpt_under_tp2_follows_one_process_and_its_checkpoint_resumes_anywhere(r
 
 
 @pytest.mark.dist
-def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_path):
+@SHARED_RUNS
+def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(trained_once, run_cli, tmp_path):
     """Saved under tp=2 (one replica, batch 16), resumed under dp=2 (two replicas of batch 8).
     Digits' sampler shards one permutation, so both read the same samples each step: the
     resumed run continues with the uninterrupted run's losses."""
-    args = (*MLP, "trainer.max_steps=12", "trainer.checkpoint_every=6")
-    tp = trained(run_cli, tmp_path, "tp", *args, "data.batch_size=16", "trainer.devices=2", "trainer.parallel.tp=2")
+    tp = trained_once(*SPLIT_ARGS["mlp"], *TP2)  # the run test_mlp_and_transformer_under_tp2... compares
     shards = tp / "checkpoints" / "step_00000006.dcp"
+    args = [a for a in SPLIT_ARGS["mlp"] if not a.startswith("data.batch_size=")]
     dp = trained(run_cli, tmp_path, "dp", *args, "data.batch_size=8", "trainer.devices=2",
                  f"trainer.resume={shards}")
     assert_same_curve(curve(dp), {s: v for s, v in curve(tp).items() if s > 6}, 6)
@@ -227,41 +230,42 @@ def test_a_tp2_checkpoint_resumes_under_two_data_parallel_ranks(run_cli, tmp_pat
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_tp_within_two_replicas_on_four_ranks_follows_the_two_replicas(run_cli, tmp_path, strategy):
-    """dp=2 x tp=2 reads the same data shares as dp=2 alone: the same curve. Under fsdp each
-    replica is sharded (2-D DTensors); under ddp the trainer averages the replicas' shards."""
-    args = (*GPT, "data.batch_size=4", f"trainer.strategy={strategy}", "trainer.max_steps=12",
-            "trainer.grad_accum_steps=2")
-    replicas = trained(run_cli, tmp_path, "replicas", *args, "trainer.devices=2")
+@SHARED_RUNS
+def test_tp_within_two_replicas_on_four_ranks_follows_the_two_replicas(trained_once, strategy):
+    """dp=2 x tp=2 reads the same data shares as plain DDP on 2 ranks: the same curve. Under
+    fsdp each replica is sharded (2-D DTensors); under ddp the trainer averages the replicas'
+    shards."""
+    args = (*GPT, "data.batch_size=4", "trainer.max_steps=12", "trainer.grad_accum_steps=2")
+    replicas = trained_once(*args, "trainer.devices=2")
     # Four ranks through torchrun (our launcher keeps to one process per CPU core).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "bigmodel_cli",
-           "train", *args, "trainer.parallel.tp=2", "hydra.run.dir=both"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    both = tmp_path / "both"
+    both = trained_once(*args, f"trainer.strategy={strategy}", "trainer.parallel.tp=2", launcher=TORCHRUN4)
     assert_same_curve(curve(both), curve(replicas), 12)
     assert_same_curve(curve(both, "grad_norm"), curve(replicas, "grad_norm"), 12)
     assert {"__0_0.distcp", "__3_0.distcp"} <= {p.name for p in (both / "checkpoints" / "last.dcp").iterdir()}
-
 
 TRANSFORMER = ("model=transformer", "data=digits", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
                "model.dropout=0.0")
 
 
-@pytest.mark.parametrize("model", [
-    ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0"),
-    # Sequence parallelism on 9 tokens (8 rows and the class token): shards of 5 and 4; one
-    # block is both the first and the last.
-    TRANSFORMER,
-    (*TRANSFORMER, "trainer.parallel.sequence_parallel=false"),
-], ids=["mlp", "transformer", "transformer-without-sp"])
+# Sequence parallelism on 9 tokens (8 rows and the class token): shards of 5 and 4; one
+# block is both the first and the last.
+SPLIT_MODELS = {"mlp": ("model=mlp", "data=digits", "model.hidden_sizes=[32,16]", "model.dropout=0.0",
+                        "trainer.checkpoint_every=6"),
+                "transformer": TRANSFORMER,
+                "transformer-without-sp": (*TRANSFORMER, "trainer.parallel.sequence_parallel=false")}
+SPLIT_ARGS = {name: (*model, "data.batch_size=16", "trainer.max_steps=12", "trainer.log_every=1",
+                     "trainer.val_every=12", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+              for name, model in SPLIT_MODELS.items()}
+
+
+@pytest.mark.parametrize("model", SPLIT_ARGS)
 @pytest.mark.dist
-def test_mlp_and_transformer_under_tp2_follow_one_process(run_cli, tmp_path, model):
-    args = (*model, "data.batch_size=16", "trainer.max_steps=12", "trainer.log_every=1", "trainer.val_every=12",
-            "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
-    single = trained(run_cli, tmp_path, "single", *args)
-    tp = trained(run_cli, tmp_path, "tp", *args, "trainer.devices=2", "trainer.parallel.tp=2")
+@SHARED_RUNS
+def test_mlp_and_transformer_under_tp2_follow_one_process(trained_once, model):
+    args = SPLIT_ARGS[model]
+    # One process: sequence parallelism is a tp setting only, so both transformers share it.
+    single = trained_once(*(a for a in args if not a.startswith("trainer.parallel.")))
+    tp = trained_once(*args, *TP2)
     assert_same_curve(curve(tp), curve(single), 12)
     assert_same_curve(curve(tp, "val/loss"), curve(single, "val/loss"), 2)  # at start and at the end
     assert_same_curve(curve(tp, "grad_norm"), curve(single, "grad_norm"), 12)

@@ -12,8 +12,8 @@ is the restricted reading, not the integrity check.
 """
 
 import io
-import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,15 +185,15 @@ def test_stored_interpolations_elsewhere_stay_text(runs, tmp_path, monkeypatch):
     assert OmegaConf.to_container(config, resolve=True)["trainer"]["note"] == config.trainer.note
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_trusted_targets_lets_a_custom_model_be_evaluated(run_cli, tmp_path):
-    env = {"PYTHONPATH": str(HELPERS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    shutil.copy(HELPERS / "flaky_model.py", tmp_path)  # the user's model, in their working directory
     trained = run_cli("train", "model=custom", "model._target_=flaky_model.NonFiniteAt", "+model.at=100000",
-                      "trainer.max_steps=3", "trainer.val_every=3", "hydra.run.dir=run", env=env)
+                      "trainer.max_steps=3", "trainer.val_every=3", "hydra.run.dir=run")
     assert trained.returncode == 0, trained.output
-    refused = run_cli("eval", "ckpt=run", env=env)
+    refused = run_cli("eval", "ckpt=run")
     assert refused.returncode == 2 and "trusted_targets=[flaky_model.NonFiniteAt]" in refused.stderr
-    allowed = run_cli("eval", "ckpt=run", "trusted_targets=[flaky_model.NonFiniteAt]", env=env)
+    allowed = run_cli("eval", "ckpt=run", "trusted_targets=[flaky_model.NonFiniteAt]")
     assert allowed.returncode == 0, allowed.output
     assert "accuracy" in allowed.stdout
 
