@@ -13,6 +13,9 @@ SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits for its old credential to expire before it starts again: 120 s by
+# default, 10 s here, so that the requeue tests do not spend their time waiting.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -37,7 +40,7 @@ fi
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 0700 /etc/munge; chmod 0400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged" || munged --force
-pgrep -x slurmctld >/dev/null || slurmctld
+if pgrep -x slurmctld >/dev/null; then scontrol reconfigure || true; else slurmctld; fi
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 1 30); do
   if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then

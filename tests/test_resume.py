@@ -379,8 +379,8 @@ exec {sys.executable} -m bigmodel_cli train trainer.max_steps=2500 trainer.val_e
         # What `#SBATCH --signal=B:USR1@90` does before the time limit.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
         wait_until(lambda: job_field(job_id, "Restarts") == "1", 120, "the requeue")
-        # Slurm holds a requeued job for about two minutes before it starts it again (and
-        # refuses an earlier start: the old job's credential is still revoked).
+        # Slurm holds a requeued job until the old job's credential expires (AuthInfo's
+        # cred_expire: 120 s by default, 10 s on scripts/local_slurm.sh's cluster).
         wait_until(lambda: (run_dir / "summary.json").exists(), 420, "the requeued job to finish")
     finally:
         subprocess.run(["scancel", job_id], timeout=30)

@@ -389,7 +389,7 @@ def test_slurm_launcher_job_checkpoints_on_usr2_and_is_requeued(run_cli, tmp_pat
                   if p.is_dir() and p.name.replace("_", "").isdigit())  # <array job>_<task>
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     try:
-        launcher.wait(timeout=600)  # Slurm holds a requeued job about two minutes
+        launcher.wait(timeout=600)  # Slurm holds a requeued job for cred_expire (120 s by default)
     finally:
         if launcher.poll() is None:
             launcher.kill()

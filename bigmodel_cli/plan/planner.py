@@ -77,8 +77,7 @@ def make_plan(cfg: DictConfig, settings: TrainerConfig, choices: dict, overrides
     if data.note:
         cfg.data = {"_target_": "bigmodel_cli.data.tokens.TokenFiles", "batch_size": data.batch_size,
                     "block_size": data.spec.block_size, "vocab_size": data.spec.vocab_size}
-    gpt_like = bool(cfg.model.get("n_layer")) and data.spec.task == "language_modeling"
-    step = simulate_step(cfg, data.spec, data.batch, layout.precision, count_flops=not gpt_like)
+    step = simulate_step(cfg, data.spec, data.batch, layout.precision)
     memory = per_rank(step, layout)
     accum = settings.grad_accum_steps
     global_batch = data.batch_size * accum * layout.dp

@@ -22,6 +22,7 @@ from torch import nn
 from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.plan.tracker import LiveBytes, storage_key
+from bigmodel_cli.telemetry.efficiency import knows_flops_per_token
 
 
 @dataclass
@@ -47,9 +48,10 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def simulate_step(cfg: DictConfig, spec: DataSpec, batch, precision: str, count_flops: bool) -> StepMemory:
+def simulate_step(cfg: DictConfig, spec: DataSpec, batch, precision: str, count_flops: bool = True) -> StepMemory:
     """Build the model of `cfg` for `spec` and run one step on `batch` (real tensors of
-    one device's micro-batch, copied as fake ones), all on fake tensors."""
+    one device's micro-batch, copied as fake ones), all on fake tensors. The step's matrix
+    ops are counted (count_flops) unless the model's FLOPs per token are known otherwise."""
     from bigmodel_cli.build import build_model, build_optimizer, count_parameters, takes_key
     from bigmodel_cli.engine.distributed import repeated_blocks
     from bigmodel_cli.engine.parallelize import checkpoint_activations
@@ -57,6 +59,7 @@ def simulate_step(cfg: DictConfig, spec: DataSpec, batch, precision: str, count_
 
     with fake_mode() as mode:
         model = build_model(cfg.model, spec)
+        count_flops = count_flops and not knows_flops_per_token(model, spec.task)
         recompute = bool(cfg.model.get("activation_checkpointing", False)) and not takes_key(model, "activation_checkpointing")
         if recompute:
             checkpoint_activations(model)

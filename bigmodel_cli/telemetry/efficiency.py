@@ -73,6 +73,14 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
             "optimizer": sum(local(v) for v in state)}
 
 
+def knows_flops_per_token(model: torch.nn.Module, task: str) -> bool:
+    """Whether model_flops_per_token has an estimate for this model (so a planner need not
+    count its step's matrix ops): a decoder language model that says its depth and width."""
+    own = getattr(model, "config", None)
+    answers = isinstance(getattr(own, "num_hidden_layers", None), int) and isinstance(getattr(own, "hidden_size", None), int)
+    return task == "language_modeling" and (answers or flops_of(model) is not None)
+
+
 def model_flops_per_token(model: torch.nn.Module, model_cfg, task: str, context: Optional[int],
                           n_params: int) -> Optional[float]:
     """The estimate above for a decoder language model, None for any other model. A Hugging
