@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.xdist_group("add_a_model")]
 HELPERS = Path(__file__).parent / "helpers"
 TOY = ("model=custom", "model._target_=toy_lm.ToyLM", "+model.depth=2", "data=text", "data.block_size=16",
        "data.batch_size=8", "trainer.max_steps=8", "trainer.log_every=1", "trainer.val_every=8",
-       "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
+       "trainer.eval_batches=2", "trainer.progress=plain", "trainer.threads=1", "trainer.device=cpu")
 
 
 @pytest.fixture(scope="module")
