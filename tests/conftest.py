@@ -94,8 +94,11 @@ def cli_env(env: dict | None) -> dict:
 
 def launches_workers(args) -> bool:
     """`train` with trainer.devices=N (N > 1) or trainer.num_nodes starts worker processes
-    (plan, lr-find and --cfg/--help only read those keys)."""
+    (plan, lr-find, --cfg/--help and trainer.dry_run=true only read those keys)."""
     if not args or args[0] != "train" or {"--help", "-h", "--cfg", "-c"} & set(args):
+        return False
+    settings = dict(arg.partition("=")[::2] for arg in args)
+    if settings.get("trainer.dry_run", "").strip().lower() == "true":  # the last one given wins
         return False
     for arg in args:
         key, _, value = arg.partition("=")

@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from conftest import write_image_folder, write_user_package
+from conftest import launches_workers, write_image_folder, write_user_package
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -29,9 +29,18 @@ CAP = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=2", "tra
 SIZE_CAPS = {"hydra.sweeper.n_trials=": "hydra.sweeper.n_trials=2", "num_examples=": "num_examples=4"}
 
 
+#: The multi-rank examples train, on the same flags and tiny sizes, in the dist tier: devices=2
+#: in tests/test_acceptance.py (the same command), tp=2 in tests/test_tensor_parallel.py and
+#: pp=2 in tests/test_pipeline_parallel.py. Here each is checked and planned as written
+#: (trainer.dry_run), which costs one in-process command instead of three fresh interpreters.
+DRY_RUN = ("trainer.dry_run=true",)
+
+
 def caps(args) -> tuple:
     """What keeps an example small: a later override wins in Hydra."""
     trains = args and args[0] == "train" and "--help" not in args and "--cfg" not in args
+    if trains and launches_workers(args) and "-m" not in args:
+        return DRY_RUN
     return (*(CAP if trains else ()),
             *(cap for key, cap in SIZE_CAPS.items() if any(a.startswith(key) for a in args)))
 
