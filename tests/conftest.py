@@ -111,8 +111,8 @@ def launches_workers(args) -> bool:
 def trained_once(tmp_path_factory):
     """`bigmodel train ARGS` by its arguments, each trained once for the module and its run
     dir handed to every test that asks (to read: a test that resumes one writes into a run
-    dir of its own). `launcher` runs it under another launcher (torchrun's argv). A module
-    that uses it marks itself with an xdist_group, so that its tests share one worker."""
+    dir of its own). `launcher` runs it under another launcher (torchrun's argv). The tests
+    that share a run carry one xdist_group mark, so that they share one worker (and its run)."""
     done = {}
 
     def run(*args: str, launcher: tuple = ()) -> Path:

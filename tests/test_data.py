@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bigmodel_cli.data.base import SequentialBatches, ShuffledBatches
-from bigmodel_cli.data.digits import Digits, load_digits_arrays
+from bigmodel_cli.data.digits import Digits, load_digits_arrays, read_digits_file
 from bigmodel_cli.data.sine import Sine
 from bigmodel_cli.data.synthetic import Synthetic
 from bigmodel_cli.data.text import CharText
@@ -23,6 +23,14 @@ def test_digits_read_from_scikit_learns_file_are_its_own_loaders(monkeypatch):
     monkeypatch.setattr("bigmodel_cli.data.digits.Path.is_file", lambda self: False)
     fallback = load_digits_arrays()
     assert np.array_equal(fallback[0], theirs.data) and np.array_equal(fallback[1], theirs.target)
+
+
+@pytest.mark.parametrize("content", [b"\x1f\x8b\x08garbage", b"1,2,3\n4,5,6\n", b""])
+def test_a_damaged_digits_file_is_one_line(tmp_path, content):
+    damaged = tmp_path / "digits.csv.gz"
+    damaged.write_bytes(content)
+    with pytest.raises(UserError, match=r"digits file .* reinstall it: pip install --force-reinstall scikit-learn"):
+        read_digits_file(damaged)
 
 
 def test_digits_split_is_fixed_and_normalised():

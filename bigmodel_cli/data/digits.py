@@ -22,7 +22,20 @@ def load_digits_arrays():
 
         bunch = load_digits()
         return bunch.data, bunch.target
-    table = numpy.loadtxt(path, delimiter=",")  # 64 pixel values and the digit, per row
+    return read_digits_file(path)
+
+
+def read_digits_file(path: Path):
+    """(pixels, digits) from scikit-learn's digits.csv.gz: 64 pixel values and the digit per
+    row. A damaged file is one line naming it, not a numpy traceback."""
+    try:
+        table = numpy.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, EOFError, ValueError) as err:
+        raise UserError(f"scikit-learn's digits file {path} cannot be read ({type(err).__name__}: {err}); "
+                        "reinstall it: pip install --force-reinstall scikit-learn") from None
+    if table.shape[1] != 65 or not len(table):
+        raise UserError(f"scikit-learn's digits file {path} holds {table.shape} numbers, not rows of 64 pixels "
+                        "and a digit; reinstall it: pip install --force-reinstall scikit-learn")
     return table[:, :-1], table[:, -1].astype(int)
 
 
