@@ -439,7 +439,8 @@ class TrainerConfig:
     log_every: int = 50  # optimizer steps between log lines and metric records
     val_every: int = 250  # optimizer steps between validations (each also writes a checkpoint)
     val_at_start: bool = True  # validate once before the first step
-    # Cap on batches per evaluation (null: the whole split).
+    # Cap on batches per evaluation and data-parallel replica (null: the whole split); R replicas
+    # evaluate the split's first R x eval_batches batches.
     eval_batches: Optional[int] = None
     seed: int = 42  # seeds Python, NumPy and torch on every rank (0..2^32-1)
     deterministic: bool = False  # deterministic kernels only (slower; errors where none exists)

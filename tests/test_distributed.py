@@ -138,7 +138,8 @@ def test_fsdp_sharded_checkpoint_evaluates_in_one_process(run_cli):
     assert trained.returncode == 0, trained.output
     shards = trained.run_dir() / "checkpoints" / "best.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == {p.name for p in shards.iterdir()}
-    evaluated = run_cli("eval", f"ckpt={trained.run_dir()}")
+    # The run's own test: 4 batches on each of 2 ranks, strided, are one process's first 8.
+    evaluated = run_cli("eval", f"ckpt={trained.run_dir()}", "eval_batches=8")
     assert evaluated.returncode == 0, evaluated.output
     report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
     assert report["checkpoint"].endswith("best.dcp")
@@ -175,8 +176,9 @@ def test_multirun_under_torchrun(tmp_path):
         assert (sweeps[0] / job / "summary.json").is_file()
 
 
+# Evaluations capped at 4 batches: the built-in text's validation split is hundreds of them.
 TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "data.block_size=32",
-            "data.batch_size=8", *TINY[4:])
+            "data.batch_size=8", "trainer.eval_batches=4", *TINY[4:])
 
 
 @pytest.mark.parametrize("args, layout", [(TINY, "dp=2 x tp=1 x pp=1"), ((*TINY, "trainer.parallel.tp=2"), "dp=1 x tp=2 x pp=1"),

@@ -20,10 +20,12 @@ from conftest import CLIResult, bigmodel, cli_env
 pytestmark = pytest.mark.xdist_group("pipeline_parallel")
 
 
-# Dropout off and per-step logging, so runs compare step by step; checkpoints at steps 10 and 20.
+# Dropout off and per-step logging, so runs compare step by step; checkpoints at steps MID and
+# STEPS; evaluations capped (each batch through the stages is a round of messages between ranks).
+STEPS, MID = 8, 4
 TINY_GPT = ("model=gpt", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0",
-            "data.block_size=32", "data.batch_size=8", "trainer.max_steps=20", "trainer.log_every=1",
-            "trainer.val_every=10", "trainer.progress=plain", "trainer.threads=1")
+            "data.block_size=32", "data.batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
+            f"trainer.val_every={MID}", "trainer.eval_batches=4", "trainer.progress=plain", "trainer.threads=1")
 PP2 = ("trainer.devices=2", "trainer.parallel.pp=2")
 TORCHRUN4 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4")
 
@@ -163,12 +165,12 @@ def test_too_few_blocks_fail_before_launch(tmp_path):
 def test_two_stages_follow_the_single_process_curve(train, schedule):
     single = train("single", *TINY_GPT)
     staged = train(schedule, *TINY_GPT, *PP2, f"trainer.parallel.schedule={schedule}")
-    assert len(losses(staged)) == 20
+    assert len(losses(staged)) == STEPS
     assert_same_curve(single, staged)
     # Evaluation runs through the stages and gives one process's numbers (val and the final test).
     for ours, theirs in zip(evaluations(single), evaluations(staged), strict=True):
         assert theirs == pytest.approx(ours, rel=1e-5)
-    names = {p.name for p in checkpoint(staged, 20).iterdir()}
+    names = {p.name for p in checkpoint(staged, STEPS).iterdir()}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= names  # each stage wrote its own
     assert "pipeline: 2 stages" in (run_dir(staged) / "train_rank1.log").read_text()
 
@@ -177,9 +179,9 @@ def test_two_stages_follow_the_single_process_curve(train, schedule):
 def test_a_pipeline_checkpoint_resumes_in_one_process(train, tmp_path):
     single = train("single", *TINY_GPT)
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
-    resumed = cli("train", *TINY_GPT, f"trainer.resume={checkpoint(staged, 10)}", "hydra.run.dir=run", cwd=tmp_path)
+    resumed = cli("train", *TINY_GPT, f"trainer.resume={checkpoint(staged, MID)}", "hydra.run.dir=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.output
-    assert sorted(losses(resumed)) == list(range(11, 21))
+    assert sorted(losses(resumed)) == list(range(MID + 1, STEPS + 1))
     assert_same_curve(single, resumed)
 
 
@@ -187,7 +189,7 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(train, tmp_path):
 def test_a_pipeline_checkpoint_evaluates_and_generates_in_one_process(train, tmp_path):
     single = train("single", *TINY_GPT)
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
-    evaluated = cli("eval", f"ckpt={run_dir(staged)}", cwd=tmp_path)
+    evaluated = cli("eval", f"ckpt={run_dir(staged)}", "eval_batches=4", cwd=tmp_path)  # as in training
     assert evaluated.returncode == 0, evaluated.output
     report = json.loads((evaluated.run_dir("eval") / "eval.json").read_text())
     assert report["checkpoint"].endswith("best.dcp")
@@ -213,11 +215,11 @@ def test_interleaved_stages_follow_the_single_process_curve(train):
 def test_a_pipeline_resumes_bit_for_bit(train, tmp_path):
     staged = train("1f1b", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b")
     resumed = cli("train", *TINY_GPT, *PP2, "trainer.parallel.schedule=1f1b",
-                  f"trainer.resume={checkpoint(staged, 10)}", "hydra.run.dir=run", cwd=tmp_path)
+                  f"trainer.resume={checkpoint(staged, MID)}", "hydra.run.dir=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.output
     ours = {r["step"]: r for r in records(resumed) if "loss" in r}
     theirs = {r["step"]: r for r in records(staged) if "loss" in r}
-    assert sorted(ours) == list(range(11, 21))
+    assert sorted(ours) == list(range(MID + 1, STEPS + 1))
     assert all((ours[s]["loss"], ours[s]["grad_norm"]) == (theirs[s]["loss"], theirs[s]["grad_norm"]) for s in ours)
 
 
@@ -255,10 +257,10 @@ def test_fsdp_shards_each_stage_over_its_replicas(train, tmp_path):
     assert "stage 1 sharded over 2 data-parallel ranks (fsdp)" in (run_dir(sharded) / "train_rank3.log").read_text()
     assert_same_curve(ddp, sharded)
     assert_same_curve(ddp, sharded, curve=grad_norms)
-    resumed = cli("train", *TINY_GPT, *extra, "trainer.devices=2", f"trainer.resume={checkpoint(sharded, 10)}",
+    resumed = cli("train", *TINY_GPT, *extra, "trainer.devices=2", f"trainer.resume={checkpoint(sharded, MID)}",
                   "hydra.run.dir=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.output
-    assert sorted(losses(resumed)) == list(range(11, 21))
+    assert sorted(losses(resumed)) == list(range(MID + 1, STEPS + 1))
     assert_same_curve(ddp, resumed)
 
 
