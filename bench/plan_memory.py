@@ -113,7 +113,7 @@ def measure_rank(overrides: Sequence[str]) -> int:
     from bigmodel_cli.config import trainer_settings
     from bigmodel_cli.config_checks import validate_train_config
     from bigmodel_cli.engine import distributed
-    from bigmodel_cli.run import Placement, build_run
+    from bigmodel_cli.build.training import Placement, build_run
 
     cfg = compose(overrides)
     choices = dict(cfg.hydra.runtime.choices)

@@ -10,7 +10,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request, checkpoint written, run it again to resume
 
-#: How a command ended, as `record(status, reason)` hears it (bigmodel_cli/outcome.py).
+#: How a command ended, as `record(status, reason)` hears it (bigmodel_cli/run_outcome.py).
 Record = Callable[[str, str], None]
 
 

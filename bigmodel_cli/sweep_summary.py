@@ -1,7 +1,7 @@
 """One table of a sweep's jobs, best first: at the end of every `bigmodel train -m` (the
 SweepSummary Hydra callback, registered in conf/train.yaml) and from `bigmodel summary`.
 
-Every job is read from its own run dir (summary.json or outcome.json, see outcome.py), so
+Every job is read from its own run dir (summary.json or outcome.json, see run_outcome.py), so
 the table is the same under every launcher and sweeper: basic, joblib, submitit, Optuna.
 Written next to the jobs as summary.csv, summary.json and sweep.png.
 """
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-from bigmodel_cli.outcome import DIVERGED, EARLY_STOPPED, FAILURES, FINISHED, NO_RESULT, JobResult, read_job
+from bigmodel_cli.run_outcome import DIVERGED, EARLY_STOPPED, FAILURES, FINISHED, JobResult, NO_RESULT, read_job
 
 log = logging.getLogger("bigmodel")
 

@@ -151,7 +151,7 @@ def settle_killed_trial(study: Any, trial: Any, sweep_dir: Path) -> None:
 def finished_job_of(trial: Any, sweep_dir: Path) -> Optional[Any]:
     """The finished, scored job whose overrides hold the trial's parameters; the dir
     numbered like the trial is looked at first (the usual case)."""
-    from bigmodel_cli.outcome import read_job
+    from bigmodel_cli.run_outcome import read_job
 
     dirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()),
                   key=lambda p: (p.name != str(trial.number), int(p.name)))

@@ -30,7 +30,7 @@ def as_sharded(checkpoint: Path, folder: Path, item_payload=None) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from omegaconf import OmegaConf
 
-    from bigmodel_cli.build import build_model, build_optimizer
+    from bigmodel_cli.build.parts import build_model, build_optimizer
     from bigmodel_cli.engine.sharded import save_sharded
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: as meant

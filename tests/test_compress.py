@@ -65,7 +65,7 @@ def digest(run: Path) -> str:
 def reloaded_metrics(out: Path, split: str = "test") -> dict:
     """The compressed run dir's checkpoint evaluated as `bigmodel eval ckpt=<run dir>` does."""
     from bigmodel_cli.compress.pipeline import checkpoint_data
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
 
@@ -173,7 +173,7 @@ def assert_loads_the_very_int8_values(out: Path, stored: dict) -> None:
     """The loader rebuilds each int8 layer from the stored values and scales, not by
     quantizing their fp32 approximation again."""
     from bigmodel_cli.compress.quantize import int8_entries
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
 
     model = ready_model(open_trained(str(out)), torch.device("cpu"))
     layers = [name for name, module in model.named_modules() if module._get_name().startswith("DynamicQuantized")]
@@ -207,7 +207,7 @@ def test_gpt_gets_weight_only_int8_that_reloads_exactly(gpt, tmp_path):
     val perplexity within 1%, and the reloaded model computes exactly what the model did
     right after quantization."""
     from bigmodel_cli.compress import weight_only
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
 
     source = digest(gpt)
     out = tmp_path / "int8"
@@ -247,7 +247,7 @@ def test_gpt_gets_weight_only_int8_that_reloads_exactly(gpt, tmp_path):
 @pytest.mark.unit
 def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
     from bigmodel_cli.engine.checkpoint import save_checkpoint
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.errors import UserError
 
     out = tmp_path / "int8"
@@ -265,7 +265,7 @@ def test_a_weight_only_checkpoint_with_float_weights_is_refused(gpt, tmp_path):
 def test_a_dynamic_int8_checkpoint_with_damaged_int8_weights_is_refused(damage, mlp, tmp_path):
     """A NaN scale crashed torch's kernels (or made every output NaN); quint8 values crashed them."""
     from bigmodel_cli.engine.checkpoint import save_checkpoint
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.errors import UserError
 
     out = tmp_path / "int8"
@@ -289,7 +289,7 @@ def test_a_dynamic_int8_checkpoint_with_damaged_int8_weights_is_refused(damage, 
 @pytest.mark.unit
 def test_a_weight_only_checkpoint_with_a_nan_scale_is_refused(gpt, tmp_path):
     from bigmodel_cli.engine.checkpoint import save_checkpoint
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.errors import UserError
 
     out = tmp_path / "int8"

@@ -23,7 +23,7 @@ TINY = ("trainer.progress=plain", "trainer.threads=1", "trainer.val_at_start=fal
 
 
 def build(compose, run_dir: Path, *overrides: str):
-    from bigmodel_cli.run import build_run
+    from bigmodel_cli.build.training import build_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return build_run(compose(*TINY, *overrides), run_dir)

@@ -83,7 +83,7 @@ def test_the_maps_lie_on_the_strokes_and_add_up(cnn, cnn_explained):
     # the explained logit far more than blanking 4 stroke pixels at random (a mirrored map fails this).
     import torch
 
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
 
     model = ready_model(open_trained(str(cnn)), torch.device("cpu"))
     rng = np.random.default_rng(0)

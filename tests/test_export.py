@@ -21,7 +21,7 @@ CORPUS = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 
 
 def train(compose, run_dir: Path, model: str, data: str, *overrides: str) -> Path:
     """A trained run dir (its checkpoints written at the end), built in-process."""
-    from bigmodel_cli.run import build_run
+    from bigmodel_cli.build.training import build_run
 
     cfg = compose(f"model={model}", f"data={data}", *TINY, *overrides)
     run_dir.mkdir(parents=True)
@@ -57,8 +57,8 @@ def char_gpt(tmp_path_factory):
 
 def source_and_data(ckpt: Path):
     """The checkpoint's model (eval mode) and its own data, as `bigmodel eval` builds them."""
-    from bigmodel_cli.build import build_data
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.parts import build_data
+    from bigmodel_cli.build.inference import open_trained, ready_model
 
     trained = open_trained(str(ckpt), sections=("model", "data"))
     data = build_data(trained.config.data, trained.checkpoint.data)
@@ -143,7 +143,7 @@ def test_eval_reads_an_exported_folder(digits_runs, run_cli, tmp_path):
 @pytest.mark.integration
 def test_exported_char_gpt_loads_in_transformers_with_the_same_logits(char_gpt, tmp_path):
     transformers = pytest.importorskip("transformers", reason="pip install 'bigmodel[hf]'")
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.export.export import export
 
     out = tmp_path / "hf"
@@ -205,7 +205,7 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_runs, run_cli, tmp_path
 @pytest.mark.unit
 def test_a_damaged_or_edited_export_is_refused(digits_runs, tmp_path):
     from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
-    from bigmodel_cli.engine.inference import open_trained
+    from bigmodel_cli.build.inference import open_trained
     from bigmodel_cli.export.export import export
 
     export(str(digits_runs["mlp"]), "safetensors", tmp_path)
@@ -286,7 +286,7 @@ def test_an_export_whose_weights_are_integers_is_refused(digits_runs, tmp_path):
     """load_state_dict would cast int64 weights into the float layers and evaluate garbage."""
     from safetensors.torch import load_file, save_file
 
-    from bigmodel_cli.engine.inference import open_trained, ready_model
+    from bigmodel_cli.build.inference import open_trained, ready_model
     from bigmodel_cli.export.export import export
 
     export(str(digits_runs["mlp"]), "safetensors", tmp_path)

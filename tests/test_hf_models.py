@@ -22,12 +22,12 @@ except Exception as err:  # noqa: BLE001 - any failure to import means these tes
     pytest.skip(f"transformers is installed but its models do not import ({root_cause(err)})",
                 allow_module_level=True)
 
-from bigmodel_cli.build import build_model, check_model_fits  # noqa: E402
+from bigmodel_cli.build.parts import build_model, check_model_fits  # noqa: E402
 from bigmodel_cli.commands.train import train  # noqa: E402
 from bigmodel_cli.config import ProgressMode, TrainerConfig  # noqa: E402
 from bigmodel_cli.data.base import DataModule, DataSpec  # noqa: E402
 from bigmodel_cli.engine.distributed import repeated_blocks  # noqa: E402
-from bigmodel_cli.engine.outputs import logits_of  # noqa: E402
+from bigmodel_cli.engine.logits import logits_of  # noqa: E402
 from bigmodel_cli.engine.tasks import task_for  # noqa: E402
 from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts  # noqa: E402
 from bigmodel_cli.telemetry import Telemetry  # noqa: E402
@@ -75,7 +75,7 @@ def test_hf_causal_lm_trains_resumes_exactly_and_generates(compose, run_cli, tmp
 
 @pytest.mark.integration
 def test_hf_blocks_are_found_recomputed_in_bf16_and_flops_are_estimated(compose, tmp_path):
-    from bigmodel_cli.run import build_run
+    from bigmodel_cli.build.training import build_run
 
     cfg = compose(*TINY_LM, "trainer.max_steps=2", "model.activation_checkpointing=true", "trainer.precision=bf16")
     run = build_run(cfg, tmp_path, {"model": "hf_causal_lm", "data": "text"})
@@ -155,7 +155,7 @@ def test_hf_classifier_is_a_bert_sized_for_the_data_and_trains(compose, tmp_path
 
 @pytest.mark.unit
 def test_model_and_data_of_different_tasks_are_refused_before_building(compose):
-    from bigmodel_cli.build import build_model as build
+    from bigmodel_cli.build.parts import build_model as build
 
     with pytest.raises(UserError, match=r"model=hf_classifier cannot train on data=text: it is for classification.*"
                                         r"models for this data: gpt, hf_causal_lm"):

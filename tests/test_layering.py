@@ -61,3 +61,47 @@ def test_the_engine_planner_and_exporters_name_no_model():
              for folder in READERS for path in sorted((PACKAGE / folder).rglob("*.py"))
              for line, what in mentions(path, classes)]
     assert not found, "\n".join(found)
+
+
+# ------------------------------------------------------------------ one builder
+
+#: the commands that need a model, data or a Trainer: each gets them from build/
+BUILDING_COMMANDS = ("train", "eval", "generate", "explain", "compress", "export", "lr_find", "plan")
+#: calls that make what a run or an inference is made of: in build/ only (the Trainer's own
+#: module defines it; the stored config of a checkpoint is vetted where it is opened)
+BUILDER_CALLS = {"Trainer", "instantiate", "FakeTensorMode", "vetted_config", "Telemetry"}
+
+
+def builder_calls(path: Path):
+    tree = ast.parse(path.read_text())
+    return [(node.lineno, name) for node in ast.walk(tree) if isinstance(node, ast.Call)
+            for name in [node.func.id if isinstance(node.func, ast.Name) else
+                         node.func.attr if isinstance(node.func, ast.Attribute) else None]
+            if name in BUILDER_CALLS]
+
+
+def test_the_builder_check_sees_a_trainer_built_by_hand(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("t = Trainer(parts, settings, context)\nm = hydra.utils.instantiate(cfg)\nx = Trainers()\n")
+    assert builder_calls(path) == [(1, "Trainer"), (2, "instantiate")]
+
+
+def test_only_the_builder_makes_what_a_run_is_made_of():
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {name}(...)"
+             for path in sorted(PACKAGE.rglob("*.py")) if "build" not in path.relative_to(PACKAGE).parts[:1]
+             for line, name in builder_calls(path)]
+    assert not found, "outside bigmodel_cli/build/:\n" + "\n".join(found)
+
+
+def test_every_command_that_needs_a_model_reaches_the_builder():
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    for command in BUILDING_COMMANDS:
+        seen, todo = set(), [f"bigmodel_cli.commands.{command}"]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        assert any(m.startswith("bigmodel_cli.build.") for m in seen), f"{command} builds outside bigmodel_cli/build/"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bigmodel_cli.build import build_schedule
+from bigmodel_cli.build.parts import build_schedule
 from bigmodel_cli.commands.train import train
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.optim import TorchSchedule, lr_scheduler

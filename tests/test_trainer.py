@@ -8,13 +8,13 @@ import json
 import torch
 from torch import nn
 
+from bigmodel_cli.build.training import build_run
 from bigmodel_cli.config import ProgressMode, TrainerConfig
 from bigmodel_cli.data.synthetic import Synthetic
 from bigmodel_cli.engine.checkpoint import Provenance, load_checkpoint
-from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause
+from bigmodel_cli.engine.fit_result import FitResult, StopAction, StopCause
 from bigmodel_cli.engine.tasks import task_for
 from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts
-from bigmodel_cli.run import build_run
 from bigmodel_cli.signals import STOP
 from bigmodel_cli.telemetry import Telemetry
 

@@ -1,4 +1,10 @@
-"""One module per command: config in, result out. Each exposes a Hydra `main`."""
+"""One module per command: config in, result out. Each exposes a Hydra `main`.
+
+A command's module is imported before Hydra has parsed argv and before its stop-signal
+handlers are in place, so it imports torch-side modules (the builder, the engine) inside the
+functions that run the command: `--help` answers without torch, and a Ctrl-C during torch's
+import of several seconds is handled as a stop, not a traceback.
+"""
 
 from __future__ import annotations
 

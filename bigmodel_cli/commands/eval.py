@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import plain_config, register_configs
-from bigmodel_cli.errors import UserError
 from bigmodel_cli.error_report import report_user_errors
+from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -34,8 +34,8 @@ def print_table(title: str, metrics: Dict[str, float]) -> None:
 
 def evaluate(cfg: DictConfig) -> Dict[str, float]:
     from bigmodel_cli.engine.device import check_precision, resolve_device
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-    from bigmodel_cli.engine.trained_inputs import eval_data
+    from bigmodel_cli.build.inference import open_trained, ready_model
+    from bigmodel_cli.build.trained_inputs import eval_data
     from bigmodel_cli.engine.tasks import task_for
     from bigmodel_cli.engine.trainer import evaluate_model
     from bigmodel_cli.telemetry import write_json

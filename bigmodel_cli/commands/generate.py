@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import register_configs
-from bigmodel_cli.errors import UserError
 from bigmodel_cli.error_report import report_user_errors
+from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -21,8 +21,8 @@ register_configs()
 
 def load_language_model(ckpt: str, device, trusted_targets=(), tokenizer_override=None):
     """The model and tokenizer a checkpoint was trained with (its config rebuilds it)."""
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-    from bigmodel_cli.engine.trained_inputs import checkpoint_tokenizer  # (torch: not before argv is parsed)
+    from bigmodel_cli.build.inference import open_trained, ready_model
+    from bigmodel_cli.build.trained_inputs import checkpoint_tokenizer  # (torch: not before argv is parsed)
 
     trained = open_trained(ckpt, trusted_targets)
     path, spec = trained.checkpoint.path, trained.checkpoint.spec

@@ -1,7 +1,7 @@
 """`bigmodel lr-find`: an LR range test on the model, data and optimizer that `bigmodel
 train` with the same overrides would build; prints the suggested lr as an override.
 
-The run is built by run.build_run from train's config, changed only where the test must
+The run is built by build/training.py's build_run from train's config, changed only where the test must
 differ (engine/lr_range.py has the arithmetic):
 - optim.lr is the test's first lr and the scheduler is the test's geometric ramp, which
   the Trainer's own LambdaLR steps; the optimizer's other settings stay as configured;
@@ -31,8 +31,8 @@ from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import LrFindConfig, register_configs, trainer_settings
 from bigmodel_cli.config_checks import validate_lr_find, validate_train_config
 from bigmodel_cli.engine.lr_range import RangeTest, Suggestion, as_override, suggest
-from bigmodel_cli.errors import UserError
 from bigmodel_cli.error_report import report_user_errors
+from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -102,7 +102,7 @@ def lr_find(cfg: DictConfig, run_dir: Path, choices: Dict[str, str], overrides: 
     """Run the range test into `run_dir`; returns what lr_find.json holds."""
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.device import check_precision, resolve_device
-    from bigmodel_cli.run import Placement, build_run
+    from bigmodel_cli.build.training import Placement, build_run
 
     env = distributed.detect()
     if env.is_distributed:  # each rank would run its own test (and all but rank 0 have no dir)

@@ -20,10 +20,10 @@ from bigmodel_cli.config import TrainerConfig, plain_config, register_configs, t
 from bigmodel_cli.config_checks import validate_train_config
 from bigmodel_cli.engine.files import WriteFailed
 from bigmodel_cli.engine.layout_checks import check_layout, check_pipeline
-from bigmodel_cli.errors import EXIT_INTERRUPTED, Diverged, TrainingStopped, UserError, first_line
 from bigmodel_cli.error_report import report_user_errors
-from bigmodel_cli.outcome import record_outcome
+from bigmodel_cli.errors import Diverged, EXIT_INTERRUPTED, TrainingStopped, UserError, first_line
 from bigmodel_cli.plan.show import show_plan
+from bigmodel_cli.run_outcome import record_outcome
 
 log = logging.getLogger("bigmodel")
 register_configs()
@@ -54,7 +54,7 @@ def claim_run_dir(run_dir: Path, resume: str = "none") -> None:
 
 def forget_earlier_outcome(run_dir: Path) -> None:
     """A run continued after it failed or stopped is no longer failed or stopped."""
-    from bigmodel_cli.outcome import OUTCOME_FILE
+    from bigmodel_cli.run_outcome import OUTCOME_FILE
 
     try:
         (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
@@ -172,7 +172,7 @@ def run_worker(job: RankJob, link):
     anything else is logged to this rank's log, told to the parent through `link` (a
     WorkerLink), and ends this worker with exit code 1, without a traceback on the console."""
     from bigmodel_cli.engine import distributed
-    from bigmodel_cli.engine.outcomes import WorkerResult
+    from bigmodel_cli.engine.fit_result import WorkerResult
     from bigmodel_cli.engine.stopping import SIGNALS
 
     with SIGNALS.installed():
@@ -204,7 +204,7 @@ def run_rank(job: RankJob, env) -> Dict[str, Any]:
     from bigmodel_cli.engine import distributed
     from bigmodel_cli.engine.device import check_precision, resolve_device
     from bigmodel_cli.engine.stopping import SIGNALS
-    from bigmodel_cli.run import Placement
+    from bigmodel_cli.build.training import Placement
 
     t = job.settings
     device = resolve_device(t.device)
@@ -247,7 +247,7 @@ def torch_cuda_count() -> int:
 
 def train_in_run_dir(job: RankJob, place) -> Dict[str, Any]:
     """Build the run, fit, then test the best weights and report (or say how it stopped)."""
-    from bigmodel_cli.run import build_run, rank_log
+    from bigmodel_cli.build.training import build_run, rank_log
 
     rank_log(job.run_dir, place.env, place.device)
     run = build_run(OmegaConf.create(job.config), job.run_dir, job.choices, place, job.settings)
@@ -265,7 +265,7 @@ def train_in_run_dir(job: RankJob, place) -> Dict[str, Any]:
 
 def requeue_if_asked(stopped, settings: TrainerConfig, env) -> None:
     """SIGUSR1 inside a Slurm job: the checkpoint is written; rank 0 asks Slurm to requeue."""
-    from bigmodel_cli.engine.outcomes import StopAction
+    from bigmodel_cli.engine.fit_result import StopAction
     from bigmodel_cli.engine.stopping import requeue
     from bigmodel_cli.slurm import slurm_job_id
 
@@ -278,7 +278,7 @@ def requeue_if_asked(stopped, settings: TrainerConfig, env) -> None:
 
 
 def stop_line(stopped, total_steps: int, run_dir: Path) -> str:
-    from bigmodel_cli.engine.outcomes import StopAction
+    from bigmodel_cli.engine.fit_result import StopAction
 
     saved = f"checkpoint {stopped.checkpoint}" if stopped.checkpoint else "no new checkpoint"
     again = "the requeued job continues from it" if stopped.action == StopAction.REQUEUE else how_to_continue(run_dir)
@@ -380,7 +380,7 @@ def sweep_value_of_failure(cfg: DictConfig, ended: List[str]) -> Optional[float]
     when minimising), so that Optuna learns to avoid that region and a study whose every
     trial diverged still has a best one. Failed: None, which Optuna records as a failed
     trial and goes on from (NaN would end the study)."""
-    from bigmodel_cli.outcome import DIVERGED
+    from bigmodel_cli.run_outcome import DIVERGED
     from bigmodel_cli.telemetry.run_files import direction
 
     if DIVERGED not in ended:

@@ -12,8 +12,10 @@ from typing import Any, Dict, List, Mapping
 import torch
 from torch import nn
 
+from bigmodel_cli.compress.weight_only import SCALE
 from bigmodel_cli.data.base import DataModule
 from bigmodel_cli.engine.tasks import Task
+from bigmodel_cli.engine.trainer import evaluate_model
 
 CPU = torch.device("cpu")
 
@@ -84,8 +86,6 @@ def layer_counts(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> List[
 
 def int8_scales(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The row scales of weight-only int8 layers: buffers, yet part of what their weights cost."""
-    from bigmodel_cli.compress.weight_only import SCALE
-
     return {name: tensor for name, tensor in state.items() if name.rpartition(".")[2] == SCALE}
 
 
@@ -113,8 +113,6 @@ def measure(model: nn.Module, state: Mapping[str, torch.Tensor], data: DataModul
             repeats: int, warmup: int) -> Measurement:
     """Everything compared before and after, for `model` (on the CPU, in eval mode) whose
     stored weights are `state`."""
-    from bigmodel_cli.engine.trainer import evaluate_model
-
     model.eval()
     weights = weight_tensors(model, state)
     layers = layer_counts(model, weights)

@@ -4,6 +4,7 @@ measured again. The input checkpoint is only ever read."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from bigmodel_cli.build.inference import TrainedModel, open_trained, ready_model
+from bigmodel_cli.build.parts import build_data, build_model
+from bigmodel_cli.compress import quantize, weight_only
+from bigmodel_cli.compress.checkpoint import save_compressed, size_on_disk
+from bigmodel_cli.compress.finetune import finetune
 from bigmodel_cli.compress.measure import CPU, Measurement, measure
+from bigmodel_cli.compress.prune import make_permanent, prune_globally
+from bigmodel_cli.compress.report import write_report
+from bigmodel_cli.compress.structured import shrink
+from bigmodel_cli.compress.weight_only import WEIGHT_ONLY
+from bigmodel_cli.config import plain_config
+from bigmodel_cli.config_checks import validate_compress_config, validate_data_config
 from bigmodel_cli.data.base import DataModule
-from bigmodel_cli.engine.inference import TrainedModel
+from bigmodel_cli.engine.checkpoint import check_weights_fit
+from bigmodel_cli.engine.tasks import task_for
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -32,13 +45,6 @@ class Compressed:
 
 def compress_checkpoint(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     """`bigmodel compress`: returns the summary also written to compress.json."""
-    from bigmodel_cli.compress import quantize
-    from bigmodel_cli.compress.checkpoint import save_compressed, size_on_disk
-    from bigmodel_cli.compress.report import write_report
-    from bigmodel_cli.config import plain_config
-    from bigmodel_cli.config_checks import validate_compress_config
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-    from bigmodel_cli.engine.tasks import task_for
 
     validate_compress_config(cfg)
     cfg = plain_config(cfg)
@@ -70,8 +76,6 @@ def compress_checkpoint(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 
 def checkpoint_data(trained: TrainedModel) -> DataModule:
     """The checkpoint's own data, split as it was in training (as `bigmodel eval` builds it)."""
-    from bigmodel_cli.build import build_data
-    from bigmodel_cli.config_checks import validate_data_config
 
     validate_data_config(trained.config.data)
     data = build_data(trained.config.data, trained.checkpoint.data)
@@ -80,9 +84,6 @@ def checkpoint_data(trained: TrainedModel) -> DataModule:
 
 
 def measure_saved(path: Path, cfg: DictConfig, data: DataModule) -> Measurement:
-    from bigmodel_cli.compress.checkpoint import size_on_disk
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-    from bigmodel_cli.engine.tasks import task_for
 
     reread = open_trained(str(path), cfg.trusted_targets, ("model", "data"))
     model = ready_model(reread, CPU, data.spec)
@@ -93,7 +94,6 @@ def measure_saved(path: Path, cfg: DictConfig, data: DataModule) -> Measurement:
 
 
 def check_scheme(scheme: str, cfg: DictConfig) -> None:
-    from bigmodel_cli.compress.weight_only import WEIGHT_ONLY
 
     if cfg.method == "quantize" and scheme == WEIGHT_ONLY and not cfg.quantize.per_channel:
         raise UserError("weight-only int8 always has one scale per output channel; drop quantize.per_channel=false, "
@@ -103,9 +103,7 @@ def check_scheme(scheme: str, cfg: DictConfig) -> None:
 def quantize_model(model: nn.Module, trained: TrainedModel, scheme: str, layers: Dict[str, str],
                    kept: Dict[str, str]) -> Compressed:
     """The int8 copy of `model` (left as it is) and the state dict the checkpoint stores."""
-    import copy
 
-    from bigmodel_cli.compress import quantize, weight_only
 
     by_reason: Dict[str, list] = {}
     for name, why in kept.items():
@@ -126,8 +124,6 @@ def quantize_model(model: nn.Module, trained: TrainedModel, scheme: str, layers:
 def prune_model(model: nn.Module, trained: TrainedModel, data: DataModule, cfg: DictConfig,
                 run_dir: Path) -> Compressed:
     """Prune (globally, or structured), fine-tune if asked, and make it permanent."""
-    from bigmodel_cli.compress.finetune import finetune
-    from bigmodel_cli.compress.prune import make_permanent, prune_globally
 
     p = cfg.prune
     model_config = dict(trained.checkpoint.config["model"])
@@ -149,9 +145,6 @@ def smaller_model(model: nn.Module, trained: TrainedModel, data: DataModule, mod
                   amount: float) -> nn.Module:
     """The structurally pruned model, rebuilt from its smaller config (updated in place) as
     `bigmodel eval` will rebuild it."""
-    from bigmodel_cli.build import build_model
-    from bigmodel_cli.compress.structured import shrink
-    from bigmodel_cli.engine.checkpoint import check_weights_fit
 
     choices = trained.checkpoint.choices
     weights, sizes = shrink(model, choices.get("model", ""), amount)

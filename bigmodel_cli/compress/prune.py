@@ -16,6 +16,8 @@ from typing import Dict, List, Tuple
 from torch import nn
 from torch.nn.utils import prune
 
+from bigmodel_cli.errors import UserError
+
 log = logging.getLogger("bigmodel")
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
@@ -46,8 +48,6 @@ def prune_globally(model: nn.Module, amount: float) -> Tuple[List[Tuple[nn.Modul
     """Zero the `amount` share of smallest-magnitude weights over all prunable layers
     together (so layers with many small weights lose more); the masks stay on until
     `make_permanent`. Returns the pruned (module, name)s and the weights left out, with why."""
-    from bigmodel_cli.errors import UserError
-
     chosen, left_out = prunable_weights(model)
     for name, why in left_out.items():
         log.warning("not pruned: %s (%s)", name, why)

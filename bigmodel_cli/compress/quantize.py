@@ -34,6 +34,7 @@ from torch import nn
 
 from bigmodel_cli.compress import weight_only
 from bigmodel_cli.compress.weight_only import WEIGHT_ONLY
+from bigmodel_cli.engine.checkpoint import check_weights_fit
 from bigmodel_cli.errors import UserError
 
 #: the layer kinds dynamic int8 covers, and what the config calls each scheme
@@ -242,8 +243,6 @@ def load_quantized(model: nn.Module, weights: Mapping[str, torch.Tensor], layers
 def load_weight_only(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str],
                      path: Path) -> nn.Module:
     """Weight-only int8: the int8 layers take the stored int8 values and scales as they are."""
-    from bigmodel_cli.engine.checkpoint import check_weights_fit
-
     modules = dict(model.named_modules())
     bad = next((name for name in layers if name not in modules or not (
         weight_only.is_linear(modules[name]) or type(modules[name]) is nn.Embedding)), None)
@@ -260,8 +259,6 @@ def load_weight_only(model: nn.Module, weights: Mapping[str, torch.Tensor], laye
 def load_dynamic(model: nn.Module, weights: Mapping[str, torch.Tensor], layers: Mapping[str, str],
                  path: Path) -> nn.Module:
     """Dynamic int8: the other layers get their weights, the quantized ones their exact int8 values."""
-    from bigmodel_cli.engine.checkpoint import check_weights_fit
-
     plain = {name: t.dequantize() if t.is_quantized else t for name, t in weights.items()}
     check_weights_fit(model, plain, path)
     model.load_state_dict(plain)

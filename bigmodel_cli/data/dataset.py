@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from bigmodel_cli.data.base import DataModule, check_split
 from bigmodel_cli.data.loaders import Reading, TrainBatches, eval_batches
 from bigmodel_cli.data.samples import TASKS, batch_check, spec_from_samples
+from bigmodel_cli.dotted_path import import_object
 from bigmodel_cli.errors import UserError, first_line
 
 SPLITS = ("train", "val", "test")
@@ -91,8 +92,6 @@ class TorchDataset(DataModule):
 
     def load(self) -> Any:
         """The user's Datasets: data.source imported and (unless it is a Dataset) called."""
-        from bigmodel_cli.dotted_path import import_object
-
         if not self.source:
             raise UserError("data=dataset needs data.source=<module.DatasetClass or module.function returning "
                             "Datasets>, e.g. data.source=mypkg.make_dataset")

@@ -24,6 +24,7 @@ from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine import distributed, sharded
 from bigmodel_cli.engine.checkpoint_file import FORMAT, save_checkpoint  # noqa: F401  (save_checkpoint: the module's API)
 from bigmodel_cli.engine.files import check_zip_archive, refusal_reason
+from bigmodel_cli.engine.pipeline import cut_of
 from bigmodel_cli.errors import UserError
 
 
@@ -121,8 +122,6 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     if checkpoint.is_sharded:  # DCP reads into any layout, sharded or not
         sharded.load_model(model, checkpoint.sharded_dir)
         return
-    from bigmodel_cli.engine.pipeline import cut_of
-
     weights = checkpoint.model
     if cut_of(model) is not None:  # a pipeline stage takes its own part of the whole model's weights
         own = model.state_dict()

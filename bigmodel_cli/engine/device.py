@@ -10,6 +10,7 @@ import random
 import numpy as np
 import torch
 
+from bigmodel_cli.engine.threads import plan_threads
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -75,8 +76,6 @@ def use_tf32(enabled: bool, device: torch.device) -> None:
 def use_threads(setting: str, env=None) -> int:
     """torch's intra-op threads for this rank, as trainer.threads says (engine/threads.py);
     logs how many and why."""
-    from bigmodel_cli.engine.threads import plan_threads
-
     plan = plan_threads(setting, env)
     torch.set_num_threads(plan.per_rank)
     log.info("threads: %d per rank (%s)", plan.per_rank, plan.why)

@@ -3,9 +3,10 @@
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss
 
 (Hinton et al., 2015; T^2 keeps the soft term's gradients on the task loss's scale as T
-grows). The teacher is a trained checkpoint opened through the one inference loader
-(engine/inference.py, its stored config vetted by trust.py): frozen, in eval mode, on the
-run's device, and run under the same autocast precision as the student. Under DDP every
+grows). The teacher is a trained checkpoint that the builder opens through the one inference loader
+(build/training.py's `training_objective`, build/inference.py; its stored config vetted by
+trust.py): frozen, in eval mode, on the run's device, and run under the same autocast
+precision as the student. Under DDP every
 rank holds its own copy and teaches its own share of the batch; the teacher is never
 wrapped, so it takes no part in the gradient all-reduce.
 
@@ -21,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel_cli.config import DistillConfig
-from bigmodel_cli.data.base import DataModule, DataSpec
+from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine.device import autocast
-from bigmodel_cli.engine.outputs import logits_of
+from bigmodel_cli.engine.logits import logits_of
 from bigmodel_cli.engine.tasks import Task
-from bigmodel_cli.errors import UserError
 
 #: tasks whose outputs are distributions the student can be taught
 DISTILLABLE = ("classification", "language_modeling")
@@ -75,21 +74,6 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def teacher_for(settings: DistillConfig, data: DataModule, precision: str, device: torch.device) -> nn.Module:
-    """The teacher checkpoint's model, frozen and in eval mode on `device`, after checking
-    that it was trained on this data's task, outputs and vocabulary."""
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-
-    trained = open_trained(settings.teacher, settings.trusted_targets, sections=("model",))
-    problem = mismatch(trained.checkpoint.spec, data.spec, trained.checkpoint.data, data.state_dict())
-    if problem:
-        raise UserError(f"distill.teacher={settings.teacher} cannot teach this run: {problem}; "
-                        "use a teacher trained on the same data")
-    teacher = ready_model(trained, device)
-    teacher.requires_grad_(False)
-    return teacher
-
-
 def mismatch(teacher: DataSpec, student: DataSpec, teacher_data: dict, student_data: dict) -> Optional[str]:
     """How the teacher's data differs from the student's in a way that makes its outputs
     meaningless to the student, or None."""
@@ -108,12 +92,3 @@ def mismatch(teacher: DataSpec, student: DataSpec, teacher_data: dict, student_d
         if key in teacher_data and key in student_data and teacher_data[key] != student_data[key]:
             return f"its {key} differs from this data's (the same ids would mean different tokens)"
     return None
-
-
-def objective_for(settings: Optional[DistillConfig], task: Task, data: DataModule, precision: str,
-                  device: torch.device):
-    """The run's training objective: distillation when distill.teacher is set, else the task's loss."""
-    if settings is None or not settings.teacher:
-        return TaskObjective(task)
-    teacher = teacher_for(settings, data, precision, device)
-    return Distillation(task, teacher, settings.temperature, settings.alpha, precision, device)

@@ -4,7 +4,7 @@ The folder holds `model.safetensors` (the weights; a weight tied to another, GPT
 head, is stored once) and `bigmodel.json`: what rebuilds the model (its config, the data's
 spec and state: vocabulary, tokenizer, labels) and which weights are tied. Both are data:
 the JSON is parsed, never executed; safetensors holds tensors only. The stored config's
-`_target_`s are vetted like a checkpoint's (engine/inference.py -> trust.py), and the
+`_target_`s are vetted like a checkpoint's (build/inference.py -> trust.py), and the
 record is checked by the same rules as a checkpoint's (`record_problem`).
 """
 

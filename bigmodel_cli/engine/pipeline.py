@@ -31,6 +31,7 @@ from torch import nn
 
 from bigmodel_cli.config import ParallelConfig, TrainerConfig
 from bigmodel_cli.dotted_path import import_or_none
+from bigmodel_cli.engine.distributed import precision_policy
 from bigmodel_cli.engine.recompute import recomputing
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.models.description import PipelineStages, pipeline_stages_of
@@ -309,7 +310,6 @@ def shard_stages(stages: PipelineCut, dp_mesh, precision: str) -> None:
     encoder's loose parameters stay whole (their gradients are averaged as under ddp)."""
     from torch.distributed.fsdp import fully_shard
 
-    from bigmodel_cli.engine.distributed import precision_policy
 
     policy = precision_policy(precision)
     for stage in stages.stages:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.device import autocast
 from bigmodel_cli.engine.distributed import local_part
-from bigmodel_cli.engine.pipeline import PipelineCut, check_microbatches, microbatches
+from bigmodel_cli.engine.pipeline import PipelineCut, check_microbatches, cut_of, microbatches
 
 log = logging.getLogger("bigmodel")
 
@@ -225,8 +225,6 @@ def recv_tensor(src: int, group, device: torch.device) -> torch.Tensor:
 
 def pipeline_step_for(trainer) -> Optional[PipelineStep]:
     """The Trainer's pipeline path, or None when the model was not cut into stages."""
-    from bigmodel_cli.engine.pipeline import cut_of
-
     cut = cut_of(trainer.raw_model)
     return PipelineStep(cut, trainer) if cut is not None else None
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from bigmodel_cli.engine import distributed
 from bigmodel_cli.engine.checkpoint import Checkpoint, load_checkpoint, load_weights
 from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
 from bigmodel_cli.errors import UserError
@@ -66,8 +67,6 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
 def starting_checkpoint(resume: str, run_dir: Path, env) -> Optional[Checkpoint]:
     """The checkpoint a run continues from (trainer.resume), or None for a fresh start.
     Collective: rank 0 finds it and checks every byte, then every rank loads it."""
-    from bigmodel_cli.engine import distributed
-
     if resume == "none":
         return None
     found, error = None, None

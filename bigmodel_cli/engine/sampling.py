@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.outputs import logits_of
+from bigmodel_cli.engine.logits import logits_of
 
 
 # Below this the distribution is a point mass on the argmax in float32 (and dividing by

@@ -30,6 +30,7 @@ from bigmodel_cli.engine.checkpoint_file import save_checkpoint
 from bigmodel_cli.engine.files import (WriteFailed, check_digests, digests_of, fsync_dir, os_error_behind,
                                       refusal_reason, replace_dir)
 from bigmodel_cli.errors import UserError, first_line
+from bigmodel_cli.engine import distributed
 
 log = logging.getLogger("bigmodel")
 
@@ -201,7 +202,6 @@ def save_sharded(meta: Dict[str, Any], model, optimizer, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from bigmodel_cli.engine import distributed
 
     main = distributed.is_main_process()
     tmp = path.with_name(f".{path.name}.tmp")

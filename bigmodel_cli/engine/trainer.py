@@ -42,8 +42,8 @@ from bigmodel_cli.engine.mesh import DataShare, data_share, layout_for
 from bigmodel_cli.engine.parallelize import replicated_by_hand
 from bigmodel_cli.engine.pipeline import cut_of
 from bigmodel_cli.engine.pipeline_step import pipeline_step_for
-from bigmodel_cli.engine.outputs import logits_of
-from bigmodel_cli.engine.outcomes import FitResult, StopAction, StopCause, Stopped
+from bigmodel_cli.engine.logits import logits_of
+from bigmodel_cli.engine.fit_result import FitResult, StopAction, StopCause, Stopped
 from bigmodel_cli.engine.stopping import CHECKPOINT, NOTHING, SAVE, STOP, StopAgreement, StopSignals
 from bigmodel_cli.engine.tasks import Task
 from bigmodel_cli.errors import Diverged, UserError, first_line
@@ -104,7 +104,7 @@ class Monitor:
 
 @dataclass
 class TrainingParts:
-    """What a Trainer trains: made by `bigmodel_cli.run.build_run`, or by hand in a test."""
+    """What a Trainer trains: made by `bigmodel_cli.build.training.build_run`, or by hand in a test."""
 
     model: nn.Module  # already through `engine.parallelize`
     optimizer: torch.optim.Optimizer

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from bigmodel_cli.build.inference import open_trained, ready_model
+from bigmodel_cli.build.trained_inputs import checkpoint_tokenizer, eval_data
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.explain import checks, methods
 from bigmodel_cli.explain.examples import Examples, Predictions, background_inputs, from_prompt, from_split, predict
@@ -85,9 +87,6 @@ def changed(space: Space, inputs: torch.Tensor, level: str) -> np.ndarray:
 
 def load(cfg: DictConfig, device: torch.device):
     """The checkpoint's model, ready on `device`, and its data, through eval's own loaders."""
-    from bigmodel_cli.engine.trained_inputs import eval_data
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-
     trained = open_trained(cfg.ckpt, cfg.trusted_targets, sections=("model", "data"))
     data, _ = eval_data(cfg, trained)
     model = ready_model(trained, device, data.spec)
@@ -107,8 +106,6 @@ def choose_examples(cfg: DictConfig, trained, data, device: torch.device) -> Exa
 
 def text_tokenizer(trained):
     """The checkpoint's own tokenizer (as generate finds it), or None where it has none."""
-    from bigmodel_cli.engine.trained_inputs import checkpoint_tokenizer
-
     try:
         return checkpoint_tokenizer(trained.checkpoint.data, None, trained.checkpoint.path)
     except UserError:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bigmodel_cli.data.base import DataSpec
-from bigmodel_cli.engine.outputs import logits_of
+from bigmodel_cli.engine.logits import logits_of
 
 #: patches per image side for LIME, kernel SHAP and occlusion (8x8 digits: 2x2 patches)
 PATCHES_PER_SIDE = 8

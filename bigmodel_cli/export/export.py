@@ -13,7 +13,10 @@ from typing import Any, Dict, Optional, Sequence, Type
 
 import torch
 
+from bigmodel_cli.build.inference import open_trained, ready_model
+from bigmodel_cli.compress.quantize import DYNAMIC, quantized_layers
 from bigmodel_cli.data.base import DataSpec
+from bigmodel_cli.engine.logits import logits_of
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.export.format import Format
 
@@ -55,8 +58,6 @@ def example_input(spec: DataSpec, batch: int = 2) -> torch.Tensor:
 
 def export(ckpt: str, name: str, out: Path, trusted: Sequence[str] = ()) -> Dict[str, Any]:
     """Write checkpoint `ckpt` in format `name` into the folder `out`; returns the report."""
-    from bigmodel_cli.engine.inference import open_trained, ready_model
-
     fmt = format_named(name)
     trained = open_trained(ckpt, trusted, sections=("model",))
     model = ready_model(trained, torch.device("cpu"))
@@ -79,8 +80,6 @@ def export(ckpt: str, name: str, out: Path, trusted: Sequence[str] = ()) -> Dict
 def int8_refusal(fmt: Format, trained) -> Optional[str]:
     """Why `fmt` cannot hold the int8 layers of a `bigmodel compress method=quantize`
     checkpoint, or None (the checkpoint is not quantized, or the format takes its scheme)."""
-    from bigmodel_cli.compress.quantize import DYNAMIC, quantized_layers
-
     layers = quantized_layers(trained.checkpoint.config)
     schemes = sorted({entry.get("scheme", DYNAMIC) for entry in layers.values()})
     if not layers or set(schemes) <= set(fmt.int8_schemes):
@@ -107,8 +106,6 @@ def written(fmt: Format, trained, model: torch.nn.Module, example: torch.Tensor,
 def compare(fmt: Format, folder: Path, trained, model: torch.nn.Module, example: torch.Tensor) -> Dict[str, Any]:
     """The written files' logits against the model's on `example` (the largest difference),
     or why they could not be read back here."""
-    from bigmodel_cli.engine.outputs import logits_of
-
     missing = [m for m in fmt.check_modules if importlib.util.find_spec(m) is None]
     if missing:
         return {"checked": False, "reason": f"{', '.join(missing)} not installed (pip install 'bigmodel[{fmt.extra}]')"}

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.inference import TrainedModel
+from bigmodel_cli.build.inference import TrainedModel
 
 #: reads an exported model back: inputs -> logits, as numbers on the CPU
 Runner = Callable[[torch.Tensor], torch.Tensor]

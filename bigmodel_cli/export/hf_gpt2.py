@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.inference import TrainedModel
+from bigmodel_cli.build.inference import TrainedModel
 from bigmodel_cli.export.format import Format, Runner
 
 class HuggingFaceGPT2(Format):

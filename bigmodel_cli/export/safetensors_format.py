@@ -21,8 +21,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from bigmodel_cli.build.inference import TrainedModel
+from bigmodel_cli.build.parts import accepted_kwargs, model_description
+from bigmodel_cli.dotted_path import import_object
 from bigmodel_cli.engine.exported import EXPORT_FORMAT, RECORD_FILE, WEIGHTS_FILE
-from bigmodel_cli.engine.inference import TrainedModel
 from bigmodel_cli.export.format import Format, Runner
 
 
@@ -44,7 +46,6 @@ class Safetensors(Format):
         """Built as the README's plain-nn.Module snippet builds it."""
         from safetensors.torch import load_model
 
-        from bigmodel_cli.dotted_path import import_object
 
         meta = json.loads((out / RECORD_FILE).read_text(encoding="utf-8"))["model"]
         model = import_object(trained.config.model._target_)(**meta["kwargs"])  # the vetted class
@@ -80,9 +81,6 @@ def export_record(trained: TrainedModel, model: nn.Module, saved: List[str]) -> 
 def constructor_kwargs(trained: TrainedModel) -> Dict[str, Any]:
     """The keyword arguments the model's class was built with: its config (less how-to-run
     keys) and the sizes the data implied."""
-    from bigmodel_cli.build import accepted_kwargs, model_description
-    from bigmodel_cli.dotted_path import import_object
-
     cls = import_object(trained.config.model._target_)
     description = OmegaConf.to_container(model_description(trained.config.model, cls), resolve=False)
     kwargs = {k: v for k, v in description.items() if not k.startswith("_")}

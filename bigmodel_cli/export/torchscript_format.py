@@ -11,7 +11,7 @@ from typing import List
 import torch
 from torch import nn
 
-from bigmodel_cli.engine.inference import TrainedModel
+from bigmodel_cli.build.inference import TrainedModel
 from bigmodel_cli.export.format import Format, Runner
 
 FILE = "model.torchscript"

@@ -1,7 +1,7 @@
 """Models from Hugging Face transformers: model=hf_causal_lm and model=hf_classifier.
 
 Each builder returns the transformers model itself, no wrapper: the engine reads its
-logits from the `ModelOutput` it returns (engine/outputs.py), shards and checkpoints its
+logits from the `ModelOutput` it returns (engine/logits.py), shards and checkpoints its
 repeated blocks (its outermost ModuleList, e.g. GPT-2's `transformer.h`), and computes the
 loss itself. What to build, `source`, is a model type of transformers' registry (`gpt2`,
 `llama`, `bert`, ...), a config class (`GPT2Config`), or a local folder holding
@@ -53,7 +53,7 @@ def sequence_classifier(vocab_size: int, block_size: int, num_outputs: int, sour
     return build("AutoModelForSequenceClassification", source, pretrained, (n_layer, n_head, n_embd), config, sizes)
 
 
-# What the builders read and learn (bigmodel_cli/build.py refuses other data before building).
+# What the builders read and learn (bigmodel_cli/build/parts.py refuses other data before building).
 causal_lm.input_kinds = ("tokens",)
 causal_lm.tasks = ("language_modeling",)
 sequence_classifier.input_kinds = ("tokens",)

@@ -15,7 +15,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bigmodel_cli.build.parts import build_data
 from bigmodel_cli.data.base import DataSpec
+from bigmodel_cli.dotted_path import import_object
 from bigmodel_cli.errors import UserError
 
 #: the stand-in vocabulary: GPT-2's BPE, padded to a multiple of 64 (as nanoGPT trains it)
@@ -67,8 +69,6 @@ def plan_data(cfg: DictConfig, choices: dict, overrides: Sequence[str], world_si
         planned.note = (f"model={choices.get('model') or 'this model'} reads tokens, not data="
                         f"{choices.get('data')}; planned with data=tokens {sizes} (give data=... to plan yours)")
         return planned
-    from bigmodel_cli.build import build_data
-
     data = build_data(data_cfg)
     loader = data.train_batches(seed=int(cfg.trainer.seed), rank=0, world_size=world_size)
     x, y = next(iter(loader))
@@ -88,8 +88,6 @@ def token_shape(data_cfg: DictConfig, world_size: int) -> PlanData:
 
 def data_unit(data_cfg: DictConfig) -> str:
     """What a sample of this data set is made of (DataModule.unit), read from its class."""
-    from bigmodel_cli.dotted_path import import_object
-
     try:
         return str(getattr(import_object(str(data_cfg._target_)), "unit", "samples"))
     except Exception:  # build_data reports a data class that cannot be imported, in one line
@@ -97,8 +95,6 @@ def data_unit(data_cfg: DictConfig) -> str:
 
 
 def model_input_kinds(cfg: DictConfig) -> tuple:
-    from bigmodel_cli.dotted_path import import_object
-
     try:
         return tuple(getattr(import_object(str(cfg.model._target_)), "input_kinds", ()))
     except Exception:  # build_model reports a model that cannot be imported, in one line

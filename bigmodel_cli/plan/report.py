@@ -9,7 +9,7 @@ from bigmodel_cli.plan.planner import Plan
 
 
 def summary_lines(plan: Plan, choices: Dict[str, str]) -> List[str]:
-    from bigmodel_cli.build import human_count
+    from bigmodel_cli.build.parts import human_count
 
     layout, data, world = plan.layout, plan.data, plan.layout.world_size
     dp = layout.dp

@@ -19,7 +19,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bigmodel_cli.build.parts import count_parameters
+from bigmodel_cli.build.planning import build_planned, fake_mode
 from bigmodel_cli.data.base import DataSpec
+from bigmodel_cli.engine.device import autocast
+from bigmodel_cli.engine.distributed import repeated_blocks
+from bigmodel_cli.engine.logits import logits_of
+from bigmodel_cli.engine.tasks import task_for
 from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.plan.tracker import LiveBytes, storage_key
 from bigmodel_cli.telemetry.efficiency import knows_flops_per_token
@@ -42,29 +48,14 @@ class StepMemory:
     weight_bytes: Dict[str, int] = field(default_factory=dict)
 
 
-def fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
 def simulate_step(cfg: DictConfig, spec: DataSpec, batch, precision: str, count_flops: bool = True) -> StepMemory:
     """Build the model of `cfg` for `spec` and run one step on `batch` (real tensors of
     one device's micro-batch, copied as fake ones), all on fake tensors. The step's matrix
     ops are counted (count_flops) unless the model's FLOPs per token are known otherwise."""
-    from bigmodel_cli.build import build_model, build_optimizer, count_parameters, takes_key
-    from bigmodel_cli.engine.distributed import repeated_blocks
-    from bigmodel_cli.engine.parallelize import checkpoint_activations
-    from bigmodel_cli.engine.tasks import task_for
-
     with fake_mode() as mode:
-        model = build_model(cfg.model, spec)
+        parts = build_planned(cfg, spec)
+        model, optimizer, recompute = parts.model, parts.optimizer, parts.recomputes
         count_flops = count_flops and not knows_flops_per_token(model, spec.task)
-        recompute = bool(cfg.model.get("activation_checkpointing", False)) and not takes_key(model, "activation_checkpointing")
-        if recompute:
-            checkpoint_activations(model)
-        model.train()
-        optimizer = build_optimizer(cfg.optim, model)
         x, y = (mode.from_tensor(t) for t in batch)
         tracker = LiveBytes()
         track_model(tracker, model)
@@ -92,8 +83,6 @@ def track_model(tracker: LiveBytes, model: nn.Module) -> None:
 
 
 def forward_backward(model: nn.Module, task, x, y, precision: str, tracker: LiveBytes) -> Dict[str, int]:
-    from bigmodel_cli.engine.device import autocast
-    from bigmodel_cli.engine.outputs import logits_of
 
     try:
         with autocast(precision, torch.device("cpu")):

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from bigmodel_cli.outcome import JobResult
+from bigmodel_cli.run_outcome import JobResult
 
 #: settings drawn on a log axis whatever their range
 LOG_KEYS = ("lr", "weight_decay", "min_lr", "eps")

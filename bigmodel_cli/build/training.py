@@ -19,13 +19,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bigmodel_cli.config import TrainerConfig, plain_config, trainer_settings
+from bigmodel_cli.build.inference import open_trained, ready_model
+from bigmodel_cli.build.parts import (build_data, build_model, build_optimizer, build_schedule, check_model_fits,
+                                      count_parameters, engine_recomputes, human_count)
+from bigmodel_cli.config import DistillConfig, TrainerConfig, plain_config, trainer_settings
 from bigmodel_cli.data.base import DataModule
 from bigmodel_cli.engine.checkpoint import Checkpoint, Provenance
-from bigmodel_cli.engine.distributed import DistEnv
+from bigmodel_cli.engine.device import seed_everything, use_tf32, use_threads
+from bigmodel_cli.engine.distill import Distillation, TaskObjective, mismatch
+from bigmodel_cli.engine.distributed import DistEnv, unwrap
+from bigmodel_cli.engine.mesh import build_mesh, layout_for
+from bigmodel_cli.engine.parallelize import parallelize
+from bigmodel_cli.engine.resume import config_changes, load_initial_weights, starting_checkpoint
 from bigmodel_cli.engine.stopping import StopSignals
+from bigmodel_cli.engine.tasks import Task, task_for
 from bigmodel_cli.engine.trainer import RunContext, Trainer, TrainingParts
-from bigmodel_cli.telemetry import Telemetry
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.telemetry import Telemetry, write_json
+from bigmodel_cli.telemetry.console import attach_rank_log
+from bigmodel_cli.telemetry.efficiency import model_flops_per_token
 
 log = logging.getLogger("bigmodel")
 
@@ -53,8 +65,6 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
               place: Optional[Placement] = None, settings: Optional[TrainerConfig] = None) -> Run:
     """A ready Trainer for `cfg` (a validated config), writing into `run_dir` (which must
     exist). `settings` is cfg.trainer, typed (made from cfg when not given)."""
-    from bigmodel_cli.engine.device import seed_everything, use_tf32, use_threads
-    from bigmodel_cli.engine.resume import starting_checkpoint
 
     place = place or Placement()
     settings = settings or trainer_settings(cfg)
@@ -89,8 +99,6 @@ def build_run(cfg: DictConfig, run_dir: Path, choices: Optional[Dict[str, str]] 
 
 def log_config_changes(start: Checkpoint, cfg: DictConfig, settings: TrainerConfig, env: DistEnv) -> None:
     """Refuses changes a resumed run cannot take; logs the others."""
-    from bigmodel_cli.engine.mesh import layout_for
-    from bigmodel_cli.engine.resume import config_changes
 
     then = start.config.get("trainer", {}).get("parallel") or {}
     split_then = 1
@@ -103,8 +111,6 @@ def log_config_changes(start: Checkpoint, cfg: DictConfig, settings: TrainerConf
 
 
 def build_run_data(cfg: DictConfig, run_dir: Path, env: DistEnv) -> DataModule:
-    from bigmodel_cli.build import build_data
-    from bigmodel_cli.telemetry import write_json
 
     data = build_data(cfg.data)
     log.info("data: %s", data.describe())
@@ -116,7 +122,6 @@ def build_run_data(cfg: DictConfig, run_dir: Path, env: DistEnv) -> DataModule:
 
 def build_run_model(cfg: DictConfig, data: DataModule, choices: Dict[str, str]):
     """The model for this data, checked to fit it; and its parameter count."""
-    from bigmodel_cli.build import build_model, check_model_fits, count_parameters, human_count
 
     model = build_model(cfg.model, data.spec, choices["model"], choices["data"])
     check_model_fits(model, data, data.spec.task)
@@ -129,19 +134,10 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
                    place: Placement) -> TrainingParts:
     """Model and data on the device, the model parallelized, and the optimizer over its
     (possibly sharded) parameters."""
-    from bigmodel_cli.build import build_optimizer, build_schedule, takes_key
-    from bigmodel_cli.dotted_path import import_object
-    from bigmodel_cli.engine.mesh import build_mesh, layout_for
-    from bigmodel_cli.engine.distill import objective_for
-    from bigmodel_cli.engine.parallelize import parallelize
-    from bigmodel_cli.engine.tasks import task_for
 
     model.to(place.device)
     data.to(place.device)
-    # (A model whose constructor takes activation_checkpointing does it itself; asked of what
-    # the config names, since a builder function may return a class that takes **kwargs.)
-    key = "activation_checkpointing"
-    recompute = bool(cfg.model.get(key, False)) and not takes_key(import_object(cfg.model._target_), key)
+    recompute = engine_recomputes(cfg.model)
     layout = layout_for(place.env.world_size, settings.parallel)
     mesh = build_mesh(layout, place.device)
     model = parallelize(model, settings, place.env, place.device, checkpoint_blocks=recompute, mesh=mesh)
@@ -151,13 +147,34 @@ def training_parts(cfg: DictConfig, settings: TrainerConfig, model: nn.Module, d
     optimizer = build_optimizer(cfg.optim, model)
     schedule = partial(build_schedule, cfg.scheduler)
     task = task_for(data.spec.task)
-    objective = objective_for(distill_settings(cfg), task, data, settings.precision, place.device)
+    objective = training_objective(distill_settings(cfg), task, data, settings.precision, place.device)
     return TrainingParts(model, optimizer, schedule, data, task, mesh, objective)
+
+
+def training_objective(settings: Optional[DistillConfig], task: Task, data: DataModule, precision: str,
+                       device: torch.device):
+    """The run's training objective: distillation when distill.teacher is set, else the task's loss."""
+    if settings is None or not settings.teacher:
+        return TaskObjective(task)
+    teacher = teacher_for(settings, data, device)
+    return Distillation(task, teacher, settings.temperature, settings.alpha, precision, device)
+
+
+def teacher_for(settings: DistillConfig, data: DataModule, device: torch.device) -> nn.Module:
+    """The teacher checkpoint's model, frozen and in eval mode on `device`, after checking
+    that it was trained on this data's task, outputs and vocabulary."""
+    trained = open_trained(settings.teacher, settings.trusted_targets, sections=("model",))
+    problem = mismatch(trained.checkpoint.spec, data.spec, trained.checkpoint.data, data.state_dict())
+    if problem:
+        raise UserError(f"distill.teacher={settings.teacher} cannot teach this run: {problem}; "
+                        "use a teacher trained on the same data")
+    teacher = ready_model(trained, device)
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def distill_settings(cfg: DictConfig):
     """cfg.distill typed (None where the config has no distill node, e.g. built by hand)."""
-    from bigmodel_cli.config import DistillConfig
 
     if cfg.get("distill") is None:
         return None
@@ -165,15 +182,12 @@ def distill_settings(cfg: DictConfig):
 
 
 def flops_per_unit(model: nn.Module, cfg: DictConfig, data: DataModule, parameters: int) -> Optional[float]:
-    from bigmodel_cli.engine.distributed import unwrap
-    from bigmodel_cli.telemetry.efficiency import model_flops_per_token
 
     return model_flops_per_token(unwrap(model), cfg.model, data.spec.task, data.spec.block_size, parameters)
 
 
 def start_from(trainer: Trainer, start: Optional[Checkpoint], settings: TrainerConfig) -> None:
     """Continue from `start` (trainer.resume), or take trainer.init_from's weights."""
-    from bigmodel_cli.engine.resume import load_initial_weights
 
     if start is not None:
         trainer.load_checkpoint(start)
@@ -186,7 +200,6 @@ def start_from(trainer: Trainer, start: Optional[Checkpoint], settings: TrainerC
 
 def rank_log(run_dir: Path, env: DistEnv, device: torch.device) -> None:
     """Under several processes, each rank logs to its own file (rank 0 also to the console)."""
-    from bigmodel_cli.telemetry.console import attach_rank_log
 
     if env.is_distributed:
         attach_rank_log(run_dir, env.rank, console=env.is_main)

@@ -15,9 +15,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bigmodel_cli.build.parts import build_model
+from bigmodel_cli.compress.quantize import load_quantized as int8_model
+from bigmodel_cli.compress.quantize import quantized_layers
 from bigmodel_cli.data.base import DataSpec
 from bigmodel_cli.engine.checkpoint import Checkpoint, load_weights
+from bigmodel_cli.engine.device import use_tf32
 from bigmodel_cli.engine.find_checkpoint import Pick, find_checkpoint
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.trust import vetted_config
 
 
 @dataclass
@@ -31,7 +37,6 @@ def open_trained(ckpt: str, trusted_targets: Sequence[str] = (), sections: Seque
                  ) -> TrainedModel:
     """The checkpoint `ckpt` names (file, sharded folder or run dir: its best), checked byte
     for byte, with its stored config vetted in `sections` (those that will be instantiated)."""
-    from bigmodel_cli.trust import vetted_config
 
     checkpoint = find_checkpoint(Path(ckpt), Pick.BEST)
     return TrainedModel(checkpoint, vetted_config(checkpoint.config, checkpoint.path, trusted_targets, sections))
@@ -41,9 +46,6 @@ def ready_model(trained: TrainedModel, device: torch.device, spec: Optional[Data
     """Build the model the checkpoint was trained as (for `spec`, by default its own data's),
     fill it with the checkpoint's weights, and put it on `device` in eval mode, with the
     matmul precision it trained with."""
-    from bigmodel_cli.build import build_model
-    from bigmodel_cli.compress.quantize import quantized_layers
-    from bigmodel_cli.engine.device import use_tf32
 
     checkpoint = trained.checkpoint
     names = checkpoint.choices
@@ -60,8 +62,6 @@ def ready_model(trained: TrainedModel, device: torch.device, spec: Optional[Data
 
 def load_quantized(model: nn.Module, checkpoint: Checkpoint, layers, device: torch.device) -> nn.Module:
     """The int8 model of a quantized checkpoint, built on its fp32 architecture `model`."""
-    from bigmodel_cli.compress.quantize import load_quantized as int8_model
-    from bigmodel_cli.errors import UserError
 
     if device.type != "cpu" or checkpoint.is_sharded:
         raise UserError(f"checkpoint {checkpoint.path} is int8-quantized for CPU inference; run it with device=cpu")

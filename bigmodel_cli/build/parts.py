@@ -6,16 +6,19 @@ import inspect
 import logging
 from typing import Any, Dict, Optional
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-import torch
 from torch import nn
 
 from bigmodel_cli.config import SCHEMAS
 from bigmodel_cli.data.base import DataModule, DataSpec
 from bigmodel_cli.dotted_path import import_object
+from bigmodel_cli.engine.logits import logits_of
 from bigmodel_cli.errors import UserError, first_line, root_cause
+from bigmodel_cli.optim import TorchSchedule, is_torch_scheduler
+from bigmodel_cli.optim import build_optimizer as with_param_groups
 
 log = logging.getLogger("bigmodel")
 
@@ -57,7 +60,6 @@ def build_data(cfg: DictConfig, state: Optional[dict] = None) -> DataModule:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module):
-    from bigmodel_cli.optim import build_optimizer as with_param_groups
 
     factory = instantiate_or_explain(cfg, "optim")
     try:
@@ -70,7 +72,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module):
 def build_schedule(cfg: DictConfig, total_steps: int):
     """The run's LR schedule (optim.lr_scheduler makes the torch scheduler from it): one of
     bigmodel's schedules, or any torch.optim.lr_scheduler class as a TorchSchedule."""
-    from bigmodel_cli.optim import TorchSchedule, is_torch_scheduler
 
     cls = import_target(cfg, "scheduler")
     if cls is torch.optim.lr_scheduler.ReduceLROnPlateau:
@@ -116,6 +117,14 @@ def takes_key(target: Any, key: str) -> bool:
     """Whether a model class (or its instance) handles `key` itself, in its constructor."""
     constructor = type(target) if isinstance(target, nn.Module) else target
     return key in accepted_kwargs(constructor, {key: None})
+
+
+def engine_recomputes(model_cfg: DictConfig) -> bool:
+    """Whether the engine checkpoints the model's blocks' activations: asked for, and the model
+    does not take model.activation_checkpointing itself. Asked of the class the config names,
+    since a builder function may return a class that takes **kwargs."""
+    key = "activation_checkpointing"
+    return bool(model_cfg.get(key, False)) and not takes_key(import_object(model_cfg._target_), key)
 
 
 def build_model(cfg: DictConfig, spec: DataSpec, model_name: str = "", data_name: str = "") -> nn.Module:
@@ -200,9 +209,7 @@ def first_declared(cls: Any, names: tuple) -> Optional[str]:
 def check_model_fits(model: nn.Module, data: DataModule, task_name: str) -> None:
     """One forward pass on two training samples, so that a model that cannot read this data
     fails now with one line rather than mid-run with a traceback."""
-    import torch
 
-    from bigmodel_cli.engine.outputs import logits_of
 
     x, y = next(iter(data.eval_batches("train", batch_size=2)))
     name = type(model).__name__

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigmodel_cli.build import build_data
+from bigmodel_cli.build.parts import build_data
 from bigmodel_cli.config_checks import validate_data_config
-from bigmodel_cli.data.tokenizers import PRETRAINED, CharTokenizer, tokenizer_from_state
+from bigmodel_cli.data.tokenizers import CharTokenizer, PRETRAINED, tokenizer_from_state
 from bigmodel_cli.errors import UserError
 
 # Data keys that decide which samples land in which split: changing one at eval time would
