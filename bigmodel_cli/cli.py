@@ -13,24 +13,7 @@ from typing import List, Optional
 
 from bigmodel_cli import __version__
 
-# name -> (module holding a Hydra `main`, one-line description)
-COMMANDS = {
-    "train": ("bigmodel_cli.commands.train", "Train a model; writes a run dir with logs, metrics and checkpoints."),
-    "eval": ("bigmodel_cli.commands.eval", "Evaluate a checkpoint (ckpt=<file or run dir>) on a data split."),
-    "prepare": ("bigmodel_cli.commands.prepare", "Tokenize a text corpus into memory-mapped token files (data=tokens)."),
-    "generate": ("bigmodel_cli.commands.generate", "Sample text from a trained language model (ckpt=<run dir>)."),
-    "plot": ("bigmodel_cli.commands.plot", "Plot loss, metric and lr curves of run dirs, overlaid (one PNG)."),
-    "summary": ("bigmodel_cli.commands.summary", "Table of a sweep's jobs, best first; summary.csv/.json, sweep.png."),
-    "plan": ("bigmodel_cli.commands.plan", "Memory per rank, steps, FLOPs and launch command of a train config; trains nothing."),
-    "lr-find": ("bigmodel_cli.commands.lr_find", "LR range test on train's model and data; prints an optim.lr to use."),
-    "compress": ("bigmodel_cli.commands.compress", "Prune or int8-quantize a checkpoint (ckpt=<run dir>); a report of before/after."),
-    "export": ("bigmodel_cli.commands.export", "Write a checkpoint as safetensors, TorchScript, ONNX or a Hugging Face folder."),
-    "explain": ("bigmodel_cli.commands.explain", "Why a checkpoint predicted what it did: attribution maps, LIME, SHAP."),
-}
-
-#: the commands that are Hydra apps (plot and summary take plain arguments)
-HYDRA_COMMANDS = ("train", "eval", "prepare", "generate", "plan", "lr-find", "compress", "export",
-                  "explain")
+from bigmodel_cli.command_table import COMMANDS
 
 USAGE = """usage: bigmodel <command> [hydra overrides...]
 
@@ -56,7 +39,7 @@ All but plot and summary are Hydra apps, each with its own config (conf/<command
 
 def usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
     return USAGE.format(commands="\n".join(lines))
 
 
@@ -104,7 +87,7 @@ def shell_completion(argv: List[str]) -> int:
         name = words[1]
     else:
         name = "train"  # install/uninstall: any command's app prints the same script
-    importlib.import_module(COMMANDS[name][0]).main()
+    importlib.import_module(COMMANDS[name].module).main()
     return 0
 
 
@@ -201,7 +184,7 @@ def run_command(argv: Optional[List[str]] = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         args = problem
-    if name in HYDRA_COMMANDS:
+    if COMMANDS[name].hydra:
         from bigmodel_cli import preflight
 
         args = preflight.expand_home(args)
@@ -215,7 +198,7 @@ def run_command(argv: Optional[List[str]] = None) -> int:
             return 2
         if name == "train" and dry_run_requested(args):
             name = "plan"  # the same plan, before Hydra makes a run dir
-    module_name, _ = COMMANDS[name]
+    module_name = COMMANDS[name].module
     # Hydra parses sys.argv itself; show it the command's own arguments only.
     sys.argv = [f"bigmodel {name}"] + args + quiet_rank_overrides() + plan_sweep_overrides(name, args)
     # A failing log handler (a full disk) must not print a traceback of its own.

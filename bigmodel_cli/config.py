@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bigmodel_cli.command_table import config_name
 
 
 class Choice(str, Enum):
@@ -525,7 +526,8 @@ class WandbLoggerConfig:
     mode: str = "offline"  # offline | online | disabled; offline runs sync later with `wandb sync`
 
 
-# ------------------------------------------------------------ prepare and generate
+# ------------------------------------------------------------------------ tokenizer
+# (The commands' own top-level schemas live in their modules, bigmodel_cli/commands/.)
 
 
 @dataclass
@@ -536,148 +538,7 @@ class TokenizerConfig:
     path: Optional[str] = None
 
 
-@dataclass
-class PrepareConfig:
-    out: str = MISSING  # the folder to write train.bin, val.bin, test.bin and meta.json into
-    data: Any = None  # the data group (data=text): path, val_fraction, test_fraction
-    tokenizer: Any = None  # the tokenizer group: char | byte | bpe | gpt2 | hf
-
-
-@dataclass
-class GenerateConfig:
-    ckpt: str = MISSING  # the run dir or checkpoint file to sample from
-    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
-    # model class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
-    trusted_targets: List[str] = field(default_factory=list)
-    prompt: str = ""  # text the samples continue
-    max_new_tokens: int = 200  # tokens generated per sample
-    temperature: float = 0.8  # sampling temperature (0: greedy)
-    top_k: Optional[int] = 50  # sample among the k likeliest tokens only (null: all)
-    num_samples: int = 1  # samples to print
-    seed: int = 1337  # fixes the samples (all num_samples together: they are drawn as one batch)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    kv_cache: bool = True  # reuse the keys and values of earlier tokens (false: recompute; same samples)
-    # The tokenizer group, for a checkpoint without one (a nanoGPT GPT-2 folder's run):
-    # tokenizer=gpt2, or tokenizer=hf tokenizer.path=<tokenizer.json>. null: the checkpoint's.
-    tokenizer: Any = None
-
-
-# -------------------------------------------------------------------- eval command
-
-
-@dataclass
-class EvalConfig:
-    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
-    split: str = "test"  # train | val | test
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.fp32  # autocast precision of the forward passes
-    batch_size: Optional[int] = None  # null: the batch size the model trained with
-    eval_batches: Optional[int] = None  # cap on batches (null: the whole split)
-    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
-    data: Dict[str, Any] = field(default_factory=dict)
-    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
-    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
-    trusted_targets: List[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------- compress command
-
-
-@dataclass
-class PruneConfig:
-    # Share removed, in (0, 1): of all weights (unstructured), or of each hidden layer's units
-    # or channels (structured).
-    amount: float = 0.5
-    # true: remove whole hidden units/channels, so the layers really shrink (model=mlp, cnn);
-    # false: zero the smallest weights across the model (global magnitude pruning).
-    structured: bool = False
-    finetune_steps: int = 0  # optimizer steps on the checkpoint's own training data after pruning (0: none)
-    finetune_lr: Optional[float] = None  # learning rate of that fine-tune (null: the checkpoint's optim.lr)
-
-
-@dataclass
-class QuantizeConfig:
-    # One scale per output channel of each Linear (more accurate); false: one per matrix.
-    per_channel: bool = True
-    skip: List[str] = field(default_factory=list)  # module names to keep in fp32, e.g. [head]
-    # auto: weight-only int8 for language models (gpt, hf_causal_lm), dynamic int8 for the
-    # others; dynamic: int8 weights and activations (Linear/LSTM/GRU); weight_only: int8
-    # weights with a scale per output channel, float activations (Linear and a tied embedding).
-    scheme: str = "auto"
-
-
-@dataclass
-class CompressConfig:
-    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file to compress
-    method: str = MISSING  # prune | quantize
-    prune: PruneConfig = field(default_factory=PruneConfig)  # settings of method=prune
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # settings of method=quantize
-    split: str = "test"  # the split whose metric is reported before and after: train | val | test
-    latency_repeats: int = 30  # timed batches whose median is the CPU latency
-    latency_warmup: int = 5  # untimed batches before them
-    threads: int = 1  # CPU threads for the latency measurement and fine-tune
-    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
-    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
-    trusted_targets: List[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ explain command
-
-
-class ExplainMethod(Choice):
-    ig = "ig"  # integrated gradients
-    saliency = "saliency"
-    occlusion = "occlusion"
-    lime = "lime"
-    kernel_shap = "kernel_shap"
-    gradient_shap = "gradient_shap"
-
-
-@dataclass
-class ExplainConfig:
-    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
-    method: ExplainMethod = ExplainMethod.ig  # the attribution method (methods=[...] for several)
-    # Several methods at once, compared with each other: methods=[ig,lime,kernel_shap]. Overrides method.
-    methods: List[ExplainMethod] = field(default_factory=list)
-    split: str = "test"  # train | val | test: where the examples come from
-    num_examples: int = 16  # the first N examples of the split
-    # The output explained: predicted (class or next token), true (the label), or an output index.
-    target: str = "predicted"
-    prompt: Optional[str] = None  # language models: explain the next-token prediction after this text
-    n_steps: int = 50  # integrated gradients: steps along the path from the baseline to the input
-    n_samples: int = 200  # LIME, kernel SHAP: perturbed inputs per example; gradient SHAP: samples
-    batch_size: Optional[int] = None  # examples attributed together (null: the batch size it trained with)
-    sanity_check: bool = True  # the model-randomisation check (runs every method again)
-    seed: int = 0  # LIME's, kernel SHAP's and gradient SHAP's samples, and the re-initialised weights
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
-    data: Dict[str, Any] = field(default_factory=dict)
-    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
-    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
-    trusted_targets: List[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------- export command
-
-
-class ExportFormat(Choice):
-    safetensors = "safetensors"  # weights + bigmodel.json: bigmodel eval and a plain nn.Module load it
-    torchscript = "torchscript"  # torch.jit.trace of the eval-mode model
-    onnx = "onnx"  # torch.onnx.export (extra: onnx)
-    hf = "hf"  # a transformers GPT2LMHeadModel folder, for the GPT models (extra: hf)
-
-
-@dataclass
-class ExportConfig:
-    ckpt: str = MISSING  # the run dir (its best checkpoint), checkpoint file or exported folder
-    format: ExportFormat = ExportFormat.safetensors  # safetensors | torchscript | onnx | hf
-    # The folder written into (new, or empty); by default a new one under outputs/export/.
-    out: str = "outputs/export/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}"
-    # Import paths outside bigmodel that the checkpoint's stored config may name: [mypkg.nets.MyNet].
-    trusted_targets: List[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ lr-find command
+# ------------------------------------------------------------------ lr-find group
 
 
 @dataclass
@@ -717,17 +578,18 @@ def register_configs() -> None:
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-    cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(name="compress_schema", node=CompressConfig)
-    cs.store(name="prepare_schema", node=PrepareConfig)
-    cs.store(name="generate_schema", node=GenerateConfig)
-    cs.store(name="export_schema", node=ExportConfig)
-    cs.store(name="explain_schema", node=ExplainConfig)
     cs.store(group="schema/lr_find", name="default", node=LrFindConfig)
     cs.store(group="schema/distill", name="default", node=DistillConfig)
     from bigmodel_cli.sweepers import register_optuna_defaults
 
     register_optuna_defaults()
+
+
+def register_command_schema(command: str, schema: type) -> None:
+    """A command's own top-level schema, as conf/<config name>.yaml names it
+    (`defaults: [<config name>_schema, ...]`); called by the command's module."""
+    register_configs()
+    ConfigStore.instance().store(name=f"{config_name(command)}_schema", node=schema)
 
 
 def trainer_settings(cfg: DictConfig) -> "TrainerConfig":

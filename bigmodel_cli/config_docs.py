@@ -1,4 +1,5 @@
-"""Each schema key's one-line description, read from the comments in config.py.
+"""Each schema key's one-line description, read from the comments in the schema's own
+module (config.py for the groups, a command's module for its top-level schema).
 
 The comment on a field's line, or the comment lines right above it, describe the field;
 a subclass inherits its bases' descriptions. Read from the source text (no import of
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import io
+import sys
 import tokenize
 from functools import lru_cache
 from pathlib import Path
@@ -39,10 +41,10 @@ def _field_doc(line: int, trailing: Dict[int, str], own: Dict[int, str]) -> str:
     return " ".join(above)
 
 
-@lru_cache(maxsize=1)
-def descriptions() -> Dict[str, Dict[str, str]]:
-    """class name -> {field name: description} for every dataclass in config.py."""
-    source = SOURCE.read_text(encoding="utf-8")
+@lru_cache(maxsize=None)
+def descriptions(path: Path = SOURCE) -> Dict[str, Dict[str, str]]:
+    """class name -> {field name: description} for every dataclass in the module at `path`."""
+    source = path.read_text(encoding="utf-8")
     trailing, own = _comments_by_line(source)
     classes: Dict[str, Dict[str, str]] = {}
     for node in ast.parse(source).body:
@@ -62,4 +64,6 @@ def descriptions() -> Dict[str, Dict[str, str]]:
 
 
 def describe(schema: type, key: str) -> str:
-    return descriptions().get(schema.__name__, {}).get(key, "")
+    module = sys.modules.get(schema.__module__)
+    path = Path(getattr(module, "__file__", None) or SOURCE)
+    return descriptions(path).get(schema.__name__, {}).get(key, "")

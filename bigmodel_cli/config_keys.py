@@ -13,34 +13,41 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import typing
+from types import ModuleType
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from bigmodel_cli.config import (SCHEMAS, CompressConfig, DistillConfig, EvalConfig, ExplainConfig, ExportConfig, GenerateConfig,
-                                 LrFindConfig, PrepareConfig, TokenizerConfig, TrainerConfig)
+from bigmodel_cli.command_table import COMMANDS
+from bigmodel_cli.config import SCHEMAS, DistillConfig, LrFindConfig, TokenizerConfig, TrainerConfig
 
-#: top-level keys of each command's config (besides `hydra`)
-COMMAND_KEYS: Dict[str, Tuple[str, ...]] = {
-    "train": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill"),
-    "plan": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill"),  # the train config
-    "eval": tuple(f.name for f in dataclasses.fields(EvalConfig)),
-    "prepare": tuple(f.name for f in dataclasses.fields(PrepareConfig)),
-    "generate": tuple(f.name for f in dataclasses.fields(GenerateConfig)),
-    "lr-find": ("model", "optim", "scheduler", "data", "trainer", "logger", "distill", "lr_find"),
-    "compress": tuple(f.name for f in dataclasses.fields(CompressConfig)),
-    "export": tuple(f.name for f in dataclasses.fields(ExportConfig)),
-    "explain": tuple(f.name for f in dataclasses.fields(ExplainConfig)),
-}
-
-#: commands whose Hydra config file is not named after them (conf/<config name>.yaml)
-CONFIG_NAMES: Dict[str, str] = {"lr-find": "lr_find"}
-
-#: commands that take train's whole config (and so its loggers)
-TRAIN_LIKE = ("train", "plan", "lr-find")
+#: top-level keys of the commands that take train's config groups (train, plan; lr-find adds lr_find)
+TRAIN_KEYS = ("model", "optim", "scheduler", "data", "trainer", "logger", "distill")
 
 
-def config_name(command: str) -> str:
-    """The name of a command's primary config: `lr-find` -> lr_find (conf/lr_find.yaml)."""
-    return CONFIG_NAMES.get(command, command)
+def command_module(command: str) -> ModuleType:
+    """The module of a command in the table (torch-free at import): its schema is registered."""
+    return importlib.import_module(COMMANDS[command].module)
+
+
+def command_schema(command: str) -> Optional[type]:
+    """The command's own top-level schema (eval's EvalConfig), or None for train's groups."""
+    return getattr(command_module(command), "SCHEMA", None)
+
+
+def command_keys(command: str) -> Optional[Tuple[str, ...]]:
+    """The top-level keys of a command's config (besides `hydra`); None for a command without a config."""
+    if command not in COMMANDS or not COMMANDS[command].hydra:
+        return None
+    schema = command_schema(command)
+    if schema is not None:
+        return tuple(f.name for f in dataclasses.fields(schema))
+    return tuple(getattr(command_module(command), "KEYS", TRAIN_KEYS))
+
+
+def takes_loggers(command: str) -> bool:
+    """Whether the command takes train's whole config, loggers included."""
+    return "logger" in (command_keys(command) or ())
 
 
 #: groups whose node may take keys of its own beyond the schema
@@ -49,6 +56,16 @@ OPEN_GROUPS = ("optim",)
 
 def field_names(schema: type) -> List[str]:
     return [f.name for f in dataclasses.fields(schema)]
+
+
+def field_type(schema: Optional[type], key: str) -> Optional[type]:
+    """The type of a schema's field, resolved in the schema's own module (the annotations are
+    strings), Optional[X] as X; None where there is no such field."""
+    if schema is None or key not in field_names(schema):
+        return None
+    kind = typing.get_type_hints(schema).get(key)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
 
 
 def schema_by_target() -> Dict[str, type]:
@@ -91,14 +108,14 @@ def node_schema(group: str, node: Mapping) -> Optional[type]:
 
 def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
     """The first key that no schema allows, as (dotted key, the keys allowed there)."""
-    allowed_top = COMMAND_KEYS.get(command)
+    allowed_top = command_keys(command)
     if allowed_top is None:
         return None
     for key in cfg:
         if key != "hydra" and key not in allowed_top:
             return str(key), list(allowed_top)
     nodes = [(g, cfg.get(g)) for g in ("model", "data", "scheduler", "trainer", "lr_find", "distill")]
-    if command in TRAIN_LIKE:
+    if takes_loggers(command):
         nodes += [(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items()]
     for where, node in nodes:
         schema = node_schema(where.split(".")[0], node) if node is not None else None
@@ -111,14 +128,12 @@ def unknown_key(command: str, cfg: Mapping) -> Optional[Tuple[str, List[str]]]:
 def extra_key(where: str, node: Mapping, schema: type) -> Optional[Tuple[str, List[str]]]:
     """The first key of `node` outside `schema`, looking into nested schema nodes too
     (trainer.early_stopping)."""
-    import bigmodel_cli.config as config
-
     allowed = field_names(schema)
     extra = [k for k in node if k not in allowed]
     if extra:
         return f"{where}.{extra[0]}", [k for k in allowed if not k.startswith("_")]
     for field in dataclasses.fields(schema):
-        inner = getattr(config, str(field.type), None)
+        inner = field_type(schema, field.name)
         if dataclasses.is_dataclass(inner) and isinstance(node.get(field.name), Mapping):
             found = extra_key(f"{where}.{field.name}", node[field.name], inner)
             if found:

@@ -11,11 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigmodel_cli import preflight
 from bigmodel_cli.config_docs import describe
-from bigmodel_cli.config_keys import COMMAND_KEYS, schema_of
-
-COMMAND_SCHEMAS = {"eval": "EvalConfig", "prepare": "PrepareConfig", "generate": "GenerateConfig",
-                   "compress": "CompressConfig", "export": "ExportConfig",
-                   "explain": "ExplainConfig"}
+from bigmodel_cli.config import Choice
+from bigmodel_cli.config_keys import command_keys, command_schema, field_type, schema_of
 
 
 def print_help(command: str, args: Sequence[str]) -> int:
@@ -38,7 +35,7 @@ def help_text(command: str, cfg: DictConfig) -> str:
     lines.append("== Keys (group.key=value; +group.key=value adds one a custom model takes) ==")
     body = OmegaConf.to_container(cfg, resolve=False)
     body.pop("hydra", None)
-    for key in COMMAND_KEYS.get(command, tuple(body)):
+    for key in command_keys(command) or tuple(body):
         if key in body:
             lines += key_lines(command, key, body[key])
     footer = str(hydra_help.footer or "").rstrip()
@@ -88,17 +85,8 @@ def node_lines(dotted: str, node: Mapping, schema: Optional[type]) -> List[str]:
 
 
 def nested_schema(schema: Optional[type], key: str) -> Optional[type]:
-    from bigmodel_cli import config
-
-    kind = next((f.type for f in dataclasses.fields(schema) if f.name == key), None) if schema else None
-    inner = getattr(config, str(kind), None)
+    inner = field_type(schema, key)
     return inner if dataclasses.is_dataclass(inner) else None
-
-
-def command_schema(command: str) -> Optional[type]:
-    from bigmodel_cli import config
-
-    return getattr(config, COMMAND_SCHEMAS.get(command, ""), None)
 
 
 def describe_key(schema: Optional[type], key: str) -> str:
@@ -117,12 +105,9 @@ def describe_key(schema: Optional[type], key: str) -> str:
 
 
 def choices_of(schema: type, key: str) -> str:
-    """`fp32 | bf16 | fp16` for a key typed with one of config.py's Choice enums."""
-    from bigmodel_cli import config
-
-    kind = next((f.type for f in dataclasses.fields(schema) if f.name == key), None)
-    enum = getattr(config, str(kind), None)
-    if isinstance(enum, type) and issubclass(enum, config.Choice):
+    """`fp32 | bf16 | fp16` for a key typed with one of the Choice enums."""
+    enum = field_type(schema, key)
+    if isinstance(enum, type) and issubclass(enum, Choice):
         return " | ".join(member.value for member in enum)
     return ""
 

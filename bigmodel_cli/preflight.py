@@ -75,8 +75,10 @@ def compose(command: str, overrides: Sequence[str]) -> DictConfig:
     """The command's config with these overrides, or an OverrideError with one line."""
     from hydra import compose as hydra_compose
 
-    from bigmodel_cli.config_keys import config_name
+    from bigmodel_cli.command_table import config_name
+    from bigmodel_cli.config_keys import command_module
 
+    command_module(command)  # importing it registers the command's own schema
     try:
         with config_tree():
             return hydra_compose(config_name=config_name(command), overrides=list(overrides),
@@ -286,13 +288,13 @@ def unknown_option(err: Exception, overrides: Sequence[str] = ()) -> Optional[st
 
 def top_level_groups(command: str, cfg: Optional[DictConfig] = None) -> List[str]:
     """The config groups of a command's defaults list (train: model, optim, ..., logger)."""
-    from bigmodel_cli.config_keys import COMMAND_KEYS, TRAIN_LIKE
+    from bigmodel_cli.config_keys import command_keys, takes_loggers
 
     if cfg is None:
         cfg = compose(command, [])
     chosen = [str(g) for g in cfg.hydra.runtime.choices if "/" not in str(g) and g != "hydra"]
-    groups = chosen + (["logger"] if command in TRAIN_LIKE else [])
-    order = list(COMMAND_KEYS.get(command, ()))
+    groups = chosen + (["logger"] if takes_loggers(command) else [])
+    order = list(command_keys(command) or ())
     return sorted(groups, key=lambda g: order.index(g) if g in order else len(order))
 
 

@@ -159,8 +159,10 @@ def compose_config(*overrides: str, config_name: str = "train"):
     from hydra.core.global_hydra import GlobalHydra
 
     from bigmodel_cli.config import register_configs
+    from bigmodel_cli.config_keys import command_module
 
     register_configs()
+    command_module(config_name.replace("_", "-"))  # registers the command's own schema (eval's, ...)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

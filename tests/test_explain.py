@@ -202,7 +202,7 @@ def test_a_model_without_a_token_embedding_is_explained_by_perturbation(tmp_path
 def test_help_answers_without_torch_and_describes_each_key():
     import dataclasses
 
-    from bigmodel_cli.config import ExplainConfig
+    from bigmodel_cli.commands.explain import ExplainConfig
     from bigmodel_cli.help import describe_key
 
     probe = ("import sys\nfrom bigmodel_cli.cli import main\ncode = main(['explain', '--help'])\n"

@@ -10,8 +10,11 @@ import sys
 import pytest
 from conftest import compose_config, write_user_package
 
-from bigmodel_cli.config import (SCHEMAS, DistillConfig, EarlyStoppingConfig, EvalConfig, ExportConfig, GenerateConfig,
-                                 PrepareConfig, TrainerConfig)
+from bigmodel_cli.commands.eval import EvalConfig
+from bigmodel_cli.commands.export import ExportConfig
+from bigmodel_cli.commands.generate import GenerateConfig
+from bigmodel_cli.commands.prepare import PrepareConfig
+from bigmodel_cli.config import SCHEMAS, DistillConfig, EarlyStoppingConfig, TrainerConfig
 from bigmodel_cli.help import describe_key
 from bigmodel_cli.telemetry.time_left import TimeLeft, human_duration
 

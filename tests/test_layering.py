@@ -105,3 +105,44 @@ def test_every_command_that_needs_a_model_reaches_the_builder():
                 seen.add(module)
                 todo.extend(graph[module])
         assert any(m.startswith("bigmodel_cli.build.") for m in seen), f"{command} builds outside bigmodel_cli/build/"
+
+
+# ------------------------------------------------------------------ commands declared once
+
+
+def command_name_tables(path: Path, names) -> list:
+    """(line, names) of each literal dict, tuple, list or set in the module that holds three
+    or more command names: a second table of the commands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+        held = {item.value for item in items if isinstance(item, ast.Constant) and item.value in names}
+        if len(held) >= 3:
+            found.append((node.lineno, sorted(held)))
+    return found
+
+
+def test_the_table_check_sees_a_second_table(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text('SCHEMAS = {"eval": 1, "export": 2, "explain": 3}\nok = ("eval", "x")\n')
+    assert command_name_tables(path, {"eval", "export", "explain"}) == [(1, ["eval", "explain", "export"])]
+
+
+def test_every_command_is_declared_once_in_the_command_table():
+    """cli, preflight, --help and the key check derive what they know of a command from
+    command_table.py and the command's own module; no other module lists the commands."""
+    from bigmodel_cli.command_table import COMMANDS, config_name
+    from bigmodel_cli.config_keys import command_keys, command_module
+
+    conf = PACKAGE.parent / "conf"
+    for name, command in COMMANDS.items():
+        module = command_module(name)
+        assert callable(getattr(module, "main", None)), f"{command.module} has no main"
+        if command.hydra:
+            text = (conf / f"{config_name(name)}.yaml").read_text()
+            assert command_keys(name), name
+            if getattr(module, "SCHEMA", None) is not None:
+                assert f"{config_name(name)}_schema" in text, f"conf/{config_name(name)}.yaml does not start from its schema"
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {held}" for path in sorted(PACKAGE.rglob("*.py"))
+             if path.name != "command_table.py" for line, held in command_name_tables(path, set(COMMANDS))]
+    assert not found, "a second table of the commands (declare a command in command_table.py only):\n" + "\n".join(found)

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs
+from bigmodel_cli.config import Precision, plain_config, register_command_schema
 from bigmodel_cli.error_report import report_user_errors
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
-register_configs()
+
+# The config's schema (conf/eval.yaml starts from it): each key's type, default and, in the
+# comment on or above it, its `bigmodel eval --help` description.
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
+    split: str = "test"  # train | val | test
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32  # autocast precision of the forward passes
+    batch_size: Optional[int] = None  # null: the batch size the model trained with
+    eval_batches: Optional[int] = None  # cap on batches (null: the whole split)
+    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
+    data: Dict[str, Any] = field(default_factory=dict)
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
+
+
+SCHEMA = EvalConfig
+register_command_schema("eval", SCHEMA)
 
 def print_table(title: str, metrics: Dict[str, float]) -> None:
     from rich.console import Console

@@ -3,21 +3,61 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import plain_config, register_configs
+from bigmodel_cli.config import Choice, plain_config, register_command_schema
 from bigmodel_cli.config_checks import validate_explain
 from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
-register_configs()
+
+# The config's schema (conf/explain.yaml starts from it): each key's type, default and, in the
+# comment on or above it, its `bigmodel explain --help` description.
+
+
+class ExplainMethod(Choice):
+    ig = "ig"  # integrated gradients
+    saliency = "saliency"
+    occlusion = "occlusion"
+    lime = "lime"
+    kernel_shap = "kernel_shap"
+    gradient_shap = "gradient_shap"
+
+
+@dataclass
+class ExplainConfig:
+    ckpt: str = MISSING  # the run dir (its best checkpoint, else last) or checkpoint file
+    method: ExplainMethod = ExplainMethod.ig  # the attribution method (methods=[...] for several)
+    # Several methods at once, compared with each other: methods=[ig,lime,kernel_shap]. Overrides method.
+    methods: List[ExplainMethod] = field(default_factory=list)
+    split: str = "test"  # train | val | test: where the examples come from
+    num_examples: int = 16  # the first N examples of the split
+    # The output explained: predicted (class or next token), true (the label), or an output index.
+    target: str = "predicted"
+    prompt: Optional[str] = None  # language models: explain the next-token prediction after this text
+    n_steps: int = 50  # integrated gradients: steps along the path from the baseline to the input
+    n_samples: int = 200  # LIME, kernel SHAP: perturbed inputs per example; gradient SHAP: samples
+    batch_size: Optional[int] = None  # examples attributed together (null: the batch size it trained with)
+    sanity_check: bool = True  # the model-randomisation check (runs every method again)
+    seed: int = 0  # LIME's, kernel SHAP's and gradient SHAP's samples, and the re-initialised weights
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Overrides merged over the checkpoint's own data config, e.g. +data.path=other.txt
+    data: Dict[str, Any] = field(default_factory=dict)
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model or data class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
+
+
+SCHEMA = ExplainConfig
+register_command_schema("explain", SCHEMA)
 
 
 def explain(cfg: DictConfig) -> Dict[str, object]:

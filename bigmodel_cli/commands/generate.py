@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import logging
 import math
 import sys
-from typing import List
+from typing import Any, List, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import register_configs
+from bigmodel_cli.config import register_command_schema
 from bigmodel_cli.error_report import report_user_errors
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
-register_configs()
+
+# The config's schema (conf/generate.yaml starts from it): each key's type, default and, in the
+# comment on or above it, its `bigmodel generate --help` description.
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = MISSING  # the run dir or checkpoint file to sample from
+    # Import paths outside bigmodel that the checkpoint's stored config may name (its own
+    # model class, say): trusted_targets=[mypkg.nets.MyNet]. Others are refused.
+    trusted_targets: List[str] = field(default_factory=list)
+    prompt: str = ""  # text the samples continue
+    max_new_tokens: int = 200  # tokens generated per sample
+    temperature: float = 0.8  # sampling temperature (0: greedy)
+    top_k: Optional[int] = 50  # sample among the k likeliest tokens only (null: all)
+    num_samples: int = 1  # samples to print
+    seed: int = 1337  # fixes the samples (all num_samples together: they are drawn as one batch)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kv_cache: bool = True  # reuse the keys and values of earlier tokens (false: recompute; same samples)
+    # The tokenizer group, for a checkpoint without one (a nanoGPT GPT-2 folder's run):
+    # tokenizer=gpt2, or tokenizer=hf tokenizer.path=<tokenizer.json>. null: the checkpoint's.
+    tokenizer: Any = None
+
+
+SCHEMA = GenerateConfig
+register_command_schema("generate", SCHEMA)
 
 
 def load_language_model(ckpt: str, device, trusted_targets=(), tokenizer_override=None):

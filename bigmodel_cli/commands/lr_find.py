@@ -30,12 +30,15 @@ from bigmodel_cli import failed_start
 from bigmodel_cli.commands import CONFIG_DIR
 from bigmodel_cli.config import LrFindConfig, register_configs, trainer_settings
 from bigmodel_cli.config_checks import validate_lr_find, validate_train_config
+from bigmodel_cli.config_keys import TRAIN_KEYS
 from bigmodel_cli.engine.lr_range import RangeTest, Suggestion, as_override, suggest
 from bigmodel_cli.error_report import report_user_errors
 from bigmodel_cli.errors import UserError
 
 log = logging.getLogger("bigmodel")
 register_configs()
+#: train's config, and the range test's own settings
+KEYS = (*TRAIN_KEYS, "lr_find")
 
 RAMP_TARGET = "bigmodel_cli.engine.lr_range.ExponentialRamp"
 #: how the suggestion is read off the curve (engine/lr_range.suggest says why)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import logging
 import os
@@ -9,16 +10,29 @@ from pathlib import Path
 from typing import Any, Dict
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bigmodel_cli.commands import CONFIG_DIR
-from bigmodel_cli.config import register_configs
+from bigmodel_cli.config import register_command_schema
 from bigmodel_cli.engine.files import user_path
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.error_report import report_user_errors
 
 log = logging.getLogger("bigmodel")
-register_configs()
+
+# The config's schema (conf/prepare.yaml starts from it): each key's type, default and, in the
+# comment on or above it, its `bigmodel prepare --help` description.
+
+
+@dataclass
+class PrepareConfig:
+    out: str = MISSING  # the folder to write train.bin, val.bin, test.bin and meta.json into
+    data: Any = None  # the data group (data=text): path, val_fraction, test_fraction
+    tokenizer: Any = None  # the tokenizer group: char | byte | bpe | gpt2 | hf
+
+
+SCHEMA = PrepareConfig
+register_command_schema("prepare", SCHEMA)
 
 
 def write_tokens(ids, path: Path, dtype) -> None:
