@@ -1,6 +1,7 @@
 """The "add a model" recipe (docs/contributing.md): a model of one's own that describes itself
 (tests/helpers/toy_lm.py) trains split over two tensor-parallel ranks and cut into two
-pipeline stages, exactly as in one process, and is planned, with no line outside its file."""
+pipeline stages, exactly as in one process, is planned, and exports (its export evaluates as
+its checkpoint does), with no line outside its file."""
 
 import json
 import shutil
@@ -64,3 +65,16 @@ def test_a_described_model_runs_as_two_pipeline_stages(project):
     assert "pipeline: 2 stages" in (staged / "train_rank1.log").read_text()
     planned = toy(project, "plan", *TOY, "trainer.devices=2", "trainer.parallel.pp=2")
     assert planned.returncode == 0, planned.output
+
+
+def test_a_described_model_exports_and_its_export_evaluates_as_its_checkpoint(project):
+    trust = "trusted_targets=[toy_lm.ToyLM]"  # the user's own class, named as the README says
+    exported = toy(project, "export", "ckpt=one", "format=safetensors", "out=exported", trust)
+    assert exported.returncode == 0, exported.output
+    assert (project / "exported" / "model.safetensors").is_file()
+    metrics = {}
+    for source in ("one", "exported"):
+        evaluated = toy(project, "eval", f"ckpt={source}", trust, "eval_batches=2", f"hydra.run.dir=eval_{source}")
+        assert evaluated.returncode == 0, evaluated.output
+        metrics[source] = json.loads((project / f"eval_{source}" / "eval.json").read_text())["metrics"]
+    assert metrics["exported"] == pytest.approx(metrics["one"], rel=1e-6)
