@@ -151,12 +151,15 @@ def logging_state():
 
 
 def restore_logging(state) -> None:
-    """Close the handlers a command added (its log files) and give each logger its old ones."""
+    """Close the handlers a command added (its log files) and give each logger its old ones.
+    A logger first made during the command keeps what its library gave it (a NullHandler, no
+    propagation: torch's event loggers), less any other handler."""
     raise_exceptions, disabled_below, loggers = state
     manager = logging.Logger.manager
     every = [logging.getLogger()] + [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
     for logger in every:
-        level, handlers, propagate, disabled = loggers.get(logger, (logging.NOTSET, [], True, False))
+        new = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
+        level, handlers, propagate, disabled = loggers.get(logger, (logger.level, new, logger.propagate, False))
         for handler in logger.handlers:
             if handler not in handlers:
                 handler.close()

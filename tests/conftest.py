@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +70,12 @@ def run_cli(tmp_path):
     default: the same argv handling, Hydra app, one-line errors and exit code, without
     paying a new interpreter's start-up. `process=True` starts `python -m bigmodel_cli`
     instead, for what only a process shows (a real exit, signals, what is printed before
-    Python's own start-up); a command that launches workers (trainer.devices=N) or is
-    given a PYTHONPATH always runs in a process of its own.
+    Python's own start-up); a command given a PYTHONPATH always runs in a process of its
+    own. A command that launches ranks (trainer.devices=N) runs here too: its ranks are
+    forks of the launcher's fork server (engine/launch.py), started once for this test
+    process and reused by every launch after, so a rank starts without importing torch.
+    What ranks print goes to the server's console, not to the result's output: assert on
+    the run dir (the launcher's own lines, its one-line error say, are in the output).
     """
 
     def run(*args: str, cwd: Path = tmp_path, env: dict | None = None, timeout: int = 300,
@@ -81,7 +87,7 @@ def run_cli(tmp_path):
 
 def bigmodel(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300, process: bool = False) -> CLIResult:
     """`bigmodel ARGS` in `cwd` (see run_cli): in this process unless a process is needed."""
-    if process or launches_workers(args) or "PYTHONPATH" in (env or {}):  # read at an interpreter's start only
+    if process or "PYTHONPATH" in (env or {}):  # read at an interpreter's start only
         return run_in_process_of_its_own(args, cwd, env, timeout)
     return run_in_this_process(args, cwd, env)
 
@@ -105,6 +111,26 @@ def launches_workers(args) -> bool:
         if key.lstrip("+") in ("trainer.devices", "trainer.num_nodes") and value.strip() not in ("1", "auto", ""):
             return True
     return False
+
+
+@pytest.fixture
+def background():
+    """`background(cmd, **popen_args)`: a process started in a session of its own, so that it
+    and what it starts (a launcher's fork server and ranks) form one process group; what of
+    that group outlives the test is killed, also when the test fails half-way."""
+    started = []
+
+    def start(cmd, **popen_args) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **popen_args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from bigmodel_cli.data.base import SequentialBatches
 from bigmodel_cli.data.windows import SequentialWindows
 from bigmodel_cli.engine.distributed import detect, first_slurm_host
+from bigmodel_cli.engine.launch import SILENT_GRACE_S, SeenWorkers, agent_handlers_undone, start_worker
 from conftest import slurm_is_up
 
 
@@ -36,9 +37,8 @@ def fresh_dir(path):
     return path
 
 
-def worker_pids(parent_pid, marker=b"spawn_main"):
-    """The launcher's worker processes: children of `parent_pid` started by multiprocessing
-    spawn (or, with another `marker`, its other helpers)."""
+def children(parent_pid, marker: bytes):
+    """The child processes of `parent_pid` whose command line holds `marker`."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -49,6 +49,63 @@ def worker_pids(parent_pid, marker=b"spawn_main"):
         if ppid == parent_pid and marker in cmdline:
             pids.append(int(stat.parent.name))
     return pids
+
+
+def server_pids(launcher_pid):
+    """The launcher's fork server (engine/launch.py) and its other multiprocessing helpers."""
+    return children(launcher_pid, b"multiprocessing")
+
+
+def worker_pids(launcher_pid):
+    """The launcher's worker processes: forks of its fork server."""
+    return [pid for server in children(launcher_pid, b"forkserver") for pid in children(server, b"forkserver")]
+
+
+@pytest.mark.unit
+def test_a_forked_worker_takes_its_launchers_environment_not_the_servers(monkeypatch):
+    """A fork server keeps the environment it started with; a worker forked from it runs
+    with this launch's environment, plus what the elastic agent set for its rank."""
+    server_env = {"STALE": "from an earlier launch", "RANK": "1", "LOCAL_RANK": "1", "PATH": "/old"}
+    launcher_env = {"PATH": "/usr/bin", "FRESH": "this launch", "RANK": "7"}  # RANK: the agent's wins
+    seen = {}
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # os.environ itself stays untouched
+    os.environ.clear()
+    os.environ.update(server_env)
+    assert start_worker(lambda *args: seen.update(env=dict(os.environ), args=args) or "done",
+                        launcher_env, "a", "b") == "done"
+    assert seen["args"] == ("a", "b")
+    assert seen["env"] == {"PATH": "/usr/bin", "FRESH": "this launch", "RANK": "1", "LOCAL_RANK": "1"}
+
+
+class Ended:
+    def __init__(self, pid, exitcode):
+        self.pid, self.exitcode = pid, exitcode
+
+
+@pytest.mark.unit
+def test_a_worker_killed_as_its_peer_failed_is_named_not_the_peer():
+    """The agent names the first failure it sees; a worker killed by a signal before (or as)
+    a peer reported an error is the cause. One the launcher's side killed later, or one
+    ended by the agent's SIGTERM, is a consequence."""
+    seen = SeenWorkers()
+    error_at = 1000.0
+    seen.processes = {11: Ended(11, 1), 12: Ended(12, -signal.SIGKILL), 13: Ended(13, -signal.SIGKILL),
+                      14: Ended(14, -signal.SIGTERM)}
+    seen.gone_at = {11: error_at + 0.3, 12: error_at + 0.2, 13: error_at + SILENT_GRACE_S, 14: error_at + 0.2}
+    records = {0: {"pid": 11, "error": "connection closed by peer", "waiting": True, "heartbeat": error_at},
+               1: {"pid": 12, "heartbeat": error_at - 0.5},
+               2: {"pid": 13, "heartbeat": error_at - 0.5},
+               3: {"pid": 14, "heartbeat": error_at - 0.5}}
+    assert set(seen.killed_first(records)) == {1}
+    assert seen.killed_first({}) == {}
+
+
+@pytest.mark.unit
+def test_the_elastic_agents_signal_handlers_are_undone_after_a_launch():
+    before = signal.getsignal(signal.SIGHUP)
+    with agent_handlers_undone():
+        signal.signal(signal.SIGHUP, lambda *_: None)  # as the agent does for SIGHUP and SIGQUIT
+    assert signal.getsignal(signal.SIGHUP) is before
 
 
 def train_losses(run_dir):
@@ -216,8 +273,8 @@ def test_distributed_multirun_sweep(run_cli):
 
 
 @pytest.mark.dist
-def test_a_killed_worker_ends_the_job(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
+def test_a_killed_worker_ends_the_job(tmp_path, background):
+    proc = background([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
                              "data=text", "trainer.max_steps=100000", "trainer.dist_timeout_s=30",
                              "trainer.progress=plain"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -258,11 +315,10 @@ def test_uneven_eval_shards_under_fsdp(run_cli):
 
 
 @pytest.mark.dist
-def test_ctrl_c_stops_every_worker(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
+def test_ctrl_c_stops_every_worker(tmp_path, background):
+    proc = background([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", "model=gpt",
                              "data=text", "trainer.max_steps=100000", "trainer.progress=plain"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(worker_pids(proc.pid)) < 2:
         time.sleep(0.5)
@@ -317,13 +373,12 @@ def rank_of(run_dir: Path, pid: int) -> int:
     raise AssertionError(f"no rank log names pid {pid}")
 
 
-def start_two_workers(tmp_path, *args):
+def start_two_workers(background, tmp_path, *args):
     """`bigmodel train trainer.devices=2` in the background, once both workers train."""
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", *TINY[:-4],
+    proc = background([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", *TINY[:-4],
                              "trainer.max_steps=100000", "trainer.val_every=200", "trainer.log_every=10",
                              "hydra.run.dir=run", *args],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"),
-                            start_new_session=True)
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
     deadline = time.time() + 180
     while time.time() < deadline:
         assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
@@ -344,19 +399,20 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.dist
-def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path):
+def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path, background):
     """The workers notice within seconds, checkpoint and stop as on SIGTERM, and are gone
     within trainer.dist_timeout_s at most."""
-    proc = start_two_workers(tmp_path, "trainer.dist_timeout_s=20")
+    proc = start_two_workers(background, tmp_path, "trainer.dist_timeout_s=20")
     workers = worker_pids(proc.pid)
     assert len(workers) == 2
-    tracker = [pid for pid in worker_pids(proc.pid, marker=b"resource_tracker")]
+    helpers = server_pids(proc.pid)  # the fork server, a resource tracker
+    assert helpers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 20 + 60  # dist_timeout_s, and a wide margin for a loaded machine
-    while time.time() < deadline and any(alive(pid) for pid in workers + tracker):
+    while time.time() < deadline and any(alive(pid) for pid in workers + helpers):
         time.sleep(0.5)
-    assert not any(alive(pid) for pid in workers + tracker), "a worker outlived its launcher"
+    assert not any(alive(pid) for pid in workers + helpers), "a worker or helper outlived its launcher"
     # They stopped as on a signal: a checkpoint at the step they stopped, besides the
     # validation checkpoints every 200 steps.
     steps = [int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt")]
@@ -364,9 +420,9 @@ def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path):
 
 
 @pytest.mark.dist
-def test_a_stopped_rank_is_named(tmp_path):
+def test_a_stopped_rank_is_named(tmp_path, background):
     """SIGSTOP freezes rank 1: rank 0's collective times out, and the line names rank 1."""
-    proc = start_two_workers(tmp_path, "trainer.dist_timeout_s=5")
+    proc = start_two_workers(background, tmp_path, "trainer.dist_timeout_s=5")
     workers = worker_pids(proc.pid)
     frozen = next(pid for pid in workers if rank_of(tmp_path / "run", pid) == 1)
     os.kill(frozen, signal.SIGSTOP)
@@ -383,8 +439,8 @@ def test_a_stopped_rank_is_named(tmp_path):
 
 
 @pytest.mark.dist
-def test_sigterm_while_the_workers_start_names_the_signal(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", *TINY,
+def test_sigterm_while_the_workers_start_names_the_signal(tmp_path, background):
+    proc = background([sys.executable, "-m", "bigmodel_cli", "train", "trainer.devices=2", *TINY,
                              "hydra.run.dir=run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120

@@ -99,9 +99,11 @@ def test_submitit_local_launcher_reports_failed_and_diverged_jobs(run_cli, tmp_p
     assert "error: 2 job(s) of the sweep failed:" in result.stderr
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @needs_joblib
 def test_joblib_launcher_runs_a_cpu_sweep(run_cli, tmp_path):
+    """e2e: joblib's launcher runs each job in a worker process of its own (each starts an
+    interpreter and imports torch: more CPU than the integration tier's budget)."""
     result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-2,1e-1",
                      "trainer.max_steps=20", *FAST, timeout=600)
     assert result.returncode == 0, result.output

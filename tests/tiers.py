@@ -8,8 +8,9 @@ leaves out the slow tiers (e2e, dist, slurm, accuracy, compile).
 The speed check: a test outside the slow tiers that spends more than its budget of CPU
 time fails, saying how much it spent. CPU time, not wall time: a loaded machine stretches
 a test's wall time but hardly its CPU time, so the check does not fire because the machine
-is busy. It counts this process's CPU (every thread) and that of the child processes it
-waited for, in the setup phase (the fixtures a test is first to need) and in the test
+is busy. It counts this process's CPU (every thread), that of the child processes it
+waited for, and that of its live children with theirs (the fork server that starts a
+launch's ranks), in the setup phase (the fixtures a test is first to need) and in the test
 itself, each against the budget: 20 s (BUDGET_S), or --cpu-budget=S, or
 BIGMODEL_TEST_CPU_BUDGET_S (0 turns the check off); a test that needs more says so, and
 why, with @pytest.mark.cpu_budget(seconds, reason="..."). It fails a test only past the
@@ -20,6 +21,7 @@ and a test near its budget should not fail one run in ten.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -90,9 +92,25 @@ def budget_s(config) -> float:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds spent so far by this process and the children it has waited for."""
+    """CPU seconds spent so far by this process, the children it has waited for, and its
+    children still alive with theirs: a command that launches ranks in this process forks
+    them from a fork server (engine/launch.py), which lives on and waits for them itself."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + live_children_cpu(os.getpid())
+
+
+def live_children_cpu(pid: int) -> float:
+    """utime, stime, cutime and cstime (/proc/PID/stat) of the live children of `pid`."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):  # each thread's children
+        try:
+            stats = [Path(f"/proc/{child}/stat").read_text() for child in children.read_text().split()]
+        except OSError:  # gone meanwhile: its times are in os.times() once waited for
+            continue
+        for stat in stats:
+            fields = stat.rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,6 +5,14 @@ listens on a free port that the launcher picks itself, so concurrent runs and sw
 one machine never collide on a fixed port. Each worker keeps a WorkerLink to the parent
 (engine/worker_link.py): a heartbeat the parent reads to explain a failure, and a watch
 that stops the worker when the parent dies.
+
+Workers are forks of a server process (multiprocessing's "forkserver") that imported torch
+and the worker's code once, not fresh interpreters that import them each: a rank starts in a
+fraction of a second instead of several seconds of imports (which, on a machine with few
+cores, the ranks pay at once), and a long-lived launcher (a notebook, a test session) starts
+the server once for all its launches. The server never touches a GPU (CUDA allows no fork
+after it starts), and a worker takes its launcher's environment of the moment, not the
+server's (`start_worker`).
 """
 
 from __future__ import annotations
@@ -54,9 +62,12 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     config = launch_config(nprocs, num_nodes, run_id)
     link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s, run_dir)
     forwarded: Dict[int, float] = {}
+    seen = SeenWorkers()
+    multiprocessing.set_forkserver_preload([*SERVER_IMPORTS, worker.__module__])  # (once it runs: no effect)
     try:
-        with forward_signals_to_workers(forwarded, link), quiet_agent(), ending_silent_workers(link):
-            return elastic_launch(config, worker)(*args, link)
+        with forward_signals_to_workers(forwarded, link), quiet_agent(), ending_silent_workers(link, seen), \
+                agent_handlers_undone():
+            return elastic_launch(config, start_worker)(worker, dict(os.environ), *args, link)
     except SignalException as err:  # the agent's own handlers (SIGHUP, SIGQUIT) stopped the workers
         raise TrainingStopped(f"{signal_name(err.sigval)}: the launcher stopped the workers") from None
     except ChildFailedError as err:
@@ -70,10 +81,50 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
         for rank, record in sorted(records.items()):
             if record.get("detail"):  # into this process's log file, not the console
                 log.debug("worker rank %d failed:\n%s", rank, record["detail"])
-        raise UserError(explain_failure(err.failures, records, timeout_s)) from None
+        raise UserError(explain_failure({**seen.killed_first(records), **err.failures}, records, timeout_s)) \
+            from None
     finally:
         shutil.rmtree(link.status_dir, ignore_errors=True)
         restore_env(saved_env)  # a later job of a sweep in this process measures afresh
+
+
+# What the fork server imports before it forks a worker: torch, and what a worker would
+# import first in any case (torch._dynamo comes with the optimizers' first step). The
+# worker function's own module is added to these.
+SERVER_IMPORTS = ("torch", "torch._dynamo", "torch.distributed", "bigmodel_cli.build.training")
+# What the elastic agent sets for each worker itself (local_elastic_agent.py and
+# multiprocessing/api.py in torch.distributed.elastic); the rest it copies from the launcher.
+AGENT_KEYS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+              "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+              "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+              "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def start_worker(worker: Callable[..., Any], launcher_env: Dict[str, str], *args: Any) -> Any:
+    """A worker's first step. A fork of the server has the environment the server started
+    with, a launch or more ago; the launcher's environment of this launch, plus what the
+    agent set for this rank, is the one a fresh process would have had."""
+    own = {key: os.environ[key] for key in AGENT_KEYS if key in os.environ}
+    os.environ.clear()
+    os.environ.update({**launcher_env, **own})
+    return worker(*args)
+
+
+@contextmanager
+def agent_handlers_undone():
+    """The elastic agent installs handlers of its own (SIGHUP, SIGQUIT) and leaves them in
+    place; a launcher that goes on after the launch (a sweep, a notebook) gets its own back."""
+    signals = [getattr(signal, name) for name in ("SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
 
 
 def restore_env(saved: Dict[str, Optional[str]]) -> None:
@@ -108,7 +159,7 @@ def launch_config(nprocs: int, num_nodes: int, run_id: str):
         min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nprocs,
         run_id=run_id or os.environ.get("SLURM_JOB_ID") or default_id,
         rdzv_backend="c10d", rdzv_endpoint=endpoint,
-        max_restarts=0, monitor_interval=0.2, start_method="spawn", **agent_signals)
+        max_restarts=0, monitor_interval=0.2, start_method="forkserver", **agent_signals)
 
 
 # Once a worker has failed, the others have this long to fail on their own (and say why)
@@ -119,18 +170,19 @@ SILENT_GRACE_S = 5.0
 
 
 @contextmanager
-def ending_silent_workers(link: WorkerLink):
+def ending_silent_workers(link: WorkerLink, seen: SeenWorkers):
     """For the block: once a worker has reported a failure and exited, SIGKILL the workers
     that have reported nothing SILENT_GRACE_S later. The job is over either way (every
     collective now fails), and checkpoints are written so that a kill at any moment loses
-    nothing. Only this launch's workers are touched: children named in its status files."""
+    nothing. Only this launch's workers are touched: children named in its status files.
+    What it sees of the workers goes into `seen`."""
     done = threading.Event()
 
     def watch() -> None:
         failed_at = None
         while not done.wait(0.2):
             records = read_records(link.status_dir)
-            alive = {child.pid for child in multiprocessing.active_children()}
+            alive = seen.look()
             if failed_at is None and any(r.get("error") and r.get("pid") not in alive for r in records.values()):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at >= SILENT_GRACE_S:
@@ -150,6 +202,65 @@ def ending_silent_workers(link: WorkerLink):
     finally:
         done.set()
         thread.join()
+        seen.look()  # the agent may have ended the launch before the watch saw the last worker go
+
+
+def launched() -> Dict[int, Any]:
+    """This process's live workers {pid: multiprocessing.Process}, found without polling them:
+    a fork server's child reports its exit status once, on a pipe, and the elastic agent must
+    be its one reader while it runs (a second reader, multiprocessing.active_children() in
+    another thread, leaves the agent an exit code of 255 instead of the real one)."""
+    return {proc.pid: proc for proc in list(getattr(multiprocessing.process, "_children", ())) if proc.pid}
+
+
+class SeenWorkers:
+    """The workers the launcher's watch saw, and when each was first seen gone."""
+
+    def __init__(self) -> None:
+        self.processes: Dict[int, Any] = {}
+        self.gone_at: Dict[int, float] = {}
+
+    def look(self) -> set:
+        """The pids of the workers alive now."""
+        now = time.time()
+        self.processes.update(launched())
+        alive = {pid for pid in self.processes if running(pid)}
+        for pid in self.processes.keys() - alive:
+            self.gone_at.setdefault(pid, now)
+        return alive
+
+    def killed_first(self, records: Dict[int, Dict[str, Any]]) -> Dict[int, Any]:
+        """{rank: process} of the workers a signal ended (not the agent's SIGTERM) before any
+        rank reported an error, or at about the same moment: a kill and its peer's failure
+        (a closed connection) come together, and the agent may name the peer. Read once the
+        agent is done with them. A worker killed later, by the agent or by
+        `ending_silent_workers`, is a consequence: not counted."""
+        reported = [float(r.get("heartbeat", 0)) for r in records.values() if r.get("error")]
+        before = min(reported, default=float("inf")) + SILENT_GRACE_S / 2
+        killed = {}
+        for rank, record in records.items():
+            proc = self.processes.get(record.get("pid"))
+            try:
+                code = proc.exitcode if proc is not None else None
+            except ValueError:  # closed
+                continue
+            log.debug("worker rank %d (pid %s): exit code %s, seen gone %.2f s after the first error", rank,
+                      record.get("pid"), code, self.gone_at.get(record.get("pid"), 0) - before + SILENT_GRACE_S / 2)
+            if code is not None and code < 0 and code != -signal.SIGTERM \
+                    and self.gone_at.get(proc.pid, float("inf")) <= before:
+                killed[rank] = proc
+        return killed
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is still there (a fork server reaps its children at once: no zombies)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -194,10 +305,10 @@ def forward_signals_to_workers(first: Dict[int, float], link: WorkerLink):
         first.setdefault(signum, time.monotonic())
         ready = {r.get("pid") for r in read_records(link.status_dir).values()} \
             if signum in CHECKPOINT_SIGNALS else None
-        for child in multiprocessing.active_children():
-            if ready is None or child.pid in ready:
+        for pid in launched():
+            if ready is None or pid in ready:
                 try:
-                    os.kill(child.pid, signum)
+                    os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
 

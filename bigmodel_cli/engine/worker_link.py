@@ -55,6 +55,7 @@ class WorkerWatch:
     def __init__(self, link: WorkerLink, rank: int):
         self.link, self.rank = link, rank
         self.record: Dict[str, Any] = {"rank": rank, "pid": os.getpid()}
+        self.parent = os.getppid()  # the launcher, or the fork server it started (engine/launch.py)
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
         self.write()
@@ -65,7 +66,7 @@ class WorkerWatch:
         orphaned_at: Optional[float] = None
         last_beat = 0.0
         while not self._stop.wait(WATCH_S):
-            if orphaned_at is None and os.getppid() != self.link.parent_pid:
+            if orphaned_at is None and self.launcher_gone():
                 orphaned_at = time.monotonic()
                 self._orphaned()
             elif orphaned_at is not None and time.monotonic() - orphaned_at > self.link.timeout_s:
@@ -74,6 +75,20 @@ class WorkerWatch:
             if time.monotonic() - last_beat >= BEAT_S:
                 self.write()
                 last_beat = time.monotonic()
+
+    def launcher_gone(self) -> bool:
+        """When the launcher dies, this process's parent changes (the launcher itself, or the
+        fork server, which exits with it); a launcher already gone when the watch began is no
+        longer there to signal."""
+        if os.getppid() != self.parent:
+            return True
+        try:
+            os.kill(self.link.parent_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # there, under another user: not ours, but not gone
+            pass
+        return False
 
     def _orphaned(self) -> None:
         """The launcher died, and its run dir lock with it: rank 0, the one that writes,
