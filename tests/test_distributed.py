@@ -420,6 +420,26 @@ def test_kill_9_of_the_launcher_leaves_no_worker_behind(tmp_path, background):
 
 
 @pytest.mark.dist
+def test_sigterm_to_the_whole_process_group_checkpoints_and_stops(tmp_path, background):
+    """What scancel, a preemption or `kill -TERM -PGID` does: SIGTERM reaches the launcher,
+    its fork server and every rank at once. The server outlives it (or the agent would read
+    exit code 255 for ranks still writing their checkpoint): the ranks checkpoint, and the
+    launcher reports the stop."""
+    proc = start_two_workers(background, tmp_path, "trainer.dist_timeout_s=30")
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=240)
+    assert not any(alive(pid) for pid in workers), "the launcher ended before its ranks"
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 75, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("stopped: SIGTERM") and "before writing" not in last, err[-3000:]
+    steps = [int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt")]
+    assert any(step % 200 for step in steps), steps
+
+
+@pytest.mark.dist
 def test_a_stopped_rank_is_named(tmp_path, background):
     """SIGSTOP freezes rank 1: rank 0's collective times out, and the line names rank 1."""
     proc = start_two_workers(background, tmp_path, "trainer.dist_timeout_s=5")

@@ -63,7 +63,7 @@ def launch(worker: Callable[..., Any], args: Sequence[Any], nprocs: int, num_nod
     link = WorkerLink(tempfile.mkdtemp(prefix="bigmodel-workers-"), os.getpid(), timeout_s, run_dir)
     forwarded: Dict[int, float] = {}
     seen = SeenWorkers()
-    multiprocessing.set_forkserver_preload([*SERVER_IMPORTS, worker.__module__])  # (once it runs: no effect)
+    start_fork_server([*SERVER_IMPORTS, worker.__module__])
     try:
         with forward_signals_to_workers(forwarded, link), quiet_agent(), ending_silent_workers(link, seen), \
                 agent_handlers_undone():
@@ -100,10 +100,42 @@ AGENT_KEYS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOC
               "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
+# What the fork server ignores: the stop signals a whole process group or Slurm job step gets
+# (kill -TERM -PGID, scancel, a preemption), which the workers handle (checkpoint, then stop)
+# and the launcher forwards. Killed by one, the server would take its workers' exit statuses
+# with it: the agent would read 255 for workers still writing their checkpoint.
+SERVER_IGNORES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+                       if hasattr(signal, name))
+
+
+def start_fork_server(imports: Sequence[str]) -> None:
+    """Start this process's fork server, once, importing `imports`, with SERVER_IGNORES
+    ignored (a disposition that survives exec). The signals are blocked meanwhile, so one
+    that comes in that moment reaches this process's own handler afterwards."""
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(list(imports))  # no effect on a server already running
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_IGNORES)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SERVER_IGNORES}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVER_IGNORES)
+
+
 def start_worker(worker: Callable[..., Any], launcher_env: Dict[str, str], *args: Any) -> Any:
-    """A worker's first step. A fork of the server has the environment the server started
-    with, a launch or more ago; the launcher's environment of this launch, plus what the
-    agent set for this rank, is the one a fresh process would have had."""
+    """A worker's first step. A fork of the server has the server's signal dispositions and
+    the environment it started with, a launch or more ago; a fresh process would have had
+    default dispositions and the launcher's environment of this launch, plus what the agent
+    set for this rank."""
+    for sig in SERVER_IGNORES:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVER_IGNORES)
     own = {key: os.environ[key] for key in AGENT_KEYS if key in os.environ}
     os.environ.clear()
     os.environ.update({**launcher_env, **own})
