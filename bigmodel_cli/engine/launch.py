@@ -268,7 +268,7 @@ class SeenWorkers:
         agent is done with them. A worker killed later, by the agent or by
         `ending_silent_workers`, is a consequence: not counted."""
         reported = [float(r.get("heartbeat", 0)) for r in records.values() if r.get("error")]
-        before = min(reported, default=float("inf")) + SILENT_GRACE_S / 2
+        first_error = min(reported, default=float("inf"))
         killed = {}
         for rank, record in records.items():
             proc = self.processes.get(record.get("pid"))
@@ -276,10 +276,10 @@ class SeenWorkers:
                 code = proc.exitcode if proc is not None else None
             except ValueError:  # closed
                 continue
-            log.debug("worker rank %d (pid %s): exit code %s, seen gone %.2f s after the first error", rank,
-                      record.get("pid"), code, self.gone_at.get(record.get("pid"), 0) - before + SILENT_GRACE_S / 2)
-            if code is not None and code < 0 and code != -signal.SIGTERM \
-                    and self.gone_at.get(proc.pid, float("inf")) <= before:
+            after_error = self.gone_at.get(record.get("pid"), float("inf")) - first_error
+            log.debug("worker rank %d (pid %s): exit code %s, seen gone %.2f s after the first error",
+                      rank, record.get("pid"), code, after_error)
+            if code is not None and code < 0 and code != -signal.SIGTERM and after_error <= SILENT_GRACE_S / 2:
                 killed[rank] = proc
         return killed
 
